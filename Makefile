@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= config.example.yaml
+
+.PHONY: run test check-config bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "eventrelay needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+run: $(VENV)/.installed
+	@mkdir -p var
+	$(VENV)/bin/eventrelay run --config $(CONFIG)
+
+check-config: $(VENV)/.installed
+	$(VENV)/bin/eventrelay check-config --config $(CONFIG)
+
+# pytest exits 5 when it collected no test: make treats any non-zero exit as failure, so that fails too.
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) bench/ingest.py
+	$(PY) bench/deliver.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache *.egg-info

@@ -1,0 +1,927 @@
+"""Shared helpers for the eventrelay benchmarks (bench/ingest.py, bench/deliver.py).
+
+What lives here and why:
+
+* Process management: the daemon runs as a real subprocess from a generated config
+  (fresh tempdir, free ports), exactly as an operator would start it, and is stopped
+  with SIGTERM so a slow or failed shutdown shows up in the report.
+* Load generation: every load generator runs in its *own* process (multiprocessing,
+  "spawn").  On a 2-core box the client and the server must not share one event loop,
+  or the benchmark measures the client.  Each generator also samples its own CPU time
+  and the server's, so a saturated client is visible in the output instead of silently
+  capping the numbers.
+* Small utilities: percentiles, /proc readers (RSS, CPU), the header every script prints.
+
+Every loop below is bounded both in count and in wall-clock time, and every wait on a
+child process has a timeout after which the child is terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+# "spawn" rather than fork: children start from a clean interpreter, so they never
+# inherit an event loop, aiohttp sessions or sockets from the orchestrating process.
+_MP = multiprocessing.get_context("spawn")
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+# --------------------------------------------------------------------------- header
+
+
+def environment() -> dict[str, Any]:
+    """Facts that make a benchmark number interpretable later."""
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "sqlite": sqlite3.sqlite_version,
+        "aiohttp": _version("aiohttp"),
+    }
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def print_header(title: str, env: dict[str, Any], settings: dict[str, Any]) -> None:
+    print(f"== {title} ==")
+    print(
+        f"date {env['date']} | python {env['python']} ({env['implementation']}) | "
+        f"cpus {env['cpu_count']} | sqlite {env['sqlite']} | aiohttp {env['aiohttp']}"
+    )
+    print(f"platform {env['platform']}")
+    print("settings " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    print(flush=True)
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr so that --json output on stdout stays clean."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def latency_summary_ms(seconds: list[float]) -> dict[str, float]:
+    """p50/p90/p99/max in milliseconds from a list of durations in seconds."""
+    vals = sorted(seconds)
+    return {
+        "n": len(vals),
+        "p50_ms": percentile(vals, 50) * 1e3,
+        "p90_ms": percentile(vals, 90) * 1e3,
+        "p99_ms": percentile(vals, 99) * 1e3,
+        "max_ms": (vals[-1] * 1e3) if vals else float("nan"),
+    }
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def read_rss_kib(pid: int) -> dict[str, int]:
+    """Current (VmRSS) and peak (VmHWM) resident set size of a process, in KiB."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":", 1)
+                    out[key.lower()] = int(value.split()[0])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return out
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User+system CPU time of a process (all its threads) from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            raw = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may contain spaces: split after its closing paren.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _CLK_TCK
+
+
+class CpuMeter:
+    """CPU% of one process over an interval (100% = one core fully busy)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._cpu0 = cpu_seconds(pid)
+        self._t0 = time.monotonic()
+
+    def percent(self) -> float | None:
+        cpu1 = cpu_seconds(self.pid)
+        if cpu1 is None or self._cpu0 is None:
+            return None
+        return 100.0 * (cpu1 - self._cpu0) / max(time.monotonic() - self._t0, 1e-9)
+
+
+# --------------------------------------------------------------------------- ports / http
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+        return json.loads(resp.read())
+
+
+def http_post(url: str, body: bytes = b"", timeout: float = 5.0) -> int:
+    req = urllib.request.Request(url, data=body, method="POST", headers=JSON_HEADERS)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+        return int(resp.status)
+
+
+def wait_http_ok(url: str, timeout: float, alive: Callable[[], bool]) -> float:
+    """Poll GET url until it answers 200; return seconds waited.
+
+    Raises TimeoutError after `timeout` s and RuntimeError as soon as `alive()` is
+    false (the server process died), so a broken server never hangs the benchmark.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    last_err = "no answer yet"
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"process exited before {url} answered 200 ({last_err})")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return time.monotonic() - t0
+                last_err = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last_err = f"HTTP {exc.code}"
+        except (OSError, urllib.error.URLError) as exc:
+            last_err = repr(exc)
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s ({last_err})")
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+class ChildError(RuntimeError):
+    pass
+
+
+def _child_entry(conn: multiprocessing.connection.Connection, fn: Callable[..., Any], args: tuple) -> None:
+    try:
+        result = fn(*args)
+        conn.send(("ok", result))
+    except BaseException:  # noqa: BLE001 - report anything to the parent
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class ChildCall:
+    """Run `fn(*args)` in a spawned process and collect its (picklable) return value.
+
+    Non-blocking: start it, do other work (e.g. poll a receiver), then `.result()`.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._parent, child = _MP.Pipe(duplex=False)
+        self._proc = _MP.Process(target=_child_entry, args=(child, fn, args), daemon=True)
+        self._proc.start()
+        child.close()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc.pid is not None
+        return self._proc.pid
+
+    def result(self, timeout: float) -> Any:
+        try:
+            if not self._parent.poll(timeout):
+                raise ChildError(f"child {self._proc.pid} gave no result within {timeout:.0f}s")
+            status, payload = self._parent.recv()
+        except EOFError:
+            raise ChildError(f"child {self._proc.pid} died (exit code {self._proc.exitcode})") from None
+        finally:
+            self._proc.join(timeout=5)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout=5)
+        if status != "ok":
+            raise ChildError(f"child failed:\n{payload}")
+        return payload
+
+
+def run_in_child(fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    return ChildCall(fn, *args).result(timeout)
+
+
+class ServerChild:
+    """A long-lived server function (e.g. the bare baseline handler) in its own process.
+
+    `fn(*args)` must run until SIGTERM and exit cleanly on it.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        self.name = name
+        self._proc = _MP.Process(target=fn, args=args, daemon=True, name=name)
+        self._proc.start()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc.pid is not None
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()  # SIGTERM
+            self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    def __enter__(self) -> "ServerChild":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """Make SIGTERM/SIGINT set `stop` in a child's event loop (clean shutdown)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def webhook_integration(url: str, name: str = "bench-hook") -> dict[str, Any]:
+    return {
+        "name": name,
+        "integration_type": "webhook",
+        "observes": ["order.paid"],
+        "configuration": {"url": url},
+    }
+
+
+def daemon_config(
+    workdir: Path,
+    http_port: int,
+    synchronous: str,
+    integrations: list[dict[str, Any]],
+    concurrency: int = 8,
+) -> dict[str, Any]:
+    """The daemon's YAML config as a dict, following the fixed contract."""
+    return {
+        "listen": {
+            "http": f"127.0.0.1:{http_port}",
+            "socket": str(workdir / "eventrelay.sock"),
+            "token": None,
+        },
+        "storage": {"path": str(workdir / "eventrelay.db"), "synchronous": synchronous},
+        "delivery": {
+            "timeout": "10s",
+            "concurrency": concurrency,
+            "retry": {"initial": "1s", "max_interval": "10m", "max_age": "24h"},
+        },
+        # warning: a per-request log line would make the benchmark measure logging.
+        "log": {"level": "warning"},
+        "integrations": integrations,
+    }
+
+
+@dataclass
+class StopInfo:
+    exit_code: int | None
+    stop_seconds: float
+    killed: bool  # True if SIGTERM was not enough within the grace period
+    rss_kib: dict[str, int] = field(default_factory=dict)
+
+
+class Daemon:
+    """eventrelay as a subprocess, in a private tempdir, with free ports.
+
+    Use as a context manager: start + wait for /readyz on enter, SIGTERM on exit.
+    """
+
+    def __init__(
+        self,
+        synchronous: str = "full",
+        integrations: list[dict[str, Any]] | None = None,
+        concurrency: int = 8,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="erbench-")
+        self.workdir = Path(self._tmp.name)
+        self.http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.events_url = f"{self.http_url}/v1/events"
+        self.socket_path = str(self.workdir / "eventrelay.sock")
+        self.config_path = self.workdir / "eventrelay.yaml"
+        self.log_path = self.workdir / "daemon.log"
+        cfg = daemon_config(self.workdir, self.http_port, synchronous, integrations or [], concurrency)
+        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.ready_timeout = ready_timeout
+        self.ready_seconds: float | None = None
+        self.stop_info: StopInfo | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def command(config_path: Path) -> list[str]:
+        # `python -m daemon` works whether or not the console script was installed.
+        python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+        return [python, "-m", "daemon", "run", "--config", str(config_path)]
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> "Daemon":
+        logf = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            self._proc = subprocess.Popen(
+                self.command(self.config_path),
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C on the bench does not hit it twice
+            )
+        finally:
+            logf.close()
+        try:
+            self.ready_seconds = wait_http_ok(f"{self.http_url}/readyz", self.ready_timeout, self.alive)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"daemon did not become ready: {exc}\n--- daemon log tail ---\n{self.log_tail()}") from exc
+        return self
+
+    def rss(self) -> dict[str, int]:
+        return read_rss_kib(self.pid) if self.alive() else {}
+
+    def stop(self, grace: float = 15.0) -> StopInfo:
+        if self.stop_info is not None:
+            return self.stop_info
+        if self._proc is None:
+            self.stop_info = StopInfo(None, 0.0, False)
+            return self.stop_info
+        rss = self.rss()
+        t0 = time.monotonic()
+        killed = False
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                killed = True
+                self._proc.kill()
+                self._proc.wait(5)
+        self.stop_info = StopInfo(self._proc.returncode, time.monotonic() - t0, killed, rss)
+        return self.stop_info
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def cleanup(self) -> None:
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "Daemon":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            self.cleanup()
+
+
+def daemon_problems(d: Daemon) -> list[str]:
+    """Anything odd about how the daemon ran and stopped, for the report."""
+    notes: list[str] = []
+    info = d.stop_info
+    if info is not None:
+        if info.killed:
+            notes.append(f"did not exit within the SIGTERM grace period ({info.stop_seconds:.1f}s); killed")
+        elif info.exit_code not in (0, None):
+            notes.append(f"exit code {info.exit_code} after SIGTERM")
+    tail = d.log_tail(200)
+    for marker in ("Traceback", "ERROR", "error", "Exception"):
+        if marker in tail:
+            lines = [ln for ln in tail.splitlines() if marker in ln][:5]
+            notes.append("log mentions " + repr(marker) + ": " + " | ".join(lines)[:600])
+            break
+    return notes
+
+
+# --------------------------------------------------------------------------- events
+
+
+def order_data(i: int) -> dict[str, Any]:
+    """A Moltin-like paid order (~0.5 KB JSON), the typical order.paid payload."""
+    return {
+        "type": "order",
+        "id": f"9b3a1e4c-5d2f-4a6b-8c7d-{i:012d}",
+        "status": "complete",
+        "payment": "paid",
+        "shipping": "unfulfilled",
+        "customer": {"name": "Ron Swanson", "email": "ron@swanson.com"},
+        "billing_address": {
+            "first_name": "Ron",
+            "last_name": "Swanson",
+            "line_1": "1 Sunny Street",
+            "city": "Pawnee",
+            "postcode": "NE1 1AA",
+            "country": "US",
+        },
+        "meta": {
+            "display_price": {
+                "with_tax": {"amount": 47500, "currency": "USD", "formatted": "$475.00"},
+                "without_tax": {"amount": 47500, "currency": "USD", "formatted": "$475.00"},
+            },
+            "timestamps": {"created_at": "2024-05-01T10:00:00Z", "updated_at": "2024-05-01T10:00:05Z"},
+        },
+    }
+
+
+def event_obj(i: int, event_id: str | None = None) -> dict[str, Any]:
+    ev: dict[str, Any] = {"type": "order.paid", "data": order_data(i)}
+    if event_id is not None:
+        ev["id"] = event_id
+    return ev
+
+
+def http_body(batch: int) -> bytes:
+    """Request body: one event object, or a JSON array of `batch` events.
+
+    No ids: the daemon assigns them, so a body can be reused for every request
+    without hitting the duplicate (idempotency) fast path.
+    """
+    if batch == 1:
+        return json.dumps(event_obj(0)).encode()
+    return json.dumps([event_obj(i) for i in range(batch)]).encode()
+
+
+def ndjson_line() -> bytes:
+    return json.dumps(event_obj(0)).encode() + b"\n"
+
+
+# --------------------------------------------------------------------------- load generators
+
+
+@dataclass
+class HttpLoadSpec:
+    url: str
+    connections: int
+    batch: int  # events per request
+    warmup: float  # seconds run but not measured
+    seconds: float  # measured window
+    server_pid: int  # sampled for CPU% during the measured window
+    max_requests: int = 5_000_000  # hard bound on the loop count
+    request_timeout: float = 30.0
+    validate_every: int = 64  # fully parse every Nth answer (plus each connection's first)
+
+
+@dataclass
+class SocketLoadSpec:
+    path: str
+    connections: int
+    window: int  # max unanswered lines per connection
+    chunk: int  # lines written per write() call
+    warmup: float
+    seconds: float
+    server_pid: int
+    max_lines: int = 50_000_000
+    drain_timeout: float = 10.0  # after the window: wait this long for outstanding answers
+
+
+@dataclass
+class LoadResult:
+    events: int  # events acknowledged inside the measured window
+    requests: int  # requests (HTTP) or lines (socket) completed inside the window
+    seconds: float
+    events_per_s: float
+    latency: dict[str, float]
+    errors: int
+    error_samples: list[str]
+    client_cpu_pct: float | None
+    server_cpu_pct: float | None
+    server_rss_kib: dict[str, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Counters:
+    """Per-run counters shared by the workers of one load-generator process."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.requests = 0
+        self.total_requests = 0
+        self.errors = 0
+        self.error_samples: list[str] = []
+        self.latencies: list[float] = []
+
+    def error(self, msg: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(msg[:300])
+
+
+async def _window_sampler(t_measure: float, t_end: float, server_pid: int, out: dict[str, float | None]) -> None:
+    """Sample client and server CPU time exactly at the measured window's edges."""
+    await asyncio.sleep(max(0.0, t_measure - time.monotonic()))
+    c0, s0, t0 = time.process_time(), cpu_seconds(server_pid), time.monotonic()
+    await asyncio.sleep(max(0.0, t_end - time.monotonic()))
+    c1, s1, t1 = time.process_time(), cpu_seconds(server_pid), time.monotonic()
+    dt = max(t1 - t0, 1e-9)
+    out["client_cpu_pct"] = 100.0 * (c1 - c0) / dt
+    out["server_cpu_pct"] = 100.0 * (s1 - s0) / dt if s0 is not None and s1 is not None else None
+
+
+def _check_http_answer(raw: bytes, batch: int) -> str | None:
+    try:
+        doc = json.loads(raw)
+        data = doc["data"]
+        if len(data) != batch or not all(isinstance(x.get("id"), str) for x in data):
+            return f"answer has {len(data)} entries for {batch} events: {raw[:200]!r}"
+    except Exception as exc:  # noqa: BLE001
+        return f"unparsable answer ({exc!r}): {raw[:200]!r}"
+    return None
+
+
+async def _http_load(spec: HttpLoadSpec) -> LoadResult:
+    import aiohttp
+
+    body = http_body(spec.batch)
+    c = _Counters()
+    cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None}
+    t_start = time.monotonic()
+    t_measure = t_start + spec.warmup
+    t_end = t_measure + spec.seconds
+    connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=spec.connections)
+    timeout = aiohttp.ClientTimeout(total=spec.request_timeout)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        n = 0
+        while c.total_requests < spec.max_requests:
+            t0 = time.monotonic()
+            if t0 >= t_end:
+                return
+            c.total_requests += 1
+            try:
+                async with session.post(spec.url, data=body, headers=JSON_HEADERS) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except Exception as exc:  # noqa: BLE001 - count and keep going (bounded)
+                c.error(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.05)  # do not spin on a dead server
+                continue
+            t1 = time.monotonic()
+            if status != 202:
+                c.error(f"HTTP {status}: {raw[:200]!r}")
+                continue
+            if n % spec.validate_every == 0:
+                problem = _check_http_answer(raw, spec.batch)
+                if problem:
+                    c.error(problem)
+                    continue
+            n += 1
+            if t0 >= t_measure and t1 <= t_end:
+                c.requests += 1
+                c.events += spec.batch
+                c.latencies.append(t1 - t0)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        sampler = asyncio.create_task(_window_sampler(t_measure, t_end, spec.server_pid, cpu))
+        await asyncio.gather(*(worker(session) for _ in range(spec.connections)))
+        await sampler
+    return LoadResult(
+        events=c.events,
+        requests=c.requests,
+        seconds=spec.seconds,
+        events_per_s=c.events / spec.seconds,
+        latency=latency_summary_ms(c.latencies),
+        errors=c.errors,
+        error_samples=c.error_samples,
+        client_cpu_pct=cpu["client_cpu_pct"],
+        server_cpu_pct=cpu["server_cpu_pct"],
+        server_rss_kib=read_rss_kib(spec.server_pid),
+        extra={"body_bytes": len(body)},
+    )
+
+
+def http_load(spec: HttpLoadSpec) -> LoadResult:
+    """Closed-loop HTTP load: `connections` workers, each posting back-to-back."""
+    return asyncio.run(_http_load(spec))
+
+
+async def _socket_connection(spec: SocketLoadSpec, c: _Counters, t_measure: float, t_end: float) -> None:
+    """One pipelined NDJSON connection: keep up to `window` lines unanswered.
+
+    Answers come back in order, so a FIFO of (send time, lines) gives every line's
+    latency without ids.  Answers are read in large chunks and split locally because
+    per-line readline() would make the client the bottleneck.
+    """
+    chunk = ndjson_line() * spec.chunk
+    reader, writer = await asyncio.open_unix_connection(spec.path, limit=1 << 22)
+    sent_fifo: deque[list[float]] = deque()  # [send_time, lines_left_in_chunk]
+    state = {"sent": 0, "answered": 0, "sending": True}
+    room = asyncio.Event()
+    room.set()
+
+    async def send() -> None:
+        try:
+            while time.monotonic() < t_end and state["sent"] + spec.chunk <= spec.max_lines:
+                while state["sent"] - state["answered"] + spec.chunk > spec.window:
+                    room.clear()
+                    left = t_end - time.monotonic()
+                    if left <= 0:
+                        return
+                    try:
+                        await asyncio.wait_for(room.wait(), timeout=left)
+                    except asyncio.TimeoutError:
+                        return
+                sent_fifo.append([time.monotonic(), spec.chunk])
+                state["sent"] += spec.chunk
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            state["sending"] = False
+
+    async def receive() -> None:
+        buf = b""
+        deadline = t_end + spec.drain_timeout
+        while state["sending"] or state["answered"] < state["sent"]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                c.error(f"{state['sent'] - state['answered']} lines unanswered {spec.drain_timeout}s after the window")
+                return
+            try:
+                data = await asyncio.wait_for(reader.read(1 << 18), timeout=left)
+            except asyncio.TimeoutError:
+                continue
+            if not data:
+                if state["answered"] < state["sent"]:
+                    c.error(f"server closed the connection with {state['sent'] - state['answered']} lines unanswered")
+                return
+            now = time.monotonic()
+            lines = (buf + data).split(b"\n")
+            buf = lines.pop()
+            in_window = t_measure <= now <= t_end
+            for line in lines:
+                if not sent_fifo:
+                    c.error(f"answer without a request: {line[:200]!r}")
+                    continue
+                head = sent_fifo[0]
+                head[1] -= 1
+                if head[1] == 0:
+                    sent_fifo.popleft()
+                state["answered"] += 1
+                try:
+                    ans = json.loads(line)
+                    ok = ans.get("ok") is True
+                except ValueError:
+                    ok = False
+                if not ok:
+                    c.error(f"bad answer line: {line[:200]!r}")
+                    continue
+                if in_window and head[0] >= t_measure:
+                    c.events += 1
+                    c.requests += 1
+                    c.latencies.append(now - head[0])
+            room.set()
+
+    try:
+        await asyncio.gather(send(), receive())
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 5)
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+
+async def _socket_load(spec: SocketLoadSpec) -> LoadResult:
+    c = _Counters()
+    cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None}
+    t_measure = time.monotonic() + spec.warmup
+    t_end = t_measure + spec.seconds
+    sampler = asyncio.create_task(_window_sampler(t_measure, t_end, spec.server_pid, cpu))
+    results = await asyncio.gather(
+        *(_socket_connection(spec, c, t_measure, t_end) for _ in range(spec.connections)),
+        return_exceptions=True,
+    )
+    for r in results:
+        if isinstance(r, BaseException):
+            c.error(f"connection failed: {type(r).__name__}: {r}")
+    await sampler
+    return LoadResult(
+        events=c.events,
+        requests=c.requests,
+        seconds=spec.seconds,
+        events_per_s=c.events / spec.seconds,
+        latency=latency_summary_ms(c.latencies),
+        errors=c.errors,
+        error_samples=c.error_samples,
+        client_cpu_pct=cpu["client_cpu_pct"],
+        server_cpu_pct=cpu["server_cpu_pct"],
+        server_rss_kib=read_rss_kib(spec.server_pid),
+        extra={"line_bytes": len(ndjson_line())},
+    )
+
+
+def socket_load(spec: SocketLoadSpec) -> LoadResult:
+    """Pipelined NDJSON load over the Unix socket."""
+    return asyncio.run(_socket_load(spec))
+
+
+# --------------------------------------------------------------------------- webhook receiver
+
+TRIGGER_HEADER = "X-MOLTIN-INTEGRATION-TRIGGER"
+
+
+def serve_receiver(port: int) -> None:
+    """Child entry: a webhook receiver that counts deliveries and answers 204.
+
+    POST /hook      record the envelope id's first arrival (time.monotonic(), which on
+                    Linux is one system-wide clock, so it compares across processes)
+    GET  /stats     counters, incl. the arrival time of the newest distinct id
+    GET  /arrivals  {envelope id: first arrival time}
+    POST /reset     forget everything (between runs)
+    """
+    asyncio.run(_serve_receiver(port))
+
+
+async def _serve_receiver(port: int) -> None:
+    from aiohttp import web
+
+    def fresh() -> dict[str, Any]:
+        return {
+            "posts": 0,  # every POST, duplicates included
+            "unique": 0,  # distinct envelope ids
+            "duplicates": 0,  # at-least-once redeliveries of an id already seen
+            "retries": 0,  # envelopes whose "attempt" is > 1
+            "bad": 0,  # body not a JSON envelope with an id
+            "missing_header": 0,
+            "bytes": 0,
+            "t_first": None,
+            "t_last_new": None,
+        }
+
+    stats = fresh()
+    arrivals: dict[str, float] = {}
+
+    async def hook(request: web.Request) -> web.Response:
+        now = time.monotonic()
+        raw = await request.read()
+        stats["posts"] += 1
+        stats["bytes"] += len(raw)
+        if TRIGGER_HEADER not in request.headers:
+            stats["missing_header"] += 1
+        try:
+            env = json.loads(raw)
+            eid = str(env["id"])
+            attempt = env.get("attempt", 1)
+        except Exception:  # noqa: BLE001 - count it; answering 204 avoids retry storms
+            stats["bad"] += 1
+            return web.Response(status=204)
+        if isinstance(attempt, int) and attempt > 1:
+            stats["retries"] += 1
+        if stats["t_first"] is None:
+            stats["t_first"] = now
+        if eid in arrivals:
+            stats["duplicates"] += 1
+        else:
+            arrivals[eid] = now
+            stats["unique"] += 1
+            stats["t_last_new"] = now
+        return web.Response(status=204)
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    async def get_arrivals(_: web.Request) -> web.Response:
+        return web.json_response(arrivals)
+
+    async def reset(_: web.Request) -> web.Response:
+        stats.clear()
+        stats.update(fresh())
+        arrivals.clear()
+        return web.Response(status=204)
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=16 << 20)
+    app.router.add_post("/hook", hook)
+    app.router.add_get("/stats", get_stats)
+    app.router.add_get("/arrivals", get_arrivals)
+    app.router.add_post("/reset", reset)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await stop.wait()
+    await runner.cleanup()
+
+
+class Receiver(ServerChild):
+    """The webhook receiver in its own process, plus a small sync client for it."""
+
+    def __init__(self, ready_timeout: float = 20.0) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.hook_url = f"{self.base}/hook"
+        super().__init__("receiver", serve_receiver, self.port)
+        try:
+            wait_http_ok(f"{self.base}/readyz", ready_timeout, self.alive)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stats(self) -> dict[str, Any]:
+        return dict(http_get_json(f"{self.base}/stats"))
+
+    def arrivals(self) -> dict[str, float]:
+        return dict(http_get_json(f"{self.base}/arrivals", timeout=30))
+
+    def reset(self) -> None:
+        http_post(f"{self.base}/reset")
+
+    def wait_unique(self, n: int, timeout: float, poll: float = 0.05) -> dict[str, Any]:
+        """Poll until `n` distinct ids arrived or `timeout` s passed; return the last stats."""
+        deadline = time.monotonic() + timeout
+        st = self.stats()
+        while st["unique"] < n and time.monotonic() < deadline:
+            time.sleep(poll)
+            st = self.stats()
+        return st

@@ -1,0 +1,375 @@
+"""Ingest throughput and latency of eventrelay, against a bare-handler baseline.
+
+Scenarios (each run for a fixed window after a short warm-up, load generator in its
+own process):
+
+  (a) HTTP, 1 event per request, 32 connections      target >= 75% of the bare handler
+  (b) HTTP, 100 events per request, 32 connections   target >= 50,000 events/s
+  (c) Unix socket NDJSON, 4 connections pipelining
+      with a window of 1000 unanswered lines each     target >= 40,000 events/s
+
+The baseline is a bare aiohttp app (and a bare asyncio NDJSON socket server) in a
+separate process that parses every event and answers in the contract's shape without
+storing anything: the floor cost of "an asyncio JSON API" on this machine.  It is hit
+by the same load generator with the same settings, in the same invocation, so the
+ratio is meaningful even though absolute numbers vary between machines.
+
+Each daemon scenario gets a fresh daemon (fresh database) so one scenario's database
+growth does not slow the next.
+
+    .venv/bin/python bench/ingest.py [--seconds 8] [--synchronous full|normal] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from _common import (
+    Daemon,
+    HttpLoadSpec,
+    LoadResult,
+    Receiver,
+    ServerChild,
+    SocketLoadSpec,
+    daemon_problems,
+    environment,
+    free_port,
+    http_load,
+    install_stop_signals,
+    log,
+    print_header,
+    run_in_child,
+    socket_load,
+    wait_http_ok,
+    webhook_integration,
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    transport: str  # "http" | "socket"
+    connections: int
+    batch: int = 1  # events per HTTP request
+    window: int = 1000  # socket: unanswered lines per connection
+    chunk: int = 100  # socket: lines per write
+    target_ratio: float | None = None  # vs bare handler
+    target_rate: float | None = None  # absolute events/s
+
+    def target_text(self) -> str:
+        if self.target_ratio is not None:
+            return f">= {self.target_ratio:.0%} of bare"
+        return f">= {self.target_rate:,.0f} ev/s"
+
+    def met(self, rate: float, ratio: float | None) -> bool | None:
+        if self.target_ratio is not None:
+            return None if ratio is None else ratio >= self.target_ratio
+        assert self.target_rate is not None
+        return rate >= self.target_rate
+
+
+SCENARIOS = (
+    Scenario("a", "(a) http 1 ev/req x32 conns", "http", 32, batch=1, target_ratio=0.75),
+    Scenario("b", "(b) http 100 ev/req x32 conns", "http", 32, batch=100, target_rate=50_000),
+    Scenario("c", "(c) socket ndjson x4, window 1000", "socket", 4, window=1000, chunk=100, target_rate=40_000),
+)
+
+
+# --------------------------------------------------------------------------- bare baseline
+
+
+def serve_bare(port: int, socket_path: str) -> None:
+    """Child entry: the bare baseline (HTTP on `port`, NDJSON on `socket_path`)."""
+    asyncio.run(_serve_bare(port, socket_path))
+
+
+async def _serve_bare(port: int, socket_path: str) -> None:
+    from aiohttp import web
+
+    async def ingest(request: web.Request) -> web.Response:
+        # Parse the whole body and answer in the contract's shape (one entry per event
+        # with an id): that work is unavoidable for the daemon too.  No storage.
+        doc = json.loads(await request.read())
+        items = doc if isinstance(doc, list) else [doc]
+        data = [{"id": ev.get("id") or uuid.uuid4().hex, "jobs": 0, "duplicate": False} for ev in items]
+        return web.json_response({"data": data}, status=202)
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def ndjson(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Chunked reads + one write per chunk: the cheapest correct way to serve a
+        # pipelined line protocol in asyncio.
+        buf = b""
+        try:
+            while True:
+                data = await reader.read(1 << 18)
+                if not data:
+                    break
+                lines = (buf + data).split(b"\n")
+                buf = lines.pop()
+                out = []
+                for line in lines:
+                    ev = json.loads(line)
+                    out.append(
+                        json.dumps({"id": ev.get("id") or uuid.uuid4().hex, "ok": True, "jobs": 0, "duplicate": False})
+                    )
+                if out:
+                    writer.write(("\n".join(out) + "\n").encode())
+                    await writer.drain()
+        except (ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    app = web.Application(client_max_size=16 << 20)
+    app.router.add_post("/v1/events", ingest)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    sock_server = await asyncio.start_unix_server(ndjson, path=socket_path, limit=1 << 22)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await stop.wait()
+    sock_server.close()
+    await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_load(sc: Scenario, http_base: str, socket_path: str, server_pid: int, args: argparse.Namespace) -> LoadResult:
+    """One scenario against one server, load generator in a separate process."""
+    budget = args.warmup + args.seconds + 60  # generous, but bounded
+    if sc.transport == "http":
+        spec_h = HttpLoadSpec(
+            url=f"{http_base}/v1/events",
+            connections=sc.connections,
+            batch=sc.batch,
+            warmup=args.warmup,
+            seconds=args.seconds,
+            server_pid=server_pid,
+        )
+        return run_in_child(http_load, spec_h, timeout=budget)
+    spec_s = SocketLoadSpec(
+        path=socket_path,
+        connections=sc.connections,
+        window=sc.window,
+        chunk=sc.chunk,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        server_pid=server_pid,
+    )
+    return run_in_child(socket_load, spec_s, timeout=budget)
+
+
+def run_baselines(scenarios: list[Scenario], args: argparse.Namespace) -> dict[str, LoadResult | str]:
+    import tempfile
+
+    out: dict[str, LoadResult | str] = {}
+    with tempfile.TemporaryDirectory(prefix="erbench-bare-") as tmp:
+        port = free_port()
+        sock = f"{tmp}/bare.sock"
+        with ServerChild("bare", serve_bare, port, sock) as bare:
+            wait_http_ok(f"http://127.0.0.1:{port}/readyz", 20, bare.alive)
+            for sc in scenarios:
+                log(f"baseline {sc.title} ...")
+                try:
+                    out[sc.key] = run_load(sc, f"http://127.0.0.1:{port}", sock, bare.pid, args)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    out[sc.key] = f"baseline failed: {exc}"
+    return out
+
+
+def run_daemon(sc: Scenario, args: argparse.Namespace, hook_url: str | None) -> tuple[LoadResult | str, list[str]]:
+    integrations = [webhook_integration(hook_url)] if hook_url else []
+    log(f"eventrelay {sc.title} ...")
+    daemon = Daemon(synchronous=args.synchronous, integrations=integrations)
+    try:
+        daemon.start()
+    except Exception as exc:  # noqa: BLE001
+        daemon.cleanup()
+        return f"daemon failed to start: {exc}", []
+    try:
+        result: LoadResult | str = run_load(sc, daemon.http_url, daemon.socket_path, daemon.pid, args)
+    except Exception as exc:  # noqa: BLE001
+        result = f"load failed: {exc}"
+    finally:
+        daemon.stop()
+    notes = daemon_problems(daemon)
+    if isinstance(result, str) or result.errors:
+        notes.append("daemon log tail: " + daemon.log_tail(8).replace("\n", " | ")[:800])
+    daemon.cleanup()
+    return result, notes
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt_rate(r: LoadResult | str | None) -> str:
+    return f"{r.events_per_s:,.0f}" if isinstance(r, LoadResult) else "n/a"
+
+
+def fmt_ms(r: LoadResult | str | None, key: str) -> str:
+    return f"{r.latency[key]:.2f}" if isinstance(r, LoadResult) and r.latency["n"] else "n/a"
+
+
+def fmt_pct(v: float | None) -> str:
+    return f"{v:.0f}%" if v is not None else "n/a"
+
+
+def build_rows(scenarios: list[Scenario], base: dict[str, Any], dmn: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for sc in scenarios:
+        b, d = base.get(sc.key), dmn.get(sc.key)
+        ratio = None
+        if isinstance(b, LoadResult) and isinstance(d, LoadResult) and b.events_per_s > 0:
+            ratio = d.events_per_s / b.events_per_s
+        met = sc.met(d.events_per_s, ratio) if isinstance(d, LoadResult) else False
+        # A saturated load generator caps the baseline: the ratio is then an upper bound.
+        client_bound = isinstance(b, LoadResult) and (b.client_cpu_pct or 0) >= 90
+        rows.append({"scenario": sc, "baseline": b, "daemon": d, "ratio": ratio, "met": met, "client_bound": client_bound})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'scenario':<36} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'bare ev/s':>10} {'ratio':>6}  {'target':<18} {'result':<6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        sc, b, d = row["scenario"], row["baseline"], row["daemon"]
+        ratio = f"{row['ratio']:.0%}" if row["ratio"] is not None else "n/a"
+        result = {True: "MET", False: "MISSED", None: "n/a"}[row["met"]]
+        print(
+            f"{sc.title:<36} {fmt_rate(d):>10} {fmt_ms(d, 'p50_ms'):>8} {fmt_ms(d, 'p99_ms'):>8} "
+            f"{fmt_rate(b):>10} {ratio:>6}  {sc.target_text():<18} {result:<6}"
+        )
+    print()
+    # Where the CPU went: tells a daemon bottleneck from a load-generator bottleneck.
+    head2 = (
+        f"{'scenario':<36} {'daemon cpu':>10} {'client cpu':>10} {'daemon rss MiB':>15} "
+        f"{'bare p50/p99 ms':>16} {'bare cpu':>9} {'client cpu':>10} {'errors d/b':>10}"
+    )
+    print(head2)
+    print("-" * len(head2))
+    for row in rows:
+        sc, b, d = row["scenario"], row["baseline"], row["daemon"]
+        dl = d if isinstance(d, LoadResult) else None
+        bl = b if isinstance(b, LoadResult) else None
+        rss = f"{dl.server_rss_kib.get('vmrss', 0) / 1024:.0f} (peak {dl.server_rss_kib.get('vmhwm', 0) / 1024:.0f})" if dl else "n/a"
+        bare_lat = f"{fmt_ms(bl, 'p50_ms')}/{fmt_ms(bl, 'p99_ms')}" if bl else "n/a"
+        errs = f"{dl.errors if dl else '-'}/{bl.errors if bl else '-'}"
+        print(
+            f"{sc.title:<36} {fmt_pct(dl.server_cpu_pct if dl else None):>10} "
+            f"{fmt_pct(dl.client_cpu_pct if dl else None):>10} {rss:>15} {bare_lat:>16} "
+            f"{fmt_pct(bl.server_cpu_pct if bl else None):>9} {fmt_pct(bl.client_cpu_pct if bl else None):>10} {errs:>10}"
+        )
+    print()
+    for row in rows:
+        sc, b, d = row["scenario"], row["baseline"], row["daemon"]
+        for label, r in (("eventrelay", d), ("bare", b)):
+            if isinstance(r, str):
+                print(f"{sc.title}: {label}: {r}")
+            elif isinstance(r, LoadResult) and r.errors:
+                print(f"{sc.title}: {label}: {r.errors} errors, e.g. {r.error_samples[:2]}")
+        if row["client_bound"]:
+            print(
+                f"{sc.title}: note: the load generator was CPU-bound on the baseline "
+                "(>= 90% of a core), so 'bare ev/s' is a lower bound and the ratio an upper bound"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured window per run (default 8)")
+    ap.add_argument("--warmup", type=float, default=1.5, help="unmeasured warm-up per run (default 1.5)")
+    ap.add_argument("--synchronous", choices=("full", "normal"), default="full", help="storage.synchronous")
+    ap.add_argument("--scenarios", default="abc", help="subset of scenarios to run, e.g. 'ac' (default abc)")
+    ap.add_argument(
+        "--with-hook",
+        action="store_true",
+        help="configure one webhook integration (to a local 204 receiver) so every event also creates "
+        "a job and is delivered while ingesting; default: integrations: [] (pure ingest)",
+    )
+    ap.add_argument("--baseline-only", action="store_true", help="run only the bare baseline")
+    ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    args = ap.parse_args(argv)
+    if not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 30:
+        ap.error("--seconds must be in (0, 60] and --warmup in [0, 30]")
+    unknown = set(args.scenarios) - {s.key for s in SCENARIOS}
+    if unknown:
+        ap.error(f"unknown scenario(s): {''.join(sorted(unknown))}")
+    scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
+
+    env = environment()
+    settings = {
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "synchronous": args.synchronous,
+        "integrations": "webhook->local receiver" if args.with_hook else "none",
+    }
+    if not args.json:
+        print_header("eventrelay ingest benchmark", env, settings)
+
+    base = run_baselines(scenarios, args)
+    dmn: dict[str, LoadResult | str] = {}
+    notes: dict[str, list[str]] = {}
+    receiver_stats: dict[str, Any] | None = None
+    if not args.baseline_only:
+        receiver = Receiver() if args.with_hook else None
+        try:
+            for sc in scenarios:
+                dmn[sc.key], notes[sc.key] = run_daemon(sc, args, receiver.hook_url if receiver else None)
+            receiver_stats = receiver.stats() if receiver else None
+        finally:
+            if receiver:
+                receiver.stop()
+
+    rows = build_rows(scenarios, base, dmn)
+    if args.json:
+        doc = {
+            "benchmark": "ingest",
+            "env": env,
+            "settings": settings,
+            "scenarios": [
+                {
+                    "key": r["scenario"].key,
+                    "title": r["scenario"].title,
+                    "target": r["scenario"].target_text(),
+                    "met": r["met"],
+                    "ratio": r["ratio"],
+                    "client_bound_baseline": r["client_bound"],
+                    "daemon": r["daemon"].to_dict() if isinstance(r["daemon"], LoadResult) else r["daemon"],
+                    "baseline": r["baseline"].to_dict() if isinstance(r["baseline"], LoadResult) else r["baseline"],
+                    "daemon_notes": notes.get(r["scenario"].key, []),
+                }
+                for r in rows
+            ],
+            "receiver": receiver_stats,
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(rows)
+        for key, ns in notes.items():
+            for n in ns:
+                print(f"daemon ({key}): {n}")
+        if receiver_stats:
+            print(f"receiver (--with-hook): {receiver_stats}")
+    failed = any(isinstance(v, str) for v in list(base.values()) + list(dmn.values()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

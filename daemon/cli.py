@@ -1,0 +1,93 @@
+"""The `eventrelay` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from . import config as config_module
+from . import log as log_setup
+from .store import StoreError
+
+EX_CONFIG = 78  # sysexits.h: the unit file tells systemd not to restart-loop on a bad config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eventrelay", description="Single-host event delivery daemon.")
+    parser.add_argument("--version", action="version", version=f"eventrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
+    return run_daemon(args.config)
+
+
+def check_config(path: str) -> int:
+    try:
+        config = config_module.load(path)
+    except config_module.ConfigError as e:
+        print(f"{e.source}: invalid configuration:", file=sys.stderr)
+        for error in e.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 1
+    enabled = sum(i.enabled for i in config.integrations)
+    print(f"{path}: OK, {len(config.integrations)} integration(s), {enabled} enabled")
+    return 0
+
+
+def run_daemon(path: str) -> int:
+    try:
+        config = config_module.load(path)
+    except config_module.ConfigError as e:
+        print(f"{e.source}: invalid configuration, not starting:", file=sys.stderr)
+        for error in e.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EX_CONFIG
+    log_setup.setup(config.log)
+    from .service import Service  # imported late: check-config stays fast and needs no event loop
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        # Until live reload lands, a SIGHUP must not kill the daemon (the default action would).
+        loop.add_signal_handler(signal.SIGHUP, lambda: _log_hup())
+        await Service(config).serve(stop)
+
+    try:
+        asyncio.run(serve())
+    except (StoreError, OSError, BaseExceptionGroup) as error:
+        # Start-up failures an operator can fix (port taken, database locked or unwritable): one line each.
+        leaves = _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
+        if not all(isinstance(e, (StoreError, OSError)) for e in leaves):
+            raise
+        for leaf in leaves:
+            print(f"eventrelay: cannot run: {leaf}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _log_hup() -> None:
+    import structlog
+
+    structlog.get_logger(component="service").warning(
+        "SIGHUP received: live reload is not available in this version; restart to apply config changes")
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for e in group.exceptions:
+        leaves.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return leaves

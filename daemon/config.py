@@ -1,0 +1,473 @@
+"""The YAML configuration, read into frozen dataclasses.
+
+Every problem is collected with the path of the value it concerns (`integrations[1].configuration.url`),
+so an operator fixes the whole file in one pass instead of one error per restart. Defaults live here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from .events import Observes, is_observe_pattern
+
+INTEGRATION_TYPES = ("webhook", "aws_sqs", "stomp")
+IMPLEMENTED_TYPES = ("webhook",)
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The file cannot be used. `errors` holds every problem found, each prefixed by its path."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s):\n" + "\n".join(f"  {e}" for e in errors))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    initial: float = 1.0
+    max_interval: float = 600.0
+    max_age: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    timeout: float = 10.0
+    concurrency: int = 8
+    retry: RetryConfig = RetryConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    url: str
+    secret_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    name: str
+    integration_type: str
+    observes: tuple[str, ...]
+    configuration: WebhookConfig
+    delivery: DeliveryConfig
+    description: str = ""
+    enabled: bool = True
+    matcher: Observes = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matcher", Observes.compile(list(self.observes)))
+
+    def public(self) -> dict[str, Any]:
+        """The integration as the daemon shows it: secrets masked to their last four characters."""
+        conf = {k: getattr(self.configuration, k) for k in self.configuration.__dataclass_fields__}
+        for key in ("secret_key",):
+            if conf.get(key):
+                conf[key] = mask(conf[key])
+        return {"name": self.name, "description": self.description, "enabled": self.enabled,
+                "integration_type": self.integration_type, "observes": list(self.observes),
+                "configuration": conf}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    http: tuple[str, int] | None = ("127.0.0.1", 8787)
+    socket: Path | None = None
+    socket_mode: int = 0o660
+    token: str | None = None
+    max_body_size: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    path: Path
+    synchronous: str = "full"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"  # auto: pretty on a TTY, JSON lines otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: ListenConfig
+    storage: StorageConfig
+    delivery: DeliveryConfig
+    integrations: tuple[Integration, ...]
+    shutdown_grace: float = 10.0
+    log: LogConfig = LogConfig()
+    source: Path | None = None
+
+    def integration(self, name: str) -> Integration | None:
+        return next((i for i in self.integrations if i.name == name), None)
+
+
+def mask(secret: str) -> str:
+    """`****PSYQ`, as the seed system shows secrets; short secrets are masked whole."""
+    return "****" + secret[-4:] if len(secret) > 8 else "****"
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file. Raises ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    return parse(text, source=path, environ=os.environ if environ is None else environ)
+
+
+def parse(text: str, source: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    name = str(source) if source else "<config>"
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(name, [_yaml_message(e)]) from None
+    errors: list[str] = []
+    raw = _expand_env(raw, "", environ or {}, errors)
+    base = source.parent if source else Path.cwd()
+    config = _Parser(errors, base).config(raw)
+    if errors or config is None:
+        raise ConfigError(name, errors)
+    return replace(config, source=source)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: YAML would silently keep the last, hiding a typo."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(e, "problem", None) or str(e)
+    return f"{where}invalid YAML: {problem}"
+
+
+def _expand_env(value: Any, path: str, environ: Mapping[str, str], errors: list[str]) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in string values (not keys); `$$` is a literal `$`."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, _join(path, k), environ, errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", environ, errors) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def substitute(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        var, default = m.group(1), m.group(2)
+        if var in environ:
+            return environ[var]
+        if default is not None:
+            return default
+        errors.append(f"{path}: environment variable {var} is not set "
+                      f"(set it, or write ${{{var}:-}} to allow it to be empty)")
+        return ""
+
+    return _ENV.sub(substitute, value)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class _Parser:
+    """Turns the decoded YAML into dataclasses, appending `path: problem` to `errors` as it goes."""
+
+    def __init__(self, errors: list[str], base: Path):
+        self.errors = errors
+        self.base = base
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def section(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path or "<top level>", "must be a mapping")
+            return {}
+        for key in value:
+            if key not in allowed:
+                hint = _closest(str(key), allowed)
+                self.error(_join(path, key), "unknown key" + (f" (did you mean {hint!r}?)" if hint else
+                                                              f" (allowed: {', '.join(allowed)})"))
+        return value
+
+    def config(self, raw: Any) -> Config | None:
+        top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log"))
+        if raw is not None and not isinstance(raw, dict):
+            return None
+        delivery = self.delivery(top.get("delivery"), "delivery", DeliveryConfig())
+        integrations = self.integrations(top.get("integrations"), delivery)
+        grace = self.value(top, "shutdown_grace", "", _duration, 10.0)
+        return Config(
+            listen=self.listen(top.get("listen")),
+            storage=self.storage(top.get("storage")),
+            delivery=delivery,
+            integrations=integrations,
+            shutdown_grace=grace,
+            log=self.log(top.get("log")),
+        )
+
+    def value(self, section: dict[str, Any], key: str, path: str, convert: Callable[[Any], Any], default: Any,
+              nullable: bool = False) -> Any:
+        """Convert section[key]; missing → default; null → None where null means "off", else default."""
+        if key not in section:
+            return default
+        if section[key] is None:
+            return None if nullable else default
+        try:
+            return convert(section[key])
+        except ValueError as e:
+            self.error(_join(path, key), str(e))
+            return default
+
+    def listen(self, raw: Any) -> ListenConfig:
+        s = self.section(raw, "listen", ("http", "socket", "socket_mode", "token", "max_body_size"))
+        d = ListenConfig()
+        http = self.value(s, "http", "listen", _host_port, d.http, nullable=True)
+        sock = self.value(s, "socket", "listen", self.path, None, nullable=True)
+        token = self.value(s, "token", "listen", _nonempty_str, None, nullable=True)
+        if http is None and sock is None:
+            self.error("listen", "both http and socket are disabled: producers could not reach the daemon")
+        return ListenConfig(
+            http=http, socket=sock, token=token,
+            socket_mode=self.value(s, "socket_mode", "listen", _file_mode, d.socket_mode),
+            max_body_size=self.value(s, "max_body_size", "listen", _size, d.max_body_size),
+        )
+
+    def storage(self, raw: Any) -> StorageConfig:
+        s = self.section(raw, "storage", ("path", "synchronous"))
+        path = self.value(s, "path", "storage", self.path, None)
+        if path is None:
+            path = self.path("./var/eventrelay.db")
+        sync = self.value(s, "synchronous", "storage", _choice("full", "normal"), "full")
+        return StorageConfig(path=path, synchronous=sync)
+
+    def log(self, raw: Any) -> LogConfig:
+        s = self.section(raw, "log", ("level", "format"))
+        return LogConfig(
+            level=self.value(s, "level", "log", _choice("debug", "info", "warning", "error"), "info"),
+            format=self.value(s, "format", "log", _choice("auto", "json", "console"), "auto"),
+        )
+
+    def delivery(self, raw: Any, path: str, base: DeliveryConfig) -> DeliveryConfig:
+        s = self.section(raw, path, ("timeout", "concurrency", "retry"))
+        r = self.section(s.get("retry"), f"{path}.retry", ("initial", "max_interval", "max_age"))
+        rp = f"{path}.retry"
+        retry = RetryConfig(
+            initial=self.value(r, "initial", rp, _positive_duration, base.retry.initial),
+            max_interval=self.value(r, "max_interval", rp, _positive_duration, base.retry.max_interval),
+            max_age=self.value(r, "max_age", rp, _positive_duration, base.retry.max_age),
+        )
+        if retry.max_interval < retry.initial:
+            self.error(f"{rp}.max_interval", f"must be at least retry.initial ({retry.initial:g}s)")
+        return DeliveryConfig(
+            timeout=self.value(s, "timeout", path, _positive_duration, base.timeout),
+            concurrency=self.value(s, "concurrency", path, _int_range(1, 1000), base.concurrency),
+            retry=retry,
+        )
+
+    def integrations(self, raw: Any, delivery: DeliveryConfig) -> tuple[Integration, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.error("integrations", "must be a list of integrations")
+            return ()
+        result: list[Integration] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(raw):
+            integration = self.integration(item, f"integrations[{i}]", delivery)
+            if integration is None:
+                continue
+            if integration.name in seen:
+                self.error(f"integrations[{i}].name",
+                           f"{integration.name!r} is already used by integrations[{seen[integration.name]}]")
+            seen.setdefault(integration.name, i)
+            result.append(integration)
+        return tuple(result)
+
+    def integration(self, raw: Any, path: str, delivery: DeliveryConfig) -> Integration | None:
+        if not isinstance(raw, dict):
+            self.error(path, "must be a mapping with name, integration_type, observes and configuration")
+            return None
+        s = self.section(raw, path, ("name", "description", "enabled", "integration_type", "observes",
+                                     "configuration", "delivery"))
+        errors_before = len(self.errors)
+        name = s.get("name")
+        if name is None:
+            self.error(f"{path}.name", "required")
+        elif not isinstance(name, str) or not _NAME.fullmatch(name):
+            self.error(f"{path}.name", f"{name!r} must be 1-64 letters, digits, - or _")
+        itype = s.get("integration_type")
+        if itype not in INTEGRATION_TYPES:
+            self.error(f"{path}.integration_type",
+                       "required" if itype is None else f"{itype!r} is not one of {', '.join(INTEGRATION_TYPES)}")
+        elif itype not in IMPLEMENTED_TYPES:
+            self.error(f"{path}.integration_type", f"{itype!r} is not supported by this version of eventrelay yet")
+        observes = self.observes(s.get("observes"), f"{path}.observes")
+        configuration = self.webhook(s.get("configuration"), f"{path}.configuration") if itype == "webhook" else None
+        own_delivery = self.delivery(s.get("delivery"), f"{path}.delivery", delivery)
+        description = self.value(s, "description", path, _str, "")
+        enabled = self.value(s, "enabled", path, _bool, True)
+        if len(self.errors) > errors_before or configuration is None:
+            return None
+        return Integration(name=name, integration_type=itype, observes=observes, configuration=configuration,
+                           delivery=own_delivery, description=description, enabled=enabled)
+
+    def observes(self, raw: Any, path: str) -> tuple[str, ...]:
+        if not isinstance(raw, list) or not raw:
+            self.error(path, "required: a non-empty list of event keys, e.g. [order.paid, \"customer.*\"]")
+            return ()
+        for i, pattern in enumerate(raw):
+            if not isinstance(pattern, str) or not is_observe_pattern(pattern):
+                self.error(f"{path}[{i}]", f"{pattern!r} is not an event key (order.paid), a wildcard "
+                                           "(order.*) or *")
+        return tuple(p for p in raw if isinstance(p, str))
+
+    def webhook(self, raw: Any, path: str) -> WebhookConfig | None:
+        if raw is None:
+            self.error(path, "required for a webhook: at least url")
+            return None
+        s = self.section(raw, path, ("url", "secret_key"))
+        url = self.value(s, "url", path, _http_url, None)
+        if "url" not in s:
+            self.error(f"{path}.url", "required")
+        secret = self.value(s, "secret_key", path, _str, None) or None
+        return WebhookConfig(url=url, secret_key=secret) if url else None
+
+    def path(self, value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a file path")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+
+def _closest(key: str, allowed: tuple[str, ...]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
+    return match[0] if match else None
+
+
+def _duration(value: Any) -> float:
+    """`250ms`, `10s`, `5m`, `24h`, `7d`, or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (write e.g. 250ms, 10s, 5m, 24h, 7d)")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"{value!r} must not be negative")
+        return float(value)
+    m = _DURATION.fullmatch(str(value).strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (write e.g. 250ms, 10s, 5m, 24h, 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be greater than zero")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _SIZE.fullmatch(str(value).strip())
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(f"{value!r} is not a size (write e.g. 1MiB, 512KiB or a number of bytes)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{value!r} must be a whole number from {low} to {high}")
+        return value
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} must be one of {', '.join(choices)}")
+        return value
+    return convert
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} must be true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError("must be a string")
+    return str(value)
+
+
+def _nonempty_str(value: Any) -> str | None:
+    return _str(value) or None
+
+
+def _file_mode(value: Any) -> int:
+    # YAML reads 0660 as the decimal number 660 and 0o660 as a string; accept the forms people write.
+    text = str(value)
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a file mode (write e.g. \"0660\")") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{value!r} is not a file mode (write e.g. \"0660\")")
+    return mode
+
+
+def _host_port(value: Any) -> tuple[str, int]:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8787 or [::1]:8787)")
+    return host, int(port)
+
+
+def _http_url(value: Any) -> str:
+    text = value if isinstance(value, str) else ""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    return text

@@ -1,0 +1,135 @@
+"""One dispatcher per integration: claims due jobs from the store, runs the sender, records outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from ..config import Integration
+from ..jobs import AttemptRecord, Job, JobState, Outcome
+from ..store import Store, StoreError
+from .policy import RetryPolicy
+from .senders import Sender
+
+_IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
+_STORE_ERROR_PAUSE = 1.0
+
+
+class Dispatcher:
+    """Keeps up to `concurrency` deliveries in flight for one integration.
+
+    Memory holds only the jobs in flight: each claim asks the store for as many due jobs as there are free
+    slots, so a backlog of millions costs disk, not RAM. A job stays in `_claimed` until its outcome is
+    committed, so the next claim cannot hand it out twice.
+    """
+
+    def __init__(self, integration: Integration, store: Store, sender: Sender):
+        self.integration = integration
+        self.name = integration.name
+        self._store = store
+        self._sender = sender
+        self._policy = RetryPolicy.from_config(integration.delivery.retry)
+        self._slots = integration.delivery.concurrency
+        self._claimed: set[int] = set()
+        self._running = 0  # deliver() calls in flight
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
+
+    def wake(self) -> None:
+        """New jobs were committed for this integration."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more; `run` returns once the deliveries in flight have finished."""
+        self._stopping = True
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._claimed)
+
+    async def run(self) -> None:
+        await self._sender.start()
+        try:
+            async with asyncio.TaskGroup() as deliveries:
+                while not self._stopping:
+                    self._wake.clear()
+                    try:
+                        timeout = await self._fill(deliveries)
+                    except StoreError as e:
+                        self._log.error("cannot claim jobs", error=str(e))
+                        timeout = _STORE_ERROR_PAUSE
+                    if self._stopping:
+                        break
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout)
+                    except TimeoutError:
+                        pass
+        finally:
+            await self._sender.close()
+
+    async def _fill(self, deliveries: asyncio.TaskGroup) -> float | None:
+        """Start deliveries for due jobs while slots are free; return how long to sleep (None: until woken)."""
+        batch = self._sender.max_batch
+        while self._running < self._slots and not self._stopping:
+            free = self._slots - self._running
+            jobs = await self._store.claim(self.name, time.time(), free * batch, self._claimed)
+            for i in range(0, len(jobs), batch):
+                chunk = jobs[i:i + batch]
+                self._claimed.update(job.id for job in chunk)
+                self._running += 1
+                deliveries.create_task(self._deliver(chunk), name=f"deliver:{self.name}")
+            if len(jobs) < free * batch:
+                # Nothing more is due now: sleep until the earliest retry (or until new jobs wake us).
+                if self._running >= self._slots:
+                    return None
+                due = await self._store.next_due(self.name, self._claimed)
+                return _IDLE_RECHECK if due is None else max(0.0, min(due - time.time(), _IDLE_RECHECK))
+        return None  # all slots busy: a finishing delivery wakes us
+
+    async def _deliver(self, jobs: Sequence[Job]) -> None:
+        started_at = time.time()
+        try:
+            try:
+                outcomes = await self._sender.deliver(jobs)
+            except Exception as e:  # noqa: BLE001 - a sender bug fails the attempt, never the dispatcher
+                self._log.exception("sender failed unexpectedly", jobs=len(jobs))
+                outcomes = [Outcome(j.id, False, time.time() - started_at, error=f"internal error: {e!r}")
+                            for j in jobs]
+            now = time.time()
+            by_id = {o.job_id: o for o in outcomes}
+            records = [self._policy.decide(job, by_id.get(job.id) or _missing(job), started_at, now)
+                       for job in jobs]
+            try:
+                await self._store.record(records)
+            except StoreError as e:
+                # The jobs stay pending in the database and will be delivered again: at least once.
+                self._log.error("cannot record delivery outcomes; they will be retried", error=str(e))
+                await asyncio.sleep(_STORE_ERROR_PAUSE)
+                return
+            for record in records:
+                self._log_outcome(record)
+        finally:
+            self._claimed.difference_update(job.id for job in jobs)
+            self._running -= 1
+            self._wake.set()
+
+    def _log_outcome(self, record: AttemptRecord) -> None:
+        o, job = record.outcome, record.job
+        fields = dict(event_id=job.event_id, event_type=job.event_type, job_id=job.id, attempt=job.attempt,
+                      status=o.status_code, duration_ms=round(o.duration * 1000, 1))
+        if record.state is JobState.DELIVERED:
+            self._log.info("delivered", **fields)
+        elif record.state is JobState.PENDING:
+            self._log.warning("delivery failed; will retry", error=o.error,
+                              retry_in_s=round((record.next_at or 0) - time.time(), 2), **fields)
+        else:
+            self._log.error("delivery failed; job is dead", error=o.error, **fields)
+
+
+def _missing(job: Job) -> Outcome:
+    return Outcome(job.id, False, 0.0, error="internal error: the sender reported no outcome for this job")

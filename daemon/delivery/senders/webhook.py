@@ -1,0 +1,93 @@
+"""HTTP webhooks: POST the Elastic Path envelope; any 2xx is delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import aiohttp
+
+from ...config import Integration
+from ...formats import WebhookEnvelope
+from ...jobs import Job, Outcome
+
+RESPONSE_BODY_LIMIT = 4096  # bytes of the receiver's answer kept in the attempt log
+
+
+class WebhookSender:
+    max_batch = 1
+
+    def __init__(self, integration: Integration, user_agent: str):
+        conf = integration.configuration
+        self._url = conf.url
+        self._timeout = integration.delivery.timeout
+        self._envelope = WebhookEnvelope(integration)
+        self._headers = {"Content-Type": "application/json", "User-Agent": user_agent}
+        if conf.secret_key:
+            self._headers["X-MOLTIN-SECRET-KEY"] = conf.secret_key
+        self._concurrency = integration.delivery.concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # One session per integration: its connection pool is sized to the integration's concurrency, so
+        # connections are reused across deliveries and a slow target cannot take sockets from another.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._concurrency),
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            # The envelope is already JSON text; keep aiohttp from touching cookies between deliveries.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def deliver(self, jobs: Sequence[Job]) -> list[Outcome]:
+        return [await self._post(job) for job in jobs]
+
+    async def _post(self, job: Job) -> Outcome:
+        assert self._session is not None, "start() first"
+        headers = {**self._headers, "X-MOLTIN-INTEGRATION-TRIGGER": job.event_type}
+        body = self._envelope.encode(job)
+        started = time.monotonic()
+        try:
+            # Redirects are failures: following one would POST the event somewhere nobody configured.
+            async with self._session.post(self._url, data=body, headers=headers, allow_redirects=False) as resp:
+                answer = await _read_prefix(resp.content, RESPONSE_BODY_LIMIT)
+                status = resp.status
+                location = resp.headers.get("Location")
+        except asyncio.TimeoutError:
+            return Outcome(job.id, False, time.monotonic() - started,
+                           error=f"no complete answer within the timeout ({self._timeout:g}s)")
+        except aiohttp.ClientError as e:
+            return Outcome(job.id, False, time.monotonic() - started, error=_describe(e))
+        duration = time.monotonic() - started
+        text = answer.decode("utf-8", errors="replace")
+        if 200 <= status < 300:
+            return Outcome(job.id, True, duration, status_code=status, body=text)
+        if 300 <= status < 400:
+            error = f"redirect ({status}) not followed: point the integration at {location or 'the new URL'}"
+        else:
+            error = f"Received a status code outside of 2xx range ({status})"
+        return Outcome(job.id, False, duration, status_code=status, error=error, body=text)
+
+
+async def _read_prefix(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The first `limit` bytes of a body; the rest is dropped (aiohttp then closes, not reuses, the socket)."""
+    data = b""
+    while len(data) < limit:
+        chunk = await stream.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _describe(e: aiohttp.ClientError) -> str:
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e.os_error}"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection before answering"
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,95 @@
+"""Events as they enter the daemon: validation of what producers send, and `observes` matching."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+# resource.action, lower case; resources such as `account-member` or `stock-transaction` carry dashes.
+EVENT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
+_PATTERN = re.compile(r"\*|[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)*\.\*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+MAX_ID_LENGTH = 128
+EVENT_FIELDS = frozenset({"id", "type", "data", "included"})
+
+
+class EventError(ValueError):
+    """An event a producer sent that cannot be accepted; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    type: str
+    data: dict[str, Any]
+    included: dict[str, Any] | None
+    id_given: bool  # False when the daemon made the id: such an event can never be a duplicate
+
+
+def parse_event(obj: Any) -> Event:
+    """Validate one decoded JSON value as an event. Raises EventError naming the offending field."""
+    if not isinstance(obj, dict):
+        raise EventError(f"must be a JSON object, got {_json_kind(obj)}")
+    unknown = sorted(set(obj) - EVENT_FIELDS)
+    if unknown:
+        raise EventError(f"{unknown[0]}: unknown field (allowed: id, type, data, included)")
+    etype = obj.get("type")
+    if etype is None:
+        raise EventError("type: required (an event key such as order.paid)")
+    if not isinstance(etype, str) or len(etype) > 200 or not EVENT_KEY.fullmatch(etype):
+        raise EventError(f"type: {_short(etype)} is not an event key (resource.action, lower case, e.g. order.paid)")
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        raise EventError("data: required, must be a JSON object" if data is None else
+                         f"data: must be a JSON object, got {_json_kind(data)}")
+    included = obj.get("included")
+    if included is not None and not isinstance(included, dict):
+        raise EventError(f"included: must be a JSON object, got {_json_kind(included)}")
+    eid = obj.get("id")
+    if eid is None:
+        return Event(str(uuid.uuid4()), etype, data, included, id_given=False)
+    if not isinstance(eid, str):
+        raise EventError(f"id: must be a string, got {_json_kind(eid)}")
+    if not 1 <= len(eid) <= MAX_ID_LENGTH:
+        raise EventError(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(eid)}")
+    if _CONTROL.search(eid):
+        raise EventError("id: must not contain control characters")
+    return Event(eid, etype, data, included, id_given=True)
+
+
+def is_observe_pattern(pattern: str) -> bool:
+    """True for what `observes` accepts: an exact event key, `resource.*`, or `*`."""
+    return bool(EVENT_KEY.fullmatch(pattern) or _PATTERN.fullmatch(pattern))
+
+
+@dataclass(frozen=True, slots=True)
+class Observes:
+    """A compiled `observes` list: exact keys, prefixes (`order.*` → `order.`) and the catch-all `*`."""
+
+    exact: frozenset[str]
+    prefixes: tuple[str, ...]
+    everything: bool
+
+    @classmethod
+    def compile(cls, patterns: list[str]) -> Observes:
+        return cls(
+            exact=frozenset(p for p in patterns if not p.endswith("*")),
+            prefixes=tuple(p[:-1] for p in patterns if p.endswith(".*")),
+            everything="*" in patterns,
+        )
+
+    def matches(self, event_type: str) -> bool:
+        return self.everything or event_type in self.exact or event_type.startswith(self.prefixes)
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

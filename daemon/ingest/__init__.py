@@ -1,0 +1,40 @@
+"""Accepting events: the part both listeners share (routing to integrations, storing, answering)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..config import Integration
+from ..events import Event
+from ..store import Accepted, Store
+
+_ROUTE_CACHE_LIMIT = 10_000  # distinct event types remembered; producers cannot grow it without bound
+
+
+class Router:
+    """Which enabled integrations observe an event type. Fan-out happens once, at ingest (DESIGN rule 2)."""
+
+    def __init__(self, integrations: Sequence[Integration]):
+        self._integrations = tuple(i for i in integrations if i.enabled)
+        self._cache: dict[str, tuple[str, ...]] = {}
+
+    def route(self, event_type: str) -> tuple[str, ...]:
+        names = self._cache.get(event_type)
+        if names is None:
+            if len(self._cache) >= _ROUTE_CACHE_LIMIT:
+                self._cache.clear()
+            names = tuple(i.name for i in self._integrations if i.matcher.matches(event_type))
+            self._cache[event_type] = names
+        return names
+
+
+class Ingestor:
+    """Stores validated events with their jobs; resolves only after the commit (an ack means durable)."""
+
+    def __init__(self, store: Store, router: Router):
+        self.store = store
+        self.router = router
+
+    async def accept(self, events: Sequence[Event]) -> list[Accepted]:
+        router = self.router  # one routing table for the whole request, even if a reload swaps it meanwhile
+        return await self.store.ingest(events, [router.route(e.type) for e in events])

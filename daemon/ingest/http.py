@@ -1,0 +1,132 @@
+"""The HTTP listener: POST /v1/events, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from ..events import EventError, parse_event
+from ..store import StoreError
+from . import Ingestor
+
+MAX_EVENTS_PER_REQUEST = 1000
+_MAX_ERRORS_SHOWN = 20
+
+log = structlog.get_logger(component="ingest.http")
+
+
+def error_response(status: int, detail: str | list[str], headers: dict[str, str] | None = None) -> web.Response:
+    """JSON:API-style errors, as the seed system answers them."""
+    from http import HTTPStatus
+
+    details = [detail] if isinstance(detail, str) else detail
+    title = HTTPStatus(status).phrase
+    return web.json_response({"errors": [{"status": str(status), "title": title, "detail": d} for d in details]},
+                             status=status, headers=headers)
+
+
+def decode_json(raw: bytes) -> Any:
+    """json.loads, with NaN/Infinity refused (they are not JSON) and every failure as a ValueError."""
+    def reject(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=reject)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"body is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+class HttpIngest:
+    def __init__(self, ingestor: Ingestor, token: str | None, max_body_size: int,
+                 ready: Callable[[], Awaitable[bool]]):
+        self._ingestor = ingestor
+        self._token = token.encode() if token else None
+        self._max_body_size = max_body_size
+        self._ready = ready
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_size, middlewares=[self._errors, self._auth])
+        app.router.add_post("/v1/events", self.post_events)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        # aiohttp's own 404/405/413 answers are text/plain; producers get JSON errors everywhere.
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return error_response(e.status, e.reason or e.text or "", headers={
+                k: v for k, v in e.headers.items() if k in ("Allow", "WWW-Authenticate")})
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        if self._token is not None and request.path.startswith("/v1/"):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+                return error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                                      headers={"WWW-Authenticate": 'Bearer realm="eventrelay"'})
+        return await handler(request)
+
+    async def post_events(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+            return error_response(415, f"Content-Type must be application/json, got {request.content_type!r}")
+        if request.content_length is not None and request.content_length > self._max_body_size:
+            return self._too_large()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+        try:
+            decoded = decode_json(raw)
+        except ValueError as e:
+            return error_response(400, str(e))
+        items = decoded if isinstance(decoded, list) else [decoded]
+        if not items:
+            return error_response(400, "empty array: send at least one event")
+        if len(items) > MAX_EVENTS_PER_REQUEST:
+            return error_response(400, f"{len(items)} events in one request; at most {MAX_EVENTS_PER_REQUEST}")
+        events, errors = [], []
+        for i, item in enumerate(items):
+            try:
+                events.append(parse_event(item))
+            except EventError as e:
+                errors.append(f"[{i}].{e}" if isinstance(decoded, list) else str(e))
+        if errors:
+            # All or none: one bad event rejects the request, so a producer's retry cannot half-duplicate it.
+            shown = errors[:_MAX_ERRORS_SHOWN]
+            if len(errors) > len(shown):
+                shown.append(f"... and {len(errors) - len(shown)} more invalid events")
+            return error_response(400, shown)
+        try:
+            accepted = await self._ingestor.accept(events)
+        except StoreError as e:
+            return error_response(503, f"the event was not stored: {e}", headers={"Retry-After": "5"})
+        return web.json_response(
+            {"data": [{"id": a.id, "jobs": a.jobs, "duplicate": a.duplicate} for a in accepted]}, status=202)
+
+    def _too_large(self) -> web.Response:
+        return error_response(413, f"body larger than listen.max_body_size ({self._max_body_size} bytes); "
+                                   "send fewer events per request")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if await self._ready():
+            return web.json_response({"status": "ready"})
+        return error_response(503, "not ready: starting, stopping, or the database is unavailable")

@@ -1,0 +1,49 @@
+"""The unit of delivery work and what happened to it, shared by the store, the dispatcher and the senders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One event for one integration, as claimed for an attempt."""
+
+    id: int
+    integration: str
+    attempt: int  # the number of the attempt about to be made, from 1
+    event_id: str
+    event_type: str
+    payload: str  # JSON text of {"data": ..., "included": ...}, spliced into bodies without re-encoding
+    accepted_at: float  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt to deliver one job came to, as a sender reports it."""
+
+    job_id: int
+    succeeded: bool
+    duration: float  # seconds
+    status_code: int | None = None
+    error: str | None = None  # error_detail in the attempt log
+    body: str | None = None  # the receiver's answer, truncated
+    retryable: bool = True  # False: the attempt can never succeed as it is, so the job goes dead at once
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """An outcome with the decision taken on it, ready to be written."""
+
+    job: Job
+    outcome: Outcome
+    started_at: float
+    state: JobState
+    next_at: float | None  # when the job is due again, for PENDING
