@@ -544,6 +544,7 @@ class HttpLoadSpec:
     max_requests: int = 5_000_000  # hard bound on the loop count
     request_timeout: float = 30.0
     validate_every: int = 64  # fully parse every Nth answer (plus each connection's first)
+    client: str = "aiohttp"  # "aiohttp" | "raw" (see _RawHttpConnection)
 
 
 @dataclass
@@ -616,6 +617,149 @@ def _check_http_answer(raw: bytes, batch: int) -> str | None:
     return None
 
 
+class _RawHttpConnection(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive client connection, one request in flight.
+
+    Why it exists: aiohttp's client costs roughly as much CPU per request as aiohttp's
+    server, so with one client process on a 2-core box it saturates first and caps the
+    bare-handler baseline of scenario (a).  This protocol writes pre-built request
+    bytes and parses just the status line, Content-Length or chunked framing, and
+    Connection: close, which is a small fraction of that cost.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.fut: asyncio.Future[tuple[int, bytes, bool]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.fut is None or self.fut.done():
+            return
+        try:
+            parsed = self._parse()
+        except Exception as exc:  # noqa: BLE001 - surface as a request error
+            self.fut.set_exception(exc)
+            return
+        if parsed is not None:
+            self.fut.set_result(parsed)
+
+    def _parse(self) -> tuple[int, bytes, bool] | None:
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+        start = end + 4
+        if "content-length" in headers:
+            total = start + int(headers["content-length"])
+            if len(buf) < total:
+                return None
+            body = bytes(buf[start:total])
+        elif headers.get("transfer-encoding") == "chunked":
+            parts: list[bytes] = []
+            pos = start
+            while True:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return None
+                size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
+                if size == 0:
+                    if len(buf) < eol + 4:  # no trailers supported: "0\r\n\r\n"
+                        return None
+                    total = eol + 4
+                    break
+                if len(buf) < eol + 2 + size + 2:
+                    return None
+                parts.append(bytes(buf[eol + 2 : eol + 2 + size]))
+                pos = eol + 2 + size + 2
+            body = b"".join(parts)
+        else:
+            raise ValueError("response has neither Content-Length nor chunked framing")
+        del buf[:total]
+        return status, body, headers.get("connection") != "close"
+
+    async def request(self, payload: bytes, timeout: float) -> tuple[int, bytes, bool]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, bytes, bool]] = loop.create_future()
+        self.fut = fut
+        assert self.transport is not None
+        self.transport.write(payload)
+        # call_later instead of wait_for: no extra task per request.
+        timer = loop.call_later(timeout, lambda: fut.done() or fut.set_exception(TimeoutError("request timed out")))
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+
+def _raw_request_bytes(url: str, body: bytes, extra_headers: dict[str, str] | None = None) -> tuple[str, int, bytes]:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    assert u.hostname is not None and u.port is not None
+    head = f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nContent-Type: application/json\r\n"
+    for k, v in (extra_headers or {}).items():
+        head += f"{k}: {v}\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    return u.hostname, u.port, head.encode("latin-1") + body
+
+
+class _Poster:
+    """`await poster.post()` -> (status, body) over one of two client implementations."""
+
+    async def post(self) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class _AiohttpPoster(_Poster):
+    def __init__(self, session: Any, url: str, body: bytes) -> None:
+        self.session, self.url, self.body = session, url, body
+
+    async def post(self) -> tuple[int, bytes]:
+        async with self.session.post(self.url, data=self.body, headers=JSON_HEADERS) as resp:
+            return resp.status, await resp.read()
+
+
+class _RawPoster(_Poster):
+    def __init__(self, url: str, body: bytes, timeout: float) -> None:
+        self.host, self.port, self.payload = _raw_request_bytes(url, body)
+        self.timeout = timeout
+        self.conn: _RawHttpConnection | None = None
+
+    async def post(self) -> tuple[int, bytes]:
+        if self.conn is None or self.conn.closed:
+            loop = asyncio.get_running_loop()
+            _, self.conn = await loop.create_connection(_RawHttpConnection, self.host, self.port)
+        status, body, keep_alive = await self.conn.request(self.payload, self.timeout)
+        if not keep_alive:
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self.conn is not None and self.conn.transport is not None:
+            self.conn.transport.close()
+        self.conn = None
+
+
 async def _http_load(spec: HttpLoadSpec) -> LoadResult:
     import aiohttp
 
@@ -625,10 +769,8 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
     t_start = time.monotonic()
     t_measure = t_start + spec.warmup
     t_end = t_measure + spec.seconds
-    connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=spec.connections)
-    timeout = aiohttp.ClientTimeout(total=spec.request_timeout)
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    async def worker(poster: _Poster) -> None:
         n = 0
         while c.total_requests < spec.max_requests:
             t0 = time.monotonic()
@@ -636,11 +778,10 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
                 return
             c.total_requests += 1
             try:
-                async with session.post(spec.url, data=body, headers=JSON_HEADERS) as resp:
-                    raw = await resp.read()
-                    status = resp.status
+                status, raw = await poster.post()
             except Exception as exc:  # noqa: BLE001 - count and keep going (bounded)
                 c.error(f"{type(exc).__name__}: {exc}")
+                await poster.close()
                 await asyncio.sleep(0.05)  # do not spin on a dead server
                 continue
             t1 = time.monotonic()
@@ -658,10 +799,20 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
                 c.events += spec.batch
                 c.latencies.append(t1 - t0)
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        sampler = asyncio.create_task(_window_sampler(t_measure, t_end, spec.server_pid, cpu))
-        await asyncio.gather(*(worker(session) for _ in range(spec.connections)))
-        await sampler
+    sampler = asyncio.create_task(_window_sampler(t_measure, t_end, spec.server_pid, cpu))
+    if spec.client == "raw":
+        posters: list[_Poster] = [_RawPoster(spec.url, body, spec.request_timeout) for _ in range(spec.connections)]
+        try:
+            await asyncio.gather(*(worker(p) for p in posters))
+        finally:
+            for p in posters:
+                await p.close()
+    else:
+        connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=spec.connections)
+        timeout = aiohttp.ClientTimeout(total=spec.request_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(worker(_AiohttpPoster(session, spec.url, body)) for _ in range(spec.connections)))
+    await sampler
     return LoadResult(
         events=c.events,
         requests=c.requests,
@@ -673,7 +824,7 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
         client_cpu_pct=cpu["client_cpu_pct"],
         server_cpu_pct=cpu["server_cpu_pct"],
         server_rss_kib=read_rss_kib(spec.server_pid),
-        extra={"body_bytes": len(body)},
+        extra={"body_bytes": len(body), "client": spec.client},
     )
 
 

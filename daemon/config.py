@@ -225,17 +225,14 @@ class _Parser:
         top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log"))
         if raw is not None and not isinstance(raw, dict):
             return None
+        listen = self.listen(top.get("listen"))
+        storage = self.storage(top.get("storage"))
+        grace = self.value(top, "shutdown_grace", "", _duration, 10.0)
+        log = self.log(top.get("log"))
         delivery = self.delivery(top.get("delivery"), "delivery", DeliveryConfig())
         integrations = self.integrations(top.get("integrations"), delivery)
-        grace = self.value(top, "shutdown_grace", "", _duration, 10.0)
-        return Config(
-            listen=self.listen(top.get("listen")),
-            storage=self.storage(top.get("storage")),
-            delivery=delivery,
-            integrations=integrations,
-            shutdown_grace=grace,
-            log=self.log(top.get("log")),
-        )
+        return Config(listen=listen, storage=storage, delivery=delivery, integrations=integrations,
+                      shutdown_grace=grace, log=log)
 
     def value(self, section: dict[str, Any], key: str, path: str, convert: Callable[[Any], Any], default: Any,
               nullable: bool = False) -> Any:
@@ -288,7 +285,7 @@ class _Parser:
             max_interval=self.value(r, "max_interval", rp, _positive_duration, base.retry.max_interval),
             max_age=self.value(r, "max_age", rp, _positive_duration, base.retry.max_age),
         )
-        if retry.max_interval < retry.initial:
+        if ("initial" in r or "max_interval" in r) and retry.max_interval < retry.initial:
             self.error(f"{rp}.max_interval", f"must be at least retry.initial ({retry.initial:g}s)")
         return DeliveryConfig(
             timeout=self.value(s, "timeout", path, _positive_duration, base.timeout),

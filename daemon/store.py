@@ -100,6 +100,8 @@ class Store:
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._next_event_seq = 1
         self._next_job_id = 1
+        self.commits = 0  # transactions committed by the writer, and the operations they carried:
+        self.committed_ops = 0  # their ratio is the group-commit batch size
         # Called after each commit with the integrations that got new jobs, so their dispatchers wake at once.
         self.on_jobs_added: Callable[[set[str]], None] = lambda names: None
 
@@ -212,6 +214,8 @@ class Store:
                 if not op.future.done():
                     op.future.set_exception(error)
             return
+        self.commits += 1
+        self.committed_ops += len(batch)
         for op, result in zip(batch, results):
             if not op.future.done():
                 op.future.set_result(result)

@@ -36,7 +36,8 @@ def decode_json(raw: bytes) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        return json.loads(raw, parse_constant=reject)
+        # Decode explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes; the contract is UTF-8.
+        return json.loads(raw.decode("utf-8"), parse_constant=reject)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except UnicodeDecodeError as e:

@@ -1,0 +1,446 @@
+"""Webhook delivery throughput and accept->delivered latency of eventrelay.
+
+Three runs, each with its load generator in a separate process and a local aiohttp
+webhook receiver (its own process) that counts POSTs, answers 204 and records the
+first arrival time of every envelope id:
+
+  1. baseline    a raw aiohttp ClientSession posts N envelope-sized bodies to the
+                 receiver with concurrency 8 (the daemon's delivery.concurrency): what
+                 one asyncio process can push through aiohttp's client on this box.
+  2. throughput  N events are pre-loaded over HTTP in batches of 1000 into a daemon
+                 whose webhook integration points at the receiver; measured from the
+                 first 202 until the receiver has seen N distinct envelope ids.
+                 target >= 60% of the baseline rate.
+  3. latency     single events over HTTP at a fixed rate (default 1000/s for 5 s, after
+                 1 s of warm-up at the same rate), each with an id set by the bench;
+                 latency = receiver's arrival time - client's receipt of the 202.
+                 target p50 < 5 ms, p99 < 50 ms.
+
+All timestamps are time.monotonic(), which on Linux is one system-wide clock, so times
+taken in different processes compare directly.
+
+    .venv/bin/python bench/deliver.py [--events 20000] [--rate 1000] [--seconds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+from _common import (
+    TRIGGER_HEADER,
+    ChildCall,
+    CpuMeter,
+    Daemon,
+    Receiver,
+    daemon_problems,
+    environment,
+    event_obj,
+    latency_summary_ms,
+    log,
+    order_data,
+    print_header,
+    run_in_child,
+    webhook_integration,
+)
+
+BATCH = 1000  # pre-load batch size (the contract's maximum)
+CONCURRENCY = 8  # delivery.concurrency, and the baseline client's concurrency
+
+
+# --------------------------------------------------------------------------- child entry points
+
+
+def envelope_template(hook_url: str) -> tuple[bytes, bytes]:
+    """An envelope shaped like the daemon's, split around the id for cheap per-request ids."""
+    marker = "@@ID@@"
+    env = {
+        "id": marker,
+        "triggered_by": "order.paid",
+        "attempt": 1,
+        "integration": webhook_integration(hook_url) | {"id": str(uuid.UUID(int=1))},
+        "payload": {"data": order_data(0), "included": None},
+    }
+    prefix, suffix = json.dumps(env).split(marker)
+    return prefix.encode(), suffix.encode()
+
+
+def webhook_baseline(hook_url: str, n: int, concurrency: int, timeout: float) -> dict[str, Any]:
+    """Child entry: post `n` envelopes with `concurrency` workers on one ClientSession."""
+    return asyncio.run(_webhook_baseline(hook_url, n, concurrency, timeout))
+
+
+async def _webhook_baseline(hook_url: str, n: int, concurrency: int, timeout: float) -> dict[str, Any]:
+    import aiohttp
+
+    prefix, suffix = envelope_template(hook_url)
+    headers = {"Content-Type": "application/json", TRIGGER_HEADER: "order.paid"}
+    state = {"next": 0, "errors": 0, "bytes": 0}
+    samples: list[str] = []
+    deadline = time.monotonic() + timeout
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while state["next"] < n and time.monotonic() < deadline:
+            i = state["next"]
+            state["next"] += 1
+            body = prefix + f"base-{i:08d}".encode() + suffix
+            state["bytes"] += len(body)
+            try:
+                async with session.post(hook_url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if not 200 <= resp.status < 300:
+                        state["errors"] += 1
+            except Exception as exc:  # noqa: BLE001 - count, keep going (bounded)
+                state["errors"] += 1
+                if len(samples) < 3:
+                    samples.append(repr(exc))
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        t_start = time.monotonic()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        t_done = time.monotonic()
+    return {
+        "t_start": t_start,
+        "t_done": t_done,
+        "sent": state["next"],
+        "errors": state["errors"],
+        "error_samples": samples,
+        "avg_body_bytes": state["bytes"] / max(state["next"], 1),
+    }
+
+
+def preload(events_url: str, n: int, batch: int, timeout: float) -> dict[str, Any]:
+    """Child entry: post `n` events (no ids: the daemon assigns them) in batches."""
+    return asyncio.run(_preload(events_url, n, batch, timeout))
+
+
+async def _preload(events_url: str, n: int, batch: int, timeout: float) -> dict[str, Any]:
+    import aiohttp
+
+    out: dict[str, Any] = {"accepted": 0, "jobs": 0, "duplicates": 0, "errors": [], "t_first_accept": None}
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        out["t_first_send"] = time.monotonic()
+        sent = 0
+        while sent < n and time.monotonic() < deadline:
+            size = min(batch, n - sent)
+            body = json.dumps([event_obj(sent + k) for k in range(size)]).encode()
+            sent += size
+            try:
+                async with session.post(events_url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except Exception as exc:  # noqa: BLE001
+                out["errors"].append(repr(exc))
+                continue
+            now = time.monotonic()
+            if status != 202:
+                out["errors"].append(f"HTTP {status}: {raw[:200]!r}")
+                continue
+            if out["t_first_accept"] is None:
+                out["t_first_accept"] = now
+            out["t_last_accept"] = now
+            for item in json.loads(raw)["data"]:
+                out["accepted"] += 1
+                out["jobs"] += int(item.get("jobs", 0))
+                out["duplicates"] += bool(item.get("duplicate"))
+    out["errors"] = out["errors"][:5] + ([f"... {len(out['errors']) - 5} more"] if len(out["errors"]) > 5 else [])
+    return out
+
+
+def paced(events_url: str, rate: float, warmup: float, seconds: float, max_inflight: int) -> dict[str, Any]:
+    """Child entry: open-loop single-event POSTs at `rate`/s with bench-chosen ids."""
+    return asyncio.run(_paced(events_url, rate, warmup, seconds, max_inflight))
+
+
+async def _paced(events_url: str, rate: float, warmup: float, seconds: float, max_inflight: int) -> dict[str, Any]:
+    import aiohttp
+
+    n_warm = int(rate * warmup)
+    n_total = n_warm + int(rate * seconds)
+    ids = [str(uuid.uuid4()) for _ in range(n_total)]
+    bodies = [json.dumps(event_obj(i, ids[i])).encode() for i in range(n_total)]
+    records: dict[str, tuple[float, float]] = {}  # id -> (sent, accepted), measured part only
+    errors: list[str] = []
+    state = {"max_lag": 0.0, "skipped": 0}
+    inflight = asyncio.Semaphore(max_inflight)
+    headers = {"Content-Type": "application/json"}
+
+    async def send(session: aiohttp.ClientSession, i: int) -> None:
+        async with inflight:
+            t_send = time.monotonic()
+            try:
+                async with session.post(events_url, data=bodies[i], headers=headers) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+                return
+            t_acc = time.monotonic()
+        if status != 202:
+            errors.append(f"HTTP {status}: {raw[:200]!r}")
+        elif i >= n_warm:
+            records[ids[i]] = (t_send, t_acc)
+
+    connector = aiohttp.TCPConnector(limit=max_inflight)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        tasks = []
+        t0 = time.monotonic()
+        for i in range(n_total):
+            target = t0 + i / rate
+            delay = target - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                state["max_lag"] = max(state["max_lag"], -delay)
+            tasks.append(asyncio.create_task(send(session, i)))
+        t_paced_end = time.monotonic()
+        await asyncio.wait(tasks, timeout=60)
+    return {
+        "records": records,
+        "measured_ids": ids[n_warm:],
+        "errors": errors[:5],
+        "error_count": len(errors),
+        "max_schedule_lag_ms": state["max_lag"] * 1e3,
+        "achieved_rate": n_total / max(t_paced_end - t0, 1e-9),
+    }
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_baseline(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
+    receiver.reset()
+    meter = CpuMeter(receiver.pid)
+    res = run_in_child(webhook_baseline, receiver.hook_url, args.events, CONCURRENCY, args.timeout, timeout=args.timeout + 30)
+    st = receiver.wait_unique(args.events, timeout=10)
+    res["receiver_cpu_pct"] = meter.percent()
+    res["receiver"] = st
+    res["delivered"] = st["unique"]
+    if st["unique"] >= args.events:
+        res["rate"] = args.events / (st["t_last_new"] - res["t_start"])
+    return res
+
+
+def run_throughput(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
+    receiver.reset()
+    out: dict[str, Any] = {}
+    with Daemon(synchronous=args.synchronous, integrations=[webhook_integration(receiver.hook_url)], concurrency=CONCURRENCY) as d:
+        d_meter, r_meter = CpuMeter(d.pid), CpuMeter(receiver.pid)
+        loader = ChildCall(preload, d.events_url, args.events, BATCH, args.timeout)
+        # Poll the receiver while the pre-load runs: delivery starts as soon as the
+        # first batch commits, so the two overlap as they would in production.
+        st = receiver.wait_unique(args.events, timeout=args.timeout)
+        out["daemon_cpu_pct"], out["receiver_cpu_pct"] = d_meter.percent(), r_meter.percent()
+        out["daemon_rss_kib"] = d.rss()
+        out["load"] = loader.result(timeout=args.timeout + 30)
+        time.sleep(0.5)  # let late duplicates (if any) show up in the counters
+        out["receiver"] = receiver.stats()
+    out["delivered"] = st["unique"]
+    t_first = out["load"].get("t_first_accept")
+    if st["unique"] >= args.events and t_first is not None:
+        out["seconds"] = st["t_last_new"] - t_first
+        out["rate"] = args.events / out["seconds"]
+    elif t_first is not None and st["t_last_new"] is not None:
+        out["partial_rate"] = st["unique"] / max(st["t_last_new"] - t_first, 1e-9)
+    if "t_last_accept" in out["load"]:
+        out["ingest_seconds"] = out["load"]["t_last_accept"] - out["load"]["t_first_send"]
+    out["daemon_notes"] = daemon_problems(d)
+    if st["unique"] < args.events:
+        out["daemon_notes"].append("log tail: " + d.log_tail(8).replace("\n", " | ")[:800])
+    return out
+
+
+def run_latency(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
+    receiver.reset()
+    out: dict[str, Any] = {}
+    with Daemon(synchronous=args.synchronous, integrations=[webhook_integration(receiver.hook_url)], concurrency=CONCURRENCY) as d:
+        budget = args.warmup + args.seconds + 90
+        res = run_in_child(paced, d.events_url, args.rate, args.warmup, args.seconds, 64, timeout=budget)
+        expected = int(args.rate * args.warmup) + int(args.rate * args.seconds)
+        st = receiver.wait_unique(expected, timeout=args.drain_timeout)
+        arrivals = receiver.arrivals()
+        out["daemon_rss_kib"] = d.rss()
+    out["daemon_notes"] = daemon_problems(d)
+    acc_lat, e2e_lat, missing = [], [], 0
+    for eid in res["measured_ids"]:
+        rec, arr = res["records"].get(eid), arrivals.get(eid)
+        if rec is None:
+            continue  # not accepted: counted in the client's errors
+        if arr is None:
+            missing += 1
+            continue
+        acc_lat.append(arr - rec[1])
+        e2e_lat.append(arr - rec[0])
+    negative = sum(1 for x in acc_lat if x < 0)
+    out.update(
+        accepted=len(res["records"]),
+        measured=len(res["measured_ids"]),
+        missing=missing,
+        negative=negative,
+        accept_to_delivered=latency_summary_ms(acc_lat),
+        send_to_delivered=latency_summary_ms(e2e_lat),
+        client_errors=res["error_count"],
+        client_error_samples=res["errors"],
+        achieved_rate=res["achieved_rate"],
+        max_schedule_lag_ms=res["max_schedule_lag_ms"],
+        receiver=st,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "MET", False: "MISSED", None: "n/a"}[ok]
+
+
+def print_report(
+    base: dict[str, Any], thr: dict[str, Any] | str | None, lat: dict[str, Any] | str | None, args: argparse.Namespace
+) -> None:
+    b_rate = base.get("rate")
+    t_rate = thr.get("rate") if isinstance(thr, dict) else None
+    ratio = t_rate / b_rate if t_rate and b_rate else None
+    head = f"{'measurement':<40} {'value':>14} {'baseline':>14} {'ratio':>6}  {'target':<14} {'result':<6}"
+    print(head)
+    print("-" * len(head))
+    print(
+        f"{f'delivery throughput (N={args.events})':<40} "
+        f"{(f'{t_rate:,.0f}/s' if t_rate else 'n/a'):>14} {(f'{b_rate:,.0f}/s' if b_rate else 'n/a'):>14} "
+        f"{(f'{ratio:.0%}' if ratio is not None else 'n/a'):>6}  {'>= 60% of base':<14} "
+        f"{verdict(ratio >= 0.60 if ratio is not None else (None if thr is None else False))}"
+    )
+    if isinstance(lat, dict):
+        a = lat["accept_to_delivered"]
+        has = a["n"] > 0
+        p50 = f"{a['p50_ms']:.2f} ms" if has else "n/a"
+        p99 = f"{a['p99_ms']:.2f} ms" if has else "n/a"
+        label = f"accept->delivered p50 @{args.rate:g}/s"
+        print(f"{label:<40} {p50:>14} {'':>14} {'':>6}  {'< 5 ms':<14} {verdict(a['p50_ms'] < 5 if has else False)}")
+        label = f"accept->delivered p99 @{args.rate:g}/s"
+        ok99 = a["p99_ms"] < 50 and lat["missing"] == 0 if has else False
+        print(f"{label:<40} {p99:>14} {'':>14} {'':>6}  {'< 50 ms':<14} {verdict(ok99)}")
+    else:
+        print(f"{'accept->delivered latency':<40} {'n/a':>14}   {lat or 'not run'}")
+    print()
+
+    print("details")
+    print(
+        f"  baseline: {base.get('delivered', 0)}/{args.events} delivered, errors {base.get('errors')}, "
+        f"avg body {base.get('avg_body_bytes', 0):.0f} B, receiver cpu {fmt_pct(base.get('receiver_cpu_pct'))}"
+    )
+    if isinstance(thr, dict):
+        rs, ld = thr.get("receiver", {}), thr.get("load", {})
+        avg = rs.get("bytes", 0) / max(rs.get("posts", 0), 1)
+        print(
+            f"  throughput: {thr.get('delivered')}/{args.events} delivered"
+            + (f" in {thr['seconds']:.2f}s" if "seconds" in thr else "")
+            + (f" (partial rate {thr['partial_rate']:,.0f}/s)" if "partial_rate" in thr else "")
+            + f"; pre-load accepted {ld.get('accepted')} events, jobs {ld.get('jobs')}, "
+            f"in {thr.get('ingest_seconds', float('nan')):.2f}s"
+        )
+        print(
+            f"              receiver: posts {rs.get('posts')}, duplicates {rs.get('duplicates')}, "
+            f"retries {rs.get('retries')}, missing {TRIGGER_HEADER} {rs.get('missing_header')}, "
+            f"bad {rs.get('bad')}, avg body {avg:.0f} B"
+        )
+        rss = thr.get("daemon_rss_kib", {})
+        print(
+            f"              daemon cpu {fmt_pct(thr.get('daemon_cpu_pct'))}, receiver cpu "
+            f"{fmt_pct(thr.get('receiver_cpu_pct'))}, daemon rss {rss.get('vmrss', 0) / 1024:.0f} MiB "
+            f"(peak {rss.get('vmhwm', 0) / 1024:.0f})"
+        )
+        if ld.get("errors"):
+            print(f"              pre-load errors: {ld['errors']}")
+    elif thr is not None:
+        print(f"  throughput: {thr}")
+    if isinstance(lat, dict):
+        e, a = lat["send_to_delivered"], lat["accept_to_delivered"]
+        rs = lat["receiver"]
+        print(
+            f"  latency: {lat['accepted']}/{lat['measured']} accepted, {lat['missing']} not delivered, "
+            f"client errors {lat['client_errors']}, achieved rate {lat['achieved_rate']:,.0f}/s, "
+            f"max schedule lag {lat['max_schedule_lag_ms']:.1f} ms"
+        )
+        print(
+            f"           accept->delivered p90 {a['p90_ms']:.2f} max {a['max_ms']:.2f} ms "
+            f"({lat['negative']} deliveries arrived before the client saw the 202); "
+            f"send->delivered p50 {e['p50_ms']:.2f} p99 {e['p99_ms']:.2f} max {e['max_ms']:.2f} ms"
+        )
+        print(f"           receiver: posts {rs.get('posts')}, duplicates {rs.get('duplicates')}, retries {rs.get('retries')}")
+        if lat["client_error_samples"]:
+            print(f"           client errors: {lat['client_error_samples']}")
+    for name, part in (("throughput", thr), ("latency", lat)):
+        if isinstance(part, dict):
+            for note in part.get("daemon_notes", []):
+                print(f"daemon ({name}): {note}")
+
+
+def fmt_pct(v: float | None) -> str:
+    return f"{v:.0f}%" if v is not None else "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000, help="events for the throughput runs (default 20000)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="events/s for the latency run (default 1000)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds of the latency run (default 5)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured warm-up of the latency run (default 1)")
+    ap.add_argument("--timeout", type=float, default=40.0, help="max seconds for each throughput run (default 40)")
+    ap.add_argument("--drain-timeout", type=float, default=15.0, help="max wait for late deliveries (default 15)")
+    ap.add_argument("--synchronous", choices=("full", "normal"), default="full", help="storage.synchronous")
+    ap.add_argument("--baseline-only", action="store_true", help="run only the raw-client baseline")
+    ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    args = ap.parse_args(argv)
+    if not 0 < args.events <= 200_000 or not 0 < args.rate <= 20_000 or not 0 < args.seconds <= 60:
+        ap.error("bounds: 0 < --events <= 200000, 0 < --rate <= 20000, 0 < --seconds <= 60")
+
+    env = environment()
+    settings = {
+        "events": args.events,
+        "batch": BATCH,
+        "concurrency": CONCURRENCY,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "synchronous": args.synchronous,
+    }
+    if not args.json:
+        print_header("eventrelay webhook delivery benchmark", env, settings)
+
+    thr: dict[str, Any] | str | None = None  # None: not run (--baseline-only)
+    lat: dict[str, Any] | str | None = None
+    with Receiver() as receiver:
+        log(f"baseline: raw aiohttp client, {args.events} posts, concurrency {CONCURRENCY} ...")
+        base = run_baseline(receiver, args)
+        if not args.baseline_only:
+            log(f"eventrelay throughput: {args.events} events in batches of {BATCH} ...")
+            try:
+                thr = run_throughput(receiver, args)
+            except Exception as exc:  # noqa: BLE001 - report, then try the latency run
+                thr = f"failed: {exc}"
+            log(f"eventrelay latency: {args.rate:g} events/s for {args.warmup:g}+{args.seconds:g}s ...")
+            try:
+                lat = run_latency(receiver, args)
+            except Exception as exc:  # noqa: BLE001
+                lat = f"failed: {exc}"
+
+    if args.json:
+        doc = {"benchmark": "deliver", "env": env, "settings": settings, "baseline": base, "throughput": thr, "latency": lat}
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+    else:
+        print_report(base, thr, lat, args)
+    failed = isinstance(thr, str) or isinstance(lat, str) or "rate" not in base
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Real components for the tests: HTTP receivers on 127.0.0.1, the daemon in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from daemon import config as config_module
+from daemon.service import Service
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll `predicate` (sync or async) until truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A real aiohttp server that records every request; `respond` decides each answer."""
+
+    url: str = ""
+    requests: list[Received] = field(default_factory=list)
+    respond: Callable[[Received], Awaitable[web.StreamResponse] | web.StreamResponse] | None = None
+
+    def ids(self) -> list[str]:
+        return [r.json["id"] for r in self.requests]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        got = Received(request.path, dict(request.headers), await request.read(), time.time())
+        rec.requests.append(got)
+        if rec.respond is None:
+            return web.Response(status=204)
+        answer = rec.respond(got)
+        return await answer if asyncio.iscoroutine(answer) else answer
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    rec.url = f"http://127.0.0.1:{port}/hook"
+    yield rec
+    await runner.cleanup()
+
+
+def webhook(name: str, url: str, observes: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    item = {"name": name, "integration_type": "webhook", "observes": observes or ["order.paid"],
+            "configuration": {"url": url}}
+    item.update(extra)
+    return item
+
+
+def write_config(tmp_path: Path, integrations: list[dict[str, Any]], **top: Any) -> Path:
+    """A config with fast retries and both listeners on free local addresses, written to tmp_path."""
+    raw: dict[str, Any] = {
+        "listen": {"http": "127.0.0.1:0", "socket": str(tmp_path / "er.sock")},
+        "storage": {"path": str(tmp_path / "er.db")},
+        "delivery": {"timeout": "2s", "concurrency": 4,
+                     "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}},
+        "shutdown_grace": "3s",
+        "log": {"level": "warning", "format": "json"},
+        "integrations": integrations,
+    }
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@dataclass
+class RunningDaemon:
+    service: Service
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    http: aiohttp.ClientSession
+    db_path: Path
+    socket_path: Path | None
+
+    @property
+    def url(self) -> str:
+        host, port = self.service.http_address  # type: ignore[misc]
+        return f"http://{host}:{port}"
+
+    async def post(self, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None
+                   ) -> tuple[int, Any]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        async with self.http.post(f"{self.url}/v1/events", data=data, headers=hdrs) as resp:
+            text = await resp.text()
+            return resp.status, (json.loads(text) if text else None)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the database directly, as an operator would with sqlite3."""
+        with sqlite3.connect(self.db_path) as db:
+            return db.execute(sql, params).fetchall()
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 15)
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
+    """Start the daemon in this event loop: `await start_daemon(integrations, **top_level_overrides)`."""
+    running: list[RunningDaemon] = []
+    session = aiohttp.ClientSession()
+
+    async def start(integrations: list[dict[str, Any]], **top: Any) -> RunningDaemon:
+        config = config_module.load(write_config(tmp_path, integrations, **top))
+        service = Service(config)
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        task = asyncio.create_task(service.serve(stop, ready.set))
+        done, _ = await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=10,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # raises the start-up error
+        assert ready.is_set(), "daemon did not become ready within 10s"
+        d = RunningDaemon(service, stop, task, session, config.storage.path, config.listen.socket)
+        running.append(d)
+        return d
+
+    yield start
+    for d in running:
+        if not d.task.done():
+            await d.shutdown()
+    await session.close()
+
+
+# -- the daemon as a subprocess, for what is about processes: signals, kill -9, restarts -----------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DaemonProcess:
+    config: Path
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                    if b" 200 " in s.recv(100):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready within {timeout}s:\n{self.log_path.read_text()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.wait()
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path) -> Callable[..., DaemonProcess]:
+    made: list[DaemonProcess] = []
+
+    def make(integrations: list[dict[str, Any]], **top: Any) -> DaemonProcess:
+        port = free_port()
+        top.setdefault("listen", {})["http"] = f"127.0.0.1:{port}"
+        path = write_config(tmp_path, integrations, **top)
+        d = DaemonProcess(path, port, tmp_path / "daemon.log")
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests talk to 127.0.0.1 only; a proxy from the environment must never be used.
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")

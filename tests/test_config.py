@@ -1,0 +1,189 @@
+"""The YAML loader: defaults, expansion, and an error with its path for every mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon import config as cfg
+from daemon.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+integrations:
+  - name: erp
+    integration_type: webhook
+    observes: [order.paid]
+    configuration: {url: "https://erp.example.com/hook"}
+"""
+
+
+def errors_of(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.parse(text, environ=environ or {})
+    return info.value.errors
+
+
+def test_example_config_is_valid_without_environment() -> None:
+    config = cfg.load(REPO / "config.example.yaml", environ={})
+    assert config.listen.http == ("127.0.0.1", 8787)
+    assert config.listen.socket == REPO / "var" / "eventrelay.sock"
+    assert config.storage.path == REPO / "var" / "eventrelay.db"
+    assert config.storage.synchronous == "full"
+    (erp,) = config.integrations
+    assert erp.name == "erp-orders" and erp.observes == ("order.paid", "order.fulfilled")
+    assert erp.configuration.secret_key is None  # ${ERP_SECRET:-} with the variable unset
+
+
+def test_defaults_fill_what_is_left_out() -> None:
+    config = cfg.parse(MINIMAL)
+    (erp,) = config.integrations
+    assert erp.enabled is True
+    assert erp.delivery == cfg.DeliveryConfig(timeout=10.0, concurrency=8,
+                                              retry=cfg.RetryConfig(1.0, 600.0, 86400.0))
+    assert config.listen.max_body_size == 1024 * 1024
+    assert config.shutdown_grace == 10.0
+
+
+def test_integration_delivery_overrides_merge_over_global() -> None:
+    config = cfg.parse("""
+delivery: {timeout: 3s, concurrency: 2, retry: {initial: 250ms, max_age: 7d}}
+integrations:
+  - name: a
+    integration_type: webhook
+    observes: ["*"]
+    configuration: {url: "http://127.0.0.1:1/x"}
+    delivery: {concurrency: 16, retry: {max_interval: 5m}}
+""")
+    d = config.integrations[0].delivery
+    assert (d.timeout, d.concurrency) == (3.0, 16)
+    assert d.retry == cfg.RetryConfig(initial=0.25, max_interval=300.0, max_age=7 * 86400.0)
+
+
+@pytest.mark.parametrize("text,seconds", [("250ms", 0.25), ("10s", 10), ("5m", 300), ("24h", 86400),
+                                          ("7d", 604800), (30, 30.0), ("1.5s", 1.5)])
+def test_durations(text: object, seconds: float) -> None:
+    assert cfg._duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["10", "ten seconds", "5 minutes", "-1s", True, "1w"])
+def test_bad_durations_are_errors(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration|negative"):
+        cfg._duration(bad)
+
+
+def test_environment_expansion() -> None:
+    text = MINIMAL.replace('"https://erp.example.com/hook"', '"https://${HOST}/hook?a=$${literal}"') + \
+        "    description: ${DESC:-none}\n"
+    config = cfg.parse(text, environ={"HOST": "erp.internal"})
+    assert config.integrations[0].configuration.url == "https://erp.internal/hook?a=${literal}"
+    assert config.integrations[0].description == "none"
+
+
+def test_missing_variable_without_default_is_an_error() -> None:
+    text = MINIMAL.replace('{url: "https://erp.example.com/hook"}',
+                           '{url: "https://erp.example.com/hook", secret_key: "${ERP_SECRET}"}')
+    assert errors_of(text) == ["integrations[0].configuration.secret_key: environment variable ERP_SECRET "
+                               "is not set (set it, or write ${ERP_SECRET:-} to allow it to be empty)"]
+
+
+def test_every_error_is_reported_with_its_path() -> None:
+    errors = errors_of("""
+listen: {http: "nonsense", socket: null, tokn: x}
+storage: {synchronous: sometimes}
+delivery: {timeout: 10 seconds, concurrency: 0, retry: {initial: 1m, max_interval: 1s}}
+integrations:
+  - name: ok
+    integration_type: webhook
+    observes: [order.paid]
+    configuration: {url: "https://a.example/"}
+  - name: "bad name!"
+    integration_type: webhook
+    observes: [Order.Paid, "order.*", "*"]
+    configuration: {url: "ftp://files.example/x"}
+  - name: ok
+    integration_type: carrier-pigeon
+    observes: []
+    configuration: {}
+""")
+    for expected in ["listen.tokn: unknown key (did you mean 'token'?)",
+                     "listen.http: 'nonsense' is not host:port (e.g. 127.0.0.1:8787 or [::1]:8787)",
+                     "storage.synchronous: 'sometimes' must be one of full, normal",
+                     "delivery.timeout: '10 seconds' is not a duration (write e.g. 250ms, 10s, 5m, 24h, 7d)",
+                     "delivery.concurrency: 0 must be a whole number from 1 to 1000",
+                     "delivery.retry.max_interval: must be at least retry.initial (60s)",
+                     "integrations[1].name: 'bad name!' must be 1-64 letters, digits, - or _",
+                     "integrations[1].observes[0]: 'Order.Paid' is not an event key (order.paid), "
+                     "a wildcard (order.*) or *",
+                     "integrations[1].configuration.url: not an http(s) URL",
+                     "integrations[2].integration_type: 'carrier-pigeon' is not one of webhook, aws_sqs, stomp",
+                     "integrations[2].observes: required: a non-empty list of event keys, "
+                     "e.g. [order.paid, \"customer.*\"]"]:
+        assert expected in errors
+    assert len(errors) == 11
+
+
+def test_duplicate_names_and_duplicate_yaml_keys() -> None:
+    errors = errors_of(MINIMAL + MINIMAL.replace("integrations:\n", ""))
+    assert errors == ["integrations[1].name: 'erp' is already used by integrations[0]"]
+    errors = errors_of("storage: {path: a.db}\nstorage: {path: b.db}\n")
+    assert len(errors) == 1 and "duplicate key 'storage'" in errors[0] and "line 2" in errors[0]
+
+
+def test_unimplemented_types_are_refused_clearly() -> None:
+    errors = errors_of(MINIMAL.replace("webhook", "aws_sqs"))
+    assert errors == ["integrations[0].integration_type: 'aws_sqs' is not supported by this version of "
+                      "eventrelay yet"]
+
+
+@pytest.mark.parametrize("text", ["[1, 2", "listen: [", "- a\nb: c", "\t x: 1"])
+def test_broken_yaml_is_an_error_not_a_traceback(text: str) -> None:
+    (error,) = errors_of(text)
+    assert "invalid YAML" in error
+
+
+def test_both_listeners_disabled_is_an_error() -> None:
+    assert errors_of("listen: {http: null, socket: null}") == [
+        "listen: both http and socket are disabled: producers could not reach the daemon"]
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "er.yaml"
+    path.parent.mkdir()
+    path.write_text("storage: {path: ./state/er.db}\nlisten: {socket: er.sock}\n")
+    config = cfg.load(path, environ={})
+    assert config.storage.path == tmp_path / "etc" / "state" / "er.db"
+    assert config.listen.socket == tmp_path / "etc" / "er.sock"
+
+
+def test_socket_mode_and_sizes() -> None:
+    config = cfg.parse('listen: {socket_mode: "0600", max_body_size: 512KiB}')
+    assert config.listen.socket_mode == 0o600 and config.listen.max_body_size == 512 * 1024
+    assert any("is not a size" in e for e in errors_of("listen: {max_body_size: lots}"))
+
+
+def test_secrets_are_masked_when_shown() -> None:
+    config = cfg.parse(MINIMAL.replace('{url: "https://erp.example.com/hook"}',
+                                       '{url: "https://erp.example.com/hook", secret_key: "s3cr3t-PSYQ"}'))
+    shown = config.integrations[0].public()
+    assert shown["configuration"]["secret_key"] == "****PSYQ"
+    assert "s3cr3t" not in repr(shown)
+    assert cfg.mask("short") == "****"
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(MINIMAL)
+    assert cli_main(["check-config", "--config", str(good)]) == 0
+    assert "OK, 1 integration(s), 1 enabled" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MINIMAL.replace("https://erp.example.com/hook", "erp.example.com").replace("webhook", "webhok"))
+    assert cli_main(["check-config", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "integrations[0].integration_type: 'webhok' is not one of webhook, aws_sqs, stomp" in err
+
+    assert cli_main(["check-config", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "cannot read the file" in capsys.readouterr().err

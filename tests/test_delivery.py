@@ -1,0 +1,152 @@
+"""Webhook delivery against real aiohttp receivers: envelope, headers, retries, timeouts, redirects, death."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from daemon.formats import integration_id
+
+from .conftest import Receiver, wait_until, webhook
+
+FAST_RETRY = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"}}
+
+
+def states(d) -> dict[str, str]:
+    return {str(job_id): state for job_id, state in d.rows("SELECT id, state FROM jobs")}
+
+
+async def test_envelope_and_headers(start_daemon, receiver: Receiver) -> None:
+    d = await start_daemon([webhook("erp-orders", receiver.url, ["order.*"], description="Paid orders",
+                                    configuration={"url": receiver.url, "secret_key": "s3cret-PSYQ"})])
+    event = {"id": "evt-1", "type": "order.paid", "data": {"type": "order", "id": "o1", "status": "complete"},
+             "included": {"items": [{"type": "order_item", "id": "i1"}]}}
+    assert (await d.post(event))[0] == 202
+    await wait_until(lambda: receiver.requests)
+    (got,) = receiver.requests
+    assert got.json == {
+        "id": "evt-1", "triggered_by": "order.paid", "attempt": 1,
+        "integration": {"id": integration_id("erp-orders"), "integration_type": "webhook", "name": "erp-orders",
+                        "description": "Paid orders"},
+        "payload": {"data": event["data"], "included": event["included"]},
+    }
+    assert got.headers["Content-Type"] == "application/json"
+    assert got.headers["X-MOLTIN-INTEGRATION-TRIGGER"] == "order.paid"
+    assert got.headers["X-MOLTIN-SECRET-KEY"] == "s3cret-PSYQ"
+    assert got.headers["User-Agent"].startswith("eventrelay/")
+    assert b"s3cret" not in got.body  # the secret travels in its header only, never echoed in the body
+    await wait_until(lambda: states(d) == {"1": "delivered"})
+
+
+async def test_no_secret_header_without_secret_and_only_observers_get_events(start_daemon, receiver) -> None:
+    d = await start_daemon([webhook("orders", receiver.url + "/orders", ["order.*"]),
+                            webhook("everything", receiver.url + "/all", ["*"]),
+                            webhook("customers", receiver.url + "/customers", ["customer.created"])])
+    for i, etype in enumerate(["order.paid", "customer.updated", "cart.updated"]):
+        await d.post({"id": f"e{i}", "type": etype, "data": {}})
+    await wait_until(lambda: len(receiver.requests) == 4)
+    await asyncio.sleep(0.2)  # nothing more arrives
+    routed = sorted((r.path, r.json["id"]) for r in receiver.requests)
+    assert routed == [("/hook/all", "e0"), ("/hook/all", "e1"), ("/hook/all", "e2"), ("/hook/orders", "e0")]
+    assert all("X-MOLTIN-SECRET-KEY" not in r.headers for r in receiver.requests)
+
+
+async def test_failing_receiver_is_retried_until_it_succeeds(start_daemon, receiver: Receiver) -> None:
+    answers = iter([web.Response(status=500, text="database down"), web.Response(status=503),
+                    web.Response(status=200, text="thanks")])
+    receiver.respond = lambda r: next(answers)
+    d = await start_daemon([webhook("erp", receiver.url, delivery=FAST_RETRY)])
+    await d.post({"id": "evt-r", "type": "order.paid", "data": {}})
+    await wait_until(lambda: states(d) == {"1": "delivered"})
+    assert [r.json["attempt"] for r in receiver.requests] == [1, 2, 3]
+    assert {r.json["id"] for r in receiver.requests} == {"evt-r"}  # stable across retries: receivers dedupe
+    log = await d.service.store.attempts(1)
+    assert [(a["attempt"], a["succeeded"], a["status_code"], a["body"]) for a in log] == [
+        (1, False, 500, "database down"), (2, False, 503, ""), (3, True, 200, "thanks")]
+    assert log[0]["error_detail"] == "Received a status code outside of 2xx range (500)"
+    assert all(a["duration"] >= 0 for a in log)
+
+
+async def test_timeout_is_a_failed_attempt(start_daemon, receiver: Receiver) -> None:
+    calls = 0
+
+    async def slow_once(r):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(2)
+        return web.Response(status=204)
+
+    receiver.respond = slow_once
+    d = await start_daemon([webhook("erp", receiver.url, delivery={"timeout": "300ms", **FAST_RETRY})])
+    await d.post({"id": "evt-t", "type": "order.paid", "data": {}})
+    await wait_until(lambda: states(d) == {"1": "delivered"})
+    first, second = await d.service.store.attempts(1)
+    assert not first["succeeded"] and first["error_detail"] == "no complete answer within the timeout (0.3s)"
+    assert 0.25 < first["duration"] < 1.5
+    assert second["succeeded"]
+
+
+async def test_redirects_are_failures_and_not_followed(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: (web.Response(status=204) if r.path.endswith("/moved") else
+                                  web.Response(status=301, headers={"Location": receiver.url + "/moved"}))
+    d = await start_daemon([webhook("erp", receiver.url, delivery=FAST_RETRY)])
+    await d.post({"id": "evt-3", "type": "order.paid", "data": {}})
+    await wait_until(lambda: len(receiver.requests) >= 2)
+    assert all(r.path == "/hook" for r in receiver.requests)
+    (attempt, *_) = await d.service.store.attempts(1)
+    assert attempt["status_code"] == 301 and "redirect (301) not followed" in attempt["error_detail"]
+    assert states(d) == {"1": "pending"}
+
+
+async def test_job_dies_after_max_age_and_is_kept(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=500)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "500ms"}})])
+    await d.post({"id": "evt-d", "type": "order.paid", "data": {}})
+    await wait_until(lambda: states(d) == {"1": "dead"}, timeout=10)
+    attempts = await d.service.store.attempts(1)
+    assert len(attempts) >= 3 and not any(a["succeeded"] for a in attempts)
+    (row,) = d.rows("SELECT attempts, last_error FROM jobs")
+    assert row == (len(attempts), "Received a status code outside of 2xx range (500)")
+    count = len(receiver.requests)
+    await asyncio.sleep(0.3)
+    assert len(receiver.requests) == count  # a dead job is not retried
+
+
+async def test_long_answers_are_truncated_in_the_attempt_log(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=200, text="é" * 10_000)
+    d = await start_daemon([webhook("erp", receiver.url)])
+    await d.post({"type": "order.paid", "data": {}})
+    await wait_until(lambda: states(d) == {"1": "delivered"})
+    (attempt,) = await d.service.store.attempts(1)
+    assert 2040 <= len(attempt["body"]) <= 2048  # 4 KiB of two-byte characters
+
+
+async def test_concurrency_is_bounded_per_integration(start_daemon, receiver: Receiver) -> None:
+    in_flight = peak = 0
+
+    async def hold(r):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        return web.Response(status=204)
+
+    receiver.respond = hold
+    d = await start_daemon([webhook("erp", receiver.url, delivery={"concurrency": 3})])
+    await d.post([{"type": "order.paid", "data": {"n": i}} for i in range(30)])
+    await wait_until(lambda: len(receiver.requests) == 30, timeout=10)
+    assert peak == 3
+
+
+async def test_a_hanging_target_does_not_delay_another(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: asyncio.sleep(30) if r.path.endswith("/stuck") else web.Response(status=204)
+    d = await start_daemon([webhook("stuck", receiver.url + "/stuck", delivery={"timeout": "20s"}),
+                            webhook("healthy", receiver.url + "/ok")], shutdown_grace="200ms")
+    await d.post([{"type": "order.paid", "data": {"n": i}} for i in range(100)])
+    await wait_until(lambda: sum(r.path.endswith("/ok") for r in receiver.requests) == 100, timeout=10)
+    assert json.loads(d.rows("SELECT payload FROM events WHERE seq = 100")[0][0]) == {"data": {"n": 99}}

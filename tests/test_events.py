@@ -1,0 +1,61 @@
+"""Event validation and `observes` matching."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.events import EventError, Observes, is_observe_pattern, parse_event
+
+
+@pytest.mark.parametrize("key", ["order.paid", "account-member.created", "stock-transaction.created",
+                                 "subscription-plan.updated", "catalog_rule.deleted", "my-api-type.created"])
+def test_well_formed_keys_are_accepted(key: str) -> None:
+    assert parse_event({"type": key, "data": {}}).type == key
+
+
+@pytest.mark.parametrize("key", ["Order.paid", "order", "order.", ".paid", "order paid", "order.*", "",
+                                 "order..paid", "ordér.paid"])
+def test_malformed_keys_are_refused(key: str) -> None:
+    with pytest.raises(EventError, match="^type: .* is not an event key"):
+        parse_event({"type": key, "data": {}})
+
+
+def test_generated_ids_are_uuids_and_given_ids_are_kept() -> None:
+    made = parse_event({"type": "order.paid", "data": {"id": "1"}})
+    assert len(made.id) == 36 and made.id_given is False
+    given = parse_event({"id": "evt-1", "type": "order.paid", "data": {}, "included": {"items": []}})
+    assert (given.id, given.id_given, given.included) == ("evt-1", True, {"items": []})
+
+
+@pytest.mark.parametrize("obj,message", [
+    ([], "must be a JSON object, got an array"),
+    ({"data": {}}, "type: required"),
+    ({"type": "order.paid"}, "data: required, must be a JSON object"),
+    ({"type": "order.paid", "data": [1]}, "data: must be a JSON object, got an array"),
+    ({"type": "order.paid", "data": {}, "included": "x"}, "included: must be a JSON object, got a string"),
+    ({"type": "order.paid", "data": {}, "id": 7}, "id: must be a string, got a number"),
+    ({"type": "order.paid", "data": {}, "id": ""}, "id: must be 1 to 128 characters, got 0"),
+    ({"type": "order.paid", "data": {}, "id": "x" * 129}, "id: must be 1 to 128 characters, got 129"),
+    ({"type": "order.paid", "data": {}, "id": "a\nb"}, "id: must not contain control characters"),
+    ({"type": "order.paid", "data": {}, "tpye": "x"}, "tpye: unknown field"),
+])
+def test_invalid_events_name_the_field(obj: object, message: str) -> None:
+    with pytest.raises(EventError) as info:
+        parse_event(obj)
+    assert str(info.value).startswith(message)
+
+
+def test_observes_matching() -> None:
+    exact = Observes.compile(["order.paid", "order.fulfilled"])
+    assert exact.matches("order.paid") and not exact.matches("order.created")
+    wildcard = Observes.compile(["customer.*", "address.updated"])
+    assert wildcard.matches("customer.deleted") and wildcard.matches("address.updated")
+    assert not wildcard.matches("customers.created") and not wildcard.matches("address.created")
+    assert Observes.compile(["*"]).matches("anything.at-all")
+
+
+@pytest.mark.parametrize("pattern,ok", [("order.paid", True), ("order.*", True), ("*", True),
+                                        ("account-member.*", True), ("*.paid", False), ("order*", False),
+                                        ("ORDER.paid", False), ("order", False)])
+def test_observe_patterns(pattern: str, ok: bool) -> None:
+    assert is_observe_pattern(pattern) is ok

@@ -1,0 +1,80 @@
+"""The Unix socket: NDJSON in, one answer per line in order, pipelining, bad lines that don't end the talk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+
+from .conftest import webhook
+
+
+async def talk(path, payload: bytes, answers: int, timeout: float = 10.0) -> list[dict]:
+    reader, writer = await asyncio.open_unix_connection(str(path), limit=2**22)
+    writer.write(payload)
+    await writer.drain()
+    lines = [json.loads(await asyncio.wait_for(reader.readline(), timeout)) for _ in range(answers)]
+    writer.close()
+    await writer.wait_closed()
+    return lines
+
+
+async def test_pipelined_lines_are_answered_in_order_after_commit(start_daemon) -> None:
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.*"])])
+    n = 3000
+    payload = b"".join(json.dumps({"id": f"s-{i}", "type": "order.paid", "data": {"i": i}}).encode() + b"\n"
+                       for i in range(n))
+    answers = await talk(d.socket_path, payload, n)
+    assert answers == [{"id": f"s-{i}", "ok": True, "jobs": 1, "duplicate": False} for i in range(n)]
+    assert d.rows("SELECT count(*) FROM events")[0][0] == n
+    assert d.service.store.commits < n / 10  # pipelined lines share commits
+
+
+async def test_bad_lines_get_errors_and_the_connection_goes_on(start_daemon) -> None:
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])],
+                           listen={"max_body_size": "1KiB"})
+    lines = [
+        b'{"id": "a", "type": "order.paid", "data": {}}',
+        b'{"type": "order.paid", "data": ',                       # truncated JSON
+        b'{"id": "b", "type": "nope", "data": {}}',                # bad type
+        b'x' * 5000,                                               # longer than the limit
+        b'\xff\xfe\x00',                                           # not UTF-8, with a NUL
+        b'   ',                                                     # blank: ignored, no answer
+        b'{"id": "a", "type": "order.paid", "data": {}}',          # duplicate
+        b'{"id": "c", "type": "order.paid", "data": {}}',
+    ]
+    answers = await talk(d.socket_path, b"\n".join(lines) + b"\n", 7)
+    assert answers[0] == {"id": "a", "ok": True, "jobs": 1, "duplicate": False}
+    assert answers[1]["ok"] is False and "malformed JSON" in answers[1]["error"]
+    assert answers[2]["ok"] is False and answers[2]["error"].startswith("type: 'nope' is not an event key")
+    assert answers[3] == {"ok": False, "error": "line longer than listen.max_body_size (1024 bytes)"}
+    assert answers[4]["ok"] is False and "UTF-8" in answers[4]["error"]
+    assert answers[5] == {"id": "a", "ok": True, "jobs": 1, "duplicate": True}
+    assert answers[6] == {"id": "c", "ok": True, "jobs": 1, "duplicate": False}
+    assert sorted(d.rows("SELECT id FROM events")) == [("a",), ("c",)]
+
+
+async def test_last_line_without_newline_is_still_answered(start_daemon) -> None:
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])])
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    writer.write(b'{"id": "z", "type": "order.paid", "data": {}}')
+    writer.write_eof()
+    answer = json.loads(await asyncio.wait_for(reader.readline(), 5))
+    assert answer == {"id": "z", "ok": True, "jobs": 1, "duplicate": False}
+    writer.close()
+
+
+async def test_socket_file_mode_and_stale_socket_replaced(start_daemon, tmp_path) -> None:
+    import socket as socketlib
+
+    stale = tmp_path / "er.sock"
+    s = socketlib.socket(socketlib.AF_UNIX)
+    s.bind(str(stale))  # a socket file nobody listens on, as a kill -9 leaves behind
+    s.close()
+    d = await start_daemon([], listen={"socket_mode": "0600"})
+    assert stat.S_IMODE(os.stat(d.socket_path).st_mode) == 0o600
+    answers = await talk(d.socket_path, b'{"type": "order.paid", "data": {}}\n', 1)
+    assert answers[0]["ok"] is True and answers[0]["jobs"] == 0
+    await d.shutdown()
+    assert not d.socket_path.exists()  # removed on a clean stop

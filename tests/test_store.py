@@ -1,0 +1,116 @@
+"""The SQLite store on its own: schema, group commit, duplicates, claims, outcomes, the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon.events import parse_event
+from daemon.jobs import AttemptRecord, JobState, Outcome
+from daemon.store import MIGRATIONS, Store, StoreError
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(tmp_path / "s.db")
+    writer = asyncio.create_task(s.run_writer())
+    yield s
+    s.stop_writer()
+    await writer
+    await s.close()
+
+
+def ev(i: int | str | None = None, type_: str = "order.paid"):
+    obj = {"type": type_, "data": {"id": str(i)}}
+    if i is not None:
+        obj["id"] = f"evt-{i}"
+    return parse_event(obj)
+
+
+async def test_schema_is_versioned_and_reopening_is_harmless(tmp_path: Path) -> None:
+    s = await Store.open(tmp_path / "v.db")
+    await s.close()
+    s = await Store.open(tmp_path / "v.db")
+    await s.close()
+    with sqlite3.connect(tmp_path / "v.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="newer than this eventrelay understands"):
+        await Store.open(tmp_path / "v.db")
+
+
+async def test_a_second_process_cannot_open_the_same_database(store: Store) -> None:
+    with pytest.raises(StoreError, match="in use by another eventrelay process"):
+        await Store.open(store.path)
+
+
+async def test_concurrent_ingests_share_commits(store: Store) -> None:
+    results = await asyncio.gather(*(store.ingest([ev(i)], [("a", "b")]) for i in range(300)))
+    assert [r[0].id for r in results] == [f"evt-{i}" for i in range(300)]
+    assert all(r[0].jobs == 2 and not r[0].duplicate for r in results)
+    assert store.commits < 300 / 5, f"{store.commits} commits for 300 concurrent ingests: no group commit"
+    counts = await store.job_counts()
+    assert counts == {("a", "pending"): 300, ("b", "pending"): 300}
+
+
+async def test_duplicates_across_and_within_transactions(store: Store) -> None:
+    first = await store.ingest([ev(1), ev(2)], [("a",), ("a", "b")])
+    assert [(a.jobs, a.duplicate) for a in first] == [(1, False), (2, False)]
+    again = await store.ingest([ev(2), ev(3), ev(3)], [("a",), ("a",), ("a",)])
+    assert [(a.id, a.jobs, a.duplicate) for a in again] == [("evt-2", 2, True), ("evt-3", 1, False),
+                                                             ("evt-3", 1, True)]
+    assert sum((await store.job_counts()).values()) == 4
+    # Events without a producer id are never duplicates of one another.
+    anon = await store.ingest([ev(None), ev(None)], [(), ()])
+    assert anon[0].id != anon[1].id and not any(a.duplicate for a in anon)
+
+
+async def test_claim_pages_oldest_first_and_skips_in_flight(store: Store) -> None:
+    await store.ingest([ev(i) for i in range(10)], [("a",)] * 10)
+    await store.ingest([ev(99)], [("b",)])
+    now = 10**10
+    page = await store.claim("a", now, limit=4)
+    assert [j.event_id for j in page] == [f"evt-{i}" for i in range(4)]
+    assert all(j.attempt == 1 and j.integration == "a" for j in page)
+    nxt = await store.claim("a", now, limit=4, exclude=[j.id for j in page])
+    assert [j.event_id for j in nxt] == [f"evt-{i}" for i in range(4, 8)]
+    assert await store.claim("a", 0, limit=4) == []  # nothing is due before it was accepted
+
+
+async def test_outcomes_move_jobs_and_log_attempts(store: Store) -> None:
+    await store.ingest([ev(1), ev(2), ev(3)], [("a",)] * 3)
+    j1, j2, j3 = await store.claim("a", 10**10, limit=3)
+    await store.record([
+        AttemptRecord(j1, Outcome(j1.id, True, 0.01, status_code=200, body="ok"), 1.0, JobState.DELIVERED, None),
+        AttemptRecord(j2, Outcome(j2.id, False, 0.02, status_code=500, error="boom"), 1.0, JobState.PENDING,
+                      10**9 * 5.0),
+        AttemptRecord(j3, Outcome(j3.id, False, 0.03, error="never"), 1.0, JobState.DEAD, None),
+    ])
+    assert await store.job_counts() == {("a", "delivered"): 1, ("a", "pending"): 1, ("a", "dead"): 1}
+    assert await store.claim("a", 10**9 * 4.0, limit=5) == []  # j2 is not due before its retry time
+    (again,) = await store.claim("a", 10**10, limit=5)
+    assert again.id == j2.id and again.attempt == 2
+    assert await store.next_due("a") == 10**9 * 5.0
+    log = await store.attempts(j2.id)
+    assert [(a["attempt"], a["succeeded"], a["status_code"], a["error_detail"]) for a in log] == [
+        (1, False, 500, "boom")]
+
+
+async def test_a_failed_write_stores_nothing_and_says_why(store: Store, tmp_path: Path) -> None:
+    await store.ingest([ev(1)], [("a",)])
+    # Make the next write impossible: a trigger that aborts every insert into jobs.
+    with sqlite3.connect(store.path) as db:
+        db.execute("CREATE TRIGGER no_jobs BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'no room'); END")
+    with pytest.raises(StoreError, match="no room"):
+        await store.ingest([ev(2), ev(3)], [("a",), ("a",)])
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT id FROM events ORDER BY seq").fetchall() == [("evt-1",)]
+        db.execute("DROP TRIGGER no_jobs")
+    # The store carries on, and ids are not burnt by the failed attempt.
+    (accepted,) = await store.ingest([ev(2)], [("a",)])
+    assert accepted.jobs == 1 and not accepted.duplicate
