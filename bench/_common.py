@@ -65,7 +65,24 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "sqlite": sqlite3.sqlite_version,
         "aiohttp": _version("aiohttp"),
+        "commit": _git_commit(),
+        # Other work on the box (a test suite, a build) skews every number below.
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def _git_commit() -> str:
+    """The daemon code being measured: short commit, '+dirty' if daemon/ has local edits."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "daemon"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "none") + ("+dirty" if dirty else "")
 
 
 def _version(dist: str) -> str:
@@ -83,7 +100,7 @@ def print_header(title: str, env: dict[str, Any], settings: dict[str, Any]) -> N
         f"date {env['date']} | python {env['python']} ({env['implementation']}) | "
         f"cpus {env['cpu_count']} | sqlite {env['sqlite']} | aiohttp {env['aiohttp']}"
     )
-    print(f"platform {env['platform']}")
+    print(f"platform {env['platform']} | commit {env['commit']} | loadavg(1m) at start {env['loadavg_1m']}")
     print("settings " + " ".join(f"{k}={v}" for k, v in settings.items()))
     print(flush=True)
 
@@ -153,19 +170,51 @@ def cpu_seconds(pid: int) -> float | None:
     return (utime + stime) / _CLK_TCK
 
 
-class CpuMeter:
-    """CPU% of one process over an interval (100% = one core fully busy)."""
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent not idle since boot, from the first line of /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest is already inside user)
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)) / _CLK_TCK
 
-    def __init__(self, pid: int) -> None:
+
+class CpuMeter:
+    """CPU used by one process (or, with pid=None, the whole machine) since creation.
+
+    percent(): 100% = one core fully busy over the elapsed wall time.
+    """
+
+    def __init__(self, pid: int | None) -> None:
         self.pid = pid
-        self._cpu0 = cpu_seconds(pid)
+        self._cpu0 = self._read()
         self._t0 = time.monotonic()
 
-    def percent(self) -> float | None:
-        cpu1 = cpu_seconds(self.pid)
+    def _read(self) -> float | None:
+        return machine_busy_seconds() if self.pid is None else cpu_seconds(self.pid)
+
+    def seconds(self) -> float | None:
+        cpu1 = self._read()
         if cpu1 is None or self._cpu0 is None:
             return None
-        return 100.0 * (cpu1 - self._cpu0) / max(time.monotonic() - self._t0, 1e-9)
+        return cpu1 - self._cpu0
+
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self._t0, 1e-9)
+
+    def percent(self) -> float | None:
+        used = self.seconds()
+        return None if used is None else 100.0 * used / self.elapsed()
+
+
+def other_cpu_pct(machine: CpuMeter, known_seconds: list[float | None]) -> float | None:
+    """Machine-wide CPU% not accounted for by the benchmark's own processes."""
+    total = machine.seconds()
+    if total is None or any(k is None for k in known_seconds):
+        return None
+    return 100.0 * (total - sum(k for k in known_seconds if k is not None)) / machine.elapsed()
+
+
+BUSY_OTHER_PCT = 25.0  # above this, warn that something outside the benchmark competed for CPU
 
 
 # --------------------------------------------------------------------------- ports / http
@@ -571,6 +620,7 @@ class LoadResult:
     error_samples: list[str]
     client_cpu_pct: float | None
     server_cpu_pct: float | None
+    other_cpu_pct: float | None
     server_rss_kib: dict[str, int]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -598,12 +648,16 @@ class _Counters:
 async def _window_sampler(t_measure: float, t_end: float, server_pid: int, out: dict[str, float | None]) -> None:
     """Sample client and server CPU time exactly at the measured window's edges."""
     await asyncio.sleep(max(0.0, t_measure - time.monotonic()))
-    c0, s0, t0 = time.process_time(), cpu_seconds(server_pid), time.monotonic()
+    c0, s0, m0, t0 = time.process_time(), cpu_seconds(server_pid), machine_busy_seconds(), time.monotonic()
     await asyncio.sleep(max(0.0, t_end - time.monotonic()))
-    c1, s1, t1 = time.process_time(), cpu_seconds(server_pid), time.monotonic()
+    c1, s1, m1, t1 = time.process_time(), cpu_seconds(server_pid), machine_busy_seconds(), time.monotonic()
     dt = max(t1 - t0, 1e-9)
     out["client_cpu_pct"] = 100.0 * (c1 - c0) / dt
-    out["server_cpu_pct"] = 100.0 * (s1 - s0) / dt if s0 is not None and s1 is not None else None
+    if s0 is not None and s1 is not None:
+        out["server_cpu_pct"] = 100.0 * (s1 - s0) / dt
+        # Whatever else ran during the window (kernel, other processes): a high figure
+        # means the numbers were taken on a busy machine.
+        out["other_cpu_pct"] = 100.0 * ((m1 - m0) - (c1 - c0) - (s1 - s0)) / dt
 
 
 def _check_http_answer(raw: bytes, batch: int) -> str | None:
@@ -765,7 +819,7 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
 
     body = http_body(spec.batch)
     c = _Counters()
-    cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None}
+    cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None, "other_cpu_pct": None}
     t_start = time.monotonic()
     t_measure = t_start + spec.warmup
     t_end = t_measure + spec.seconds
@@ -823,6 +877,7 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
         error_samples=c.error_samples,
         client_cpu_pct=cpu["client_cpu_pct"],
         server_cpu_pct=cpu["server_cpu_pct"],
+        other_cpu_pct=cpu["other_cpu_pct"],
         server_rss_kib=read_rss_kib(spec.server_pid),
         extra={"body_bytes": len(body), "client": spec.client},
     )
@@ -921,7 +976,7 @@ async def _socket_connection(spec: SocketLoadSpec, c: _Counters, t_measure: floa
 
 async def _socket_load(spec: SocketLoadSpec) -> LoadResult:
     c = _Counters()
-    cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None}
+    cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None, "other_cpu_pct": None}
     t_measure = time.monotonic() + spec.warmup
     t_end = t_measure + spec.seconds
     sampler = asyncio.create_task(_window_sampler(t_measure, t_end, spec.server_pid, cpu))
@@ -943,6 +998,7 @@ async def _socket_load(spec: SocketLoadSpec) -> LoadResult:
         error_samples=c.error_samples,
         client_cpu_pct=cpu["client_cpu_pct"],
         server_cpu_pct=cpu["server_cpu_pct"],
+        other_cpu_pct=cpu["other_cpu_pct"],
         server_rss_kib=read_rss_kib(spec.server_pid),
         extra={"line_bytes": len(ndjson_line())},
     )

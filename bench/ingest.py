@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from _common import (
+    BUSY_OTHER_PCT,
     Daemon,
     HttpLoadSpec,
     LoadResult,
@@ -261,26 +262,37 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{fmt_rate(b):>10} {ratio:>6}  {sc.target_text():<18} {result:<6}"
         )
     print()
-    # Where the CPU went: tells a daemon bottleneck from a load-generator bottleneck.
+    # Where the CPU went (100% = one core): tells a daemon bottleneck from a load-generator
+    # bottleneck, and "other" shows work from outside the benchmark skewing the run.
     head2 = (
-        f"{'scenario':<36} {'daemon cpu':>10} {'client cpu':>10} {'daemon rss MiB':>15} "
-        f"{'bare p50/p99 ms':>16} {'bare cpu':>9} {'client cpu':>10} {'errors d/b':>10}"
+        f"{'run':<48} {'server cpu':>10} {'client cpu':>10} {'other cpu':>9} "
+        f"{'server rss MiB':>15} {'p50/p99 ms':>14} {'errors':>6}"
     )
     print(head2)
     print("-" * len(head2))
     for row in rows:
-        sc, b, d = row["scenario"], row["baseline"], row["daemon"]
-        dl = d if isinstance(d, LoadResult) else None
-        bl = b if isinstance(b, LoadResult) else None
-        rss = f"{dl.server_rss_kib.get('vmrss', 0) / 1024:.0f} (peak {dl.server_rss_kib.get('vmhwm', 0) / 1024:.0f})" if dl else "n/a"
-        bare_lat = f"{fmt_ms(bl, 'p50_ms')}/{fmt_ms(bl, 'p99_ms')}" if bl else "n/a"
-        errs = f"{dl.errors if dl else '-'}/{bl.errors if bl else '-'}"
-        print(
-            f"{sc.title:<36} {fmt_pct(dl.server_cpu_pct if dl else None):>10} "
-            f"{fmt_pct(dl.client_cpu_pct if dl else None):>10} {rss:>15} {bare_lat:>16} "
-            f"{fmt_pct(bl.server_cpu_pct if bl else None):>9} {fmt_pct(bl.client_cpu_pct if bl else None):>10} {errs:>10}"
-        )
+        sc = row["scenario"]
+        for label, r in (("eventrelay", row["daemon"]), ("bare", row["baseline"])):
+            if not isinstance(r, LoadResult):
+                continue
+            rss = f"{r.server_rss_kib.get('vmrss', 0) / 1024:.0f} (peak {r.server_rss_kib.get('vmhwm', 0) / 1024:.0f})"
+            lat = f"{fmt_ms(r, 'p50_ms')}/{fmt_ms(r, 'p99_ms')}"
+            print(
+                f"{sc.title + ' ' + label:<48} {fmt_pct(r.server_cpu_pct):>10} {fmt_pct(r.client_cpu_pct):>10} "
+                f"{fmt_pct(r.other_cpu_pct):>9} {rss:>15} {lat:>14} {r.errors:>6}"
+            )
     print()
+    busy = [
+        r
+        for row in rows
+        for r in (row["daemon"], row["baseline"])
+        if isinstance(r, LoadResult) and (r.other_cpu_pct or 0) > BUSY_OTHER_PCT
+    ]
+    if busy:
+        print(
+            f"WARNING: {len(busy)} run(s) shared the machine with other work (other cpu > {BUSY_OTHER_PCT:.0f}%); "
+            "their numbers are low and noisy, rerun on a quiet machine"
+        )
     for row in rows:
         sc, b, d = row["scenario"], row["baseline"], row["daemon"]
         for label, r in (("eventrelay", d), ("bare", b)):
