@@ -35,6 +35,7 @@ from typing import Any
 from _common import (
     TRIGGER_HEADER,
     ChildCall,
+    BUSY_OTHER_PCT,
     CpuMeter,
     Daemon,
     Receiver,
@@ -44,6 +45,7 @@ from _common import (
     latency_summary_ms,
     log,
     order_data,
+    other_cpu_pct,
     print_header,
     run_in_child,
     webhook_integration,
@@ -113,6 +115,7 @@ async def _webhook_baseline(hook_url: str, n: int, concurrency: int, timeout: fl
         "errors": state["errors"],
         "error_samples": samples,
         "avg_body_bytes": state["bytes"] / max(state["next"], 1),
+        "client_cpu_s": time.process_time(),
     }
 
 
@@ -152,6 +155,7 @@ async def _preload(events_url: str, n: int, batch: int, timeout: float) -> dict[
                 out["jobs"] += int(item.get("jobs", 0))
                 out["duplicates"] += bool(item.get("duplicate"))
     out["errors"] = out["errors"][:5] + ([f"... {len(out['errors']) - 5} more"] if len(out["errors"]) > 5 else [])
+    out["client_cpu_s"] = time.process_time()
     return out
 
 
@@ -210,6 +214,7 @@ async def _paced(events_url: str, rate: float, warmup: float, seconds: float, ma
         "error_count": len(errors),
         "max_schedule_lag_ms": state["max_lag"] * 1e3,
         "achieved_rate": n_total / max(t_paced_end - t0, 1e-9),
+        "client_cpu_s": time.process_time(),
     }
 
 
@@ -218,10 +223,11 @@ async def _paced(events_url: str, rate: float, warmup: float, seconds: float, ma
 
 def run_baseline(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
     receiver.reset()
-    meter = CpuMeter(receiver.pid)
+    machine, r_meter = CpuMeter(None), CpuMeter(receiver.pid)
     res = run_in_child(webhook_baseline, receiver.hook_url, args.events, CONCURRENCY, args.timeout, timeout=args.timeout + 30)
     st = receiver.wait_unique(args.events, timeout=10)
-    res["receiver_cpu_pct"] = meter.percent()
+    res["receiver_cpu_pct"] = r_meter.percent()
+    res["other_cpu_pct"] = other_cpu_pct(machine, [r_meter.seconds(), res["client_cpu_s"]])
     res["receiver"] = st
     res["delivered"] = st["unique"]
     if st["unique"] >= args.events:
@@ -233,14 +239,17 @@ def run_throughput(receiver: Receiver, args: argparse.Namespace) -> dict[str, An
     receiver.reset()
     out: dict[str, Any] = {}
     with Daemon(synchronous=args.synchronous, integrations=[webhook_integration(receiver.hook_url)], concurrency=CONCURRENCY) as d:
-        d_meter, r_meter = CpuMeter(d.pid), CpuMeter(receiver.pid)
+        machine, d_meter, r_meter = CpuMeter(None), CpuMeter(d.pid), CpuMeter(receiver.pid)
         loader = ChildCall(preload, d.events_url, args.events, BATCH, args.timeout)
         # Poll the receiver while the pre-load runs: delivery starts as soon as the
         # first batch commits, so the two overlap as they would in production.
         st = receiver.wait_unique(args.events, timeout=args.timeout)
         out["daemon_cpu_pct"], out["receiver_cpu_pct"] = d_meter.percent(), r_meter.percent()
+        d_cpu, r_cpu = d_meter.seconds(), r_meter.seconds()
         out["daemon_rss_kib"] = d.rss()
         out["load"] = loader.result(timeout=args.timeout + 30)
+        # The loader usually finished long before delivery did, so its CPU is all inside.
+        out["other_cpu_pct"] = other_cpu_pct(machine, [d_cpu, r_cpu, out["load"]["client_cpu_s"]])
         time.sleep(0.5)  # let late duplicates (if any) show up in the counters
         out["receiver"] = receiver.stats()
     out["delivered"] = st["unique"]
@@ -263,7 +272,10 @@ def run_latency(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with Daemon(synchronous=args.synchronous, integrations=[webhook_integration(receiver.hook_url)], concurrency=CONCURRENCY) as d:
         budget = args.warmup + args.seconds + 90
+        machine, d_meter, r_meter = CpuMeter(None), CpuMeter(d.pid), CpuMeter(receiver.pid)
         res = run_in_child(paced, d.events_url, args.rate, args.warmup, args.seconds, 64, timeout=budget)
+        out["daemon_cpu_pct"] = d_meter.percent()
+        out["other_cpu_pct"] = other_cpu_pct(machine, [d_meter.seconds(), r_meter.seconds(), res["client_cpu_s"]])
         expected = int(args.rate * args.warmup) + int(args.rate * args.seconds)
         st = receiver.wait_unique(expected, timeout=args.drain_timeout)
         arrivals = receiver.arrivals()
@@ -335,7 +347,8 @@ def print_report(
     print("details")
     print(
         f"  baseline: {base.get('delivered', 0)}/{args.events} delivered, errors {base.get('errors')}, "
-        f"avg body {base.get('avg_body_bytes', 0):.0f} B, receiver cpu {fmt_pct(base.get('receiver_cpu_pct'))}"
+        f"avg body {base.get('avg_body_bytes', 0):.0f} B, receiver cpu {fmt_pct(base.get('receiver_cpu_pct'))}, "
+        f"other cpu {fmt_pct(base.get('other_cpu_pct'))}"
     )
     if isinstance(thr, dict):
         rs, ld = thr.get("receiver", {}), thr.get("load", {})
@@ -355,8 +368,8 @@ def print_report(
         rss = thr.get("daemon_rss_kib", {})
         print(
             f"              daemon cpu {fmt_pct(thr.get('daemon_cpu_pct'))}, receiver cpu "
-            f"{fmt_pct(thr.get('receiver_cpu_pct'))}, daemon rss {rss.get('vmrss', 0) / 1024:.0f} MiB "
-            f"(peak {rss.get('vmhwm', 0) / 1024:.0f})"
+            f"{fmt_pct(thr.get('receiver_cpu_pct'))}, other cpu {fmt_pct(thr.get('other_cpu_pct'))}, "
+            f"daemon rss {rss.get('vmrss', 0) / 1024:.0f} MiB (peak {rss.get('vmhwm', 0) / 1024:.0f})"
         )
         if ld.get("errors"):
             print(f"              pre-load errors: {ld['errors']}")
@@ -375,13 +388,27 @@ def print_report(
             f"({lat['negative']} deliveries arrived before the client saw the 202); "
             f"send->delivered p50 {e['p50_ms']:.2f} p99 {e['p99_ms']:.2f} max {e['max_ms']:.2f} ms"
         )
-        print(f"           receiver: posts {rs.get('posts')}, duplicates {rs.get('duplicates')}, retries {rs.get('retries')}")
+        print(
+            f"           receiver: posts {rs.get('posts')}, duplicates {rs.get('duplicates')}, "
+            f"retries {rs.get('retries')}; daemon cpu {fmt_pct(lat.get('daemon_cpu_pct'))}, "
+            f"other cpu {fmt_pct(lat.get('other_cpu_pct'))}"
+        )
         if lat["client_error_samples"]:
             print(f"           client errors: {lat['client_error_samples']}")
     for name, part in (("throughput", thr), ("latency", lat)):
         if isinstance(part, dict):
             for note in part.get("daemon_notes", []):
                 print(f"daemon ({name}): {note}")
+    busy = [
+        name
+        for name, part in (("baseline", base), ("throughput", thr), ("latency", lat))
+        if isinstance(part, dict) and (part.get("other_cpu_pct") or 0) > BUSY_OTHER_PCT
+    ]
+    if busy:
+        print(
+            f"WARNING: {', '.join(busy)} shared the machine with other work (other cpu > {BUSY_OTHER_PCT:.0f}%); "
+            "those numbers are low and noisy, rerun on a quiet machine"
+        )
 
 
 def fmt_pct(v: float | None) -> str:

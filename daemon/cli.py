@@ -27,9 +27,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("--config", "-c", required=True, help="the YAML configuration file")
 
+    receive = commands.add_parser("receive", help="run a local test receiver that prints each webhook it gets")
+    receive.add_argument("--host", default="127.0.0.1")
+    receive.add_argument("--port", type=int, default=9000, help="default 9000, as in config.example.yaml")
+    receive.add_argument("--secret-key", help="answer 401 unless X-MOLTIN-SECRET-KEY carries this value")
+    receive.add_argument("--status", type=int, default=204, help="status to answer (e.g. 500 to watch retries)")
+
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "receive":
+        from .receiver import serve as serve_receiver
+
+        serve_receiver(args.host, args.port, args.secret_key, args.status)
+        return 0
     return run_daemon(args.config)
 
 
