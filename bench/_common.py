@@ -211,7 +211,8 @@ def other_cpu_pct(machine: CpuMeter, known_seconds: list[float | None]) -> float
     total = machine.seconds()
     if total is None or any(k is None for k in known_seconds):
         return None
-    return 100.0 * (total - sum(k for k in known_seconds if k is not None)) / machine.elapsed()
+    # Clamped at 0: per-process and machine-wide tick accounting round differently.
+    return max(0.0, 100.0 * (total - sum(k for k in known_seconds if k is not None)) / machine.elapsed())
 
 
 BUSY_OTHER_PCT = 25.0  # above this, warn that something outside the benchmark competed for CPU
@@ -500,7 +501,11 @@ class Daemon:
         self._tmp.cleanup()
 
     def __enter__(self) -> "Daemon":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -657,7 +662,8 @@ async def _window_sampler(t_measure: float, t_end: float, server_pid: int, out: 
         out["server_cpu_pct"] = 100.0 * (s1 - s0) / dt
         # Whatever else ran during the window (kernel, other processes): a high figure
         # means the numbers were taken on a busy machine.
-        out["other_cpu_pct"] = 100.0 * ((m1 - m0) - (c1 - c0) - (s1 - s0)) / dt
+        # Clamped at 0: per-process and machine-wide tick accounting round differently.
+        out["other_cpu_pct"] = max(0.0, 100.0 * ((m1 - m0) - (c1 - c0) - (s1 - s0)) / dt)
 
 
 def _check_http_answer(raw: bytes, batch: int) -> str | None:
@@ -952,7 +958,7 @@ async def _socket_connection(spec: SocketLoadSpec, c: _Counters, t_measure: floa
                 state["answered"] += 1
                 try:
                     ans = json.loads(line)
-                    ok = ans.get("ok") is True
+                    ok = isinstance(ans, dict) and ans.get("ok") is True
                 except ValueError:
                     ok = False
                 if not ok:
