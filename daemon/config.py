@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,7 +20,8 @@ import yaml
 from .events import Observes, is_observe_pattern
 
 INTEGRATION_TYPES = ("webhook", "aws_sqs", "stomp")
-IMPLEMENTED_TYPES = ("webhook",)
+SECRET_FIELDS = ("secret_key", "aws_secret_access_key", "password")
+STOMP_SCHEMES = {"stomp": False, "tcp": False, "stomp+ssl": True, "stomp+tls": True, "ssl": True}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -58,11 +60,47 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SqsConfig:
+    url: str
+    region: str
+    aws_access_key_id: str | None = None  # both keys or neither: without them, the default AWS chain
+    aws_secret_access_key: str | None = None
+    endpoint_url: str | None = None
+    message_group_id: str = "{data.id}"  # FIFO queues only: a template over the event's fields
+    max_message_size: int = 256 * 1024  # the seed system's limit; queues made since 2025 may take 1 MiB
+
+    @property
+    def fifo(self) -> bool:
+        return self.url.endswith(".fifo")
+
+
+@dataclass(frozen=True, slots=True)
+class StompAddress:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'stomp+ssl' if self.tls else 'stomp'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class StompConfig:
+    addresses: tuple[StompAddress, ...]  # tried in order: the first that answers is used (failover)
+    destination: str
+    username: str | None = None
+    password: str | None = None
+    vhost: str | None = None  # the STOMP `host` header; RabbitMQ reads it as the virtual host
+    heartbeat: float = 10.0
+    ca_file: Path | None = None  # for brokers whose certificate a private CA signed
+
+
+@dataclass(frozen=True, slots=True)
 class Integration:
     name: str
     integration_type: str
     observes: tuple[str, ...]
-    configuration: WebhookConfig
+    configuration: WebhookConfig | SqsConfig | StompConfig
     delivery: DeliveryConfig
     description: str = ""
     enabled: bool = True
@@ -74,9 +112,14 @@ class Integration:
     def public(self) -> dict[str, Any]:
         """The integration as the daemon shows it: secrets masked to their last four characters."""
         conf = {k: getattr(self.configuration, k) for k in self.configuration.__dataclass_fields__}
-        for key in ("secret_key",):
+        for key in SECRET_FIELDS:
             if conf.get(key):
                 conf[key] = mask(conf[key])
+        for key, value in conf.items():
+            if isinstance(value, tuple):
+                conf[key] = [str(v) for v in value]
+            elif isinstance(value, Path):
+                conf[key] = str(value)
         return {"name": self.name, "description": self.description, "enabled": self.enabled,
                 "integration_type": self.integration_type, "observes": list(self.observes),
                 "configuration": conf}
@@ -111,7 +154,8 @@ class Config:
     integrations: tuple[Integration, ...]
     shutdown_grace: float = 10.0
     log: LogConfig = LogConfig()
-    source: Path | None = None
+    event_source: str = "eventrelay://localhost"  # CloudEvents `source` of queue messages
+    source: Path | None = None  # the file this was read from
 
     def integration(self, name: str) -> Integration | None:
         return next((i for i in self.integrations if i.name == name), None)
@@ -222,7 +266,8 @@ class _Parser:
         return value
 
     def config(self, raw: Any) -> Config | None:
-        top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log"))
+        top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log",
+                                     "event_source"))
         if raw is not None and not isinstance(raw, dict):
             return None
         listen = self.listen(top.get("listen"))
@@ -231,8 +276,9 @@ class _Parser:
         log = self.log(top.get("log"))
         delivery = self.delivery(top.get("delivery"), "delivery", DeliveryConfig())
         integrations = self.integrations(top.get("integrations"), delivery)
+        event_source = self.value(top, "event_source", "", _uri_reference, f"eventrelay://{socket.gethostname()}")
         return Config(listen=listen, storage=storage, delivery=delivery, integrations=integrations,
-                      shutdown_grace=grace, log=log)
+                      shutdown_grace=grace, log=log, event_source=event_source)
 
     def value(self, section: dict[str, Any], key: str, path: str, convert: Callable[[Any], Any], default: Any,
               nullable: bool = False) -> Any:
@@ -328,10 +374,9 @@ class _Parser:
         if itype not in INTEGRATION_TYPES:
             self.error(f"{path}.integration_type",
                        "required" if itype is None else f"{itype!r} is not one of {', '.join(INTEGRATION_TYPES)}")
-        elif itype not in IMPLEMENTED_TYPES:
-            self.error(f"{path}.integration_type", f"{itype!r} is not supported by this version of eventrelay yet")
         observes = self.observes(s.get("observes"), f"{path}.observes")
-        configuration = self.webhook(s.get("configuration"), f"{path}.configuration") if itype == "webhook" else None
+        conf_parser = {"webhook": self.webhook, "aws_sqs": self.sqs, "stomp": self.stomp}.get(itype)
+        configuration = conf_parser(s.get("configuration"), f"{path}.configuration") if conf_parser else None
         own_delivery = self.delivery(s.get("delivery"), f"{path}.delivery", delivery)
         description = self.value(s, "description", path, _str, "")
         enabled = self.value(s, "enabled", path, _bool, True)
@@ -360,6 +405,70 @@ class _Parser:
             self.error(f"{path}.url", "required")
         secret = self.value(s, "secret_key", path, _str, None) or None
         return WebhookConfig(url=url, secret_key=secret) if url else None
+
+    def sqs(self, raw: Any, path: str) -> SqsConfig | None:
+        if raw is None:
+            self.error(path, "required for aws_sqs: at least url")
+            return None
+        s = self.section(raw, path, ("url", "region", "aws_access_key_id", "aws_secret_access_key", "endpoint_url",
+                                     "message_group_id", "max_message_size"))
+        if "url" not in s:
+            self.error(f"{path}.url", "required: the queue URL")
+        url = self.value(s, "url", path, _http_url, None)
+        endpoint = self.value(s, "endpoint_url", path, _http_url, None, nullable=True)
+        key_id = self.value(s, "aws_access_key_id", path, _str, None, nullable=True) or None
+        secret = self.value(s, "aws_secret_access_key", path, _str, None, nullable=True) or None
+        if (key_id is None) != (secret is None):
+            self.error(path, "give both aws_access_key_id and aws_secret_access_key, or neither "
+                             "(then the default AWS credential chain is used)")
+        region = self.value(s, "region", path, _str, None, nullable=True) or (url and _sqs_region(url))
+        if url and not region:
+            self.error(f"{path}.region", "required: the queue URL does not name a region")
+        group = self.value(s, "message_group_id", path, _template, "{data.id}")
+        max_size = self.value(s, "max_message_size", path, _size, 256 * 1024)
+        if max_size > 1024 * 1024:
+            self.error(f"{path}.max_message_size", "SQS takes at most 1MiB per message")
+        if not url or not region:
+            return None
+        return SqsConfig(url=url, region=region, aws_access_key_id=key_id, aws_secret_access_key=secret,
+                         endpoint_url=endpoint, message_group_id=group, max_message_size=max_size)
+
+    def stomp(self, raw: Any, path: str) -> StompConfig | None:
+        if raw is None:
+            self.error(path, "required for stomp: at least addresses and destination")
+            return None
+        s = self.section(raw, path, ("addresses", "destination", "username", "password", "vhost", "heartbeat",
+                                     "ca_file"))
+        addresses = s.get("addresses")
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        parsed: list[StompAddress] = []
+        if not isinstance(addresses, list) or not addresses:
+            self.error(f"{path}.addresses", "required: a list of broker URIs, e.g. [stomp+ssl://b-1.mq.example:61614]")
+        else:
+            for i, address in enumerate(addresses):
+                try:
+                    parsed.append(_stomp_address(address))
+                except ValueError as e:
+                    self.error(f"{path}.addresses[{i}]", str(e))
+        destination = self.value(s, "destination", path, _str, None)
+        if not destination:
+            self.error(f"{path}.destination", "required, e.g. /queue/orders")
+        config = StompConfig(
+            addresses=tuple(parsed), destination=destination or "",
+            username=self.value(s, "username", path, _str, None, nullable=True) or None,
+            password=self.value(s, "password", path, _str, None, nullable=True) or None,
+            vhost=self.value(s, "vhost", path, _str, None, nullable=True) or None,
+            heartbeat=self.value(s, "heartbeat", path, _duration, 10.0),
+            ca_file=self.value(s, "ca_file", path, self.existing_file, None, nullable=True),
+        )
+        return config if parsed and destination and len(parsed) == len(addresses) else None
+
+    def existing_file(self, value: Any) -> Path:
+        p = self.path(value)
+        if not p.is_file():
+            raise ValueError(f"{str(p)!r} is not a readable file")
+        return p
 
     def path(self, value: Any) -> Path:
         if not isinstance(value, str) or not value:
@@ -456,6 +565,38 @@ def _host_port(value: Any) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8787 or [::1]:8787)")
     return host, int(port)
+
+
+def _uri_reference(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not a URI (e.g. eventrelay://shop-1 or https://shop.example.com)")
+    return value
+
+
+def _template(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a template such as {data.id} or {data.relationships.order.id}")
+    for field_path in re.findall(r"\{([^{}]*)\}", value):
+        if not re.fullmatch(r"(id|type|data(\.[A-Za-z0-9_-]+)*|included(\.[A-Za-z0-9_-]+)*)", field_path):
+            raise ValueError(f"{{{field_path}}} is not an event field (id, type, data.…, included.…)")
+    return value
+
+
+def _sqs_region(url: str) -> str | None:
+    m = re.match(r"https://sqs[.-]([a-z0-9-]+)\.amazonaws\.com", url)
+    return m.group(1) if m else None
+
+
+def _stomp_address(value: Any) -> StompAddress:
+    hint = "is not a broker URI (e.g. stomp+ssl://b-1.mq.eu-west-1.amazonaws.com:61614 or stomp://127.0.0.1:61613)"
+    try:
+        parts = urlsplit(value if isinstance(value, str) else "")
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{value!r} {hint}") from None
+    if parts.scheme not in STOMP_SCHEMES or not parts.hostname or port is None:
+        raise ValueError(f"{value!r} {hint}")
+    return StompAddress(parts.hostname, port, STOMP_SCHEMES[parts.scheme])
 
 
 def _http_url(value: Any) -> str:

@@ -7,7 +7,9 @@ at ingest, and never again per attempt.
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from datetime import datetime, timezone
 
 from .config import Integration
 from .jobs import Job
@@ -39,3 +41,47 @@ class WebhookEnvelope:
         return (f'{{"id":{_dumps(job.event_id)},"triggered_by":{_dumps(job.event_type)},'
                 f'"attempt":{job.attempt},"integration":{self._integration},"payload":{job.payload}}}'
                 ).encode()
+
+
+class CloudEvent:
+    """The CloudEvents 1.0 structured JSON body that queue targets (SQS, STOMP) receive."""
+
+    def __init__(self, integration: Integration, source: str):
+        self._integration_id = integration_id(integration.name)
+        self._source = _dumps(source)
+
+    def _head(self, job: Job) -> str:
+        time = datetime.fromtimestamp(job.accepted_at, timezone.utc).isoformat(timespec="milliseconds")
+        return (f'{{"specversion":"1.0","id":{_dumps(job.event_id)},"type":{_dumps(job.event_type)},'
+                f'"source":{self._source},"datacontenttype":"application/json",'
+                f'"integrationid":"{self._integration_id}","time":"{time.replace("+00:00", "Z")}",')
+
+    def encode(self, job: Job) -> bytes:
+        # The stored payload is {"data": …, "included": …}: its members become the event's, without re-encoding.
+        return (self._head(job) + job.payload[1:]).encode()
+
+    def encode_elided(self, job: Job) -> bytes:
+        """The body without `included`, marked as the seed system marks it, for targets with a size limit."""
+        data = json.loads(job.payload)["data"]
+        return (self._head(job) + f'"data":{_dumps(data)},"included":{{"meta":{{"includes_elided":true}}}}}}'
+                ).encode()
+
+
+def render_template(template: str, job: Job) -> str | None:
+    """Fill `{data.id}`-style fields from the event; None when a field is missing or not a scalar."""
+    event: dict[str, object] = {"id": job.event_id, "type": job.event_type, **json.loads(job.payload)}
+
+    def lookup(match: re.Match[str]) -> str:
+        value: object = event
+        for part in match.group(1).split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise LookupError(match.group(1))
+            value = value[part]
+        if isinstance(value, (dict, list)) or value is None:
+            raise LookupError(match.group(1))
+        return str(value)
+
+    try:
+        return re.sub(r"\{([^{}]*)\}", lookup, template)
+    except LookupError:
+        return None

@@ -49,7 +49,7 @@ class Service:
                 running = {}
                 for integration in config.integrations:
                     if integration.enabled:
-                        d = Dispatcher(integration, store, make_sender(integration, USER_AGENT))
+                        d = Dispatcher(integration, store, make_sender(integration, USER_AGENT, config.event_source))
                         self.dispatchers[d.name] = d
                         running[d.name] = tasks.create_task(d.run(), name=f"dispatcher:{d.name}")
                 ingestor = Ingestor(store, Router(config.integrations))

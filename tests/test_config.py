@@ -132,10 +132,71 @@ def test_duplicate_names_and_duplicate_yaml_keys() -> None:
     assert len(errors) == 1 and "duplicate key 'storage'" in errors[0] and "line 2" in errors[0]
 
 
-def test_unimplemented_types_are_refused_clearly() -> None:
-    errors = errors_of(MINIMAL.replace("webhook", "aws_sqs"))
-    assert errors == ["integrations[0].integration_type: 'aws_sqs' is not supported by this version of "
-                      "eventrelay yet"]
+QUEUES = """
+integrations:
+  - name: inventory
+    integration_type: aws_sqs
+    observes: [order.paid, stock-transaction.created]
+    configuration:
+      url: https://sqs.eu-west-1.amazonaws.com/123456789012/inventory.fifo
+      aws_access_key_id: AKIA1234
+      aws_secret_access_key: ${AWS_SECRET}
+      message_group_id: "{data.relationships.order.id}"
+  - name: crm
+    integration_type: stomp
+    observes: ["customer.*", address.updated]
+    configuration:
+      addresses: [stomp+ssl://b-1.mq.eu-west-1.amazonaws.com:61614, "stomp://127.0.0.1:61613"]
+      destination: /queue/crm.customers
+      username: crm
+      password: ${CRM_MQ_PASSWORD}
+      vhost: /shop
+      heartbeat: 5s
+"""
+
+
+def test_sqs_and_stomp_integrations() -> None:
+    config = cfg.parse(QUEUES, environ={"AWS_SECRET": "aws-secret-XYZW", "CRM_MQ_PASSWORD": "mq-password-PSYQ"})
+    sqs, stomp = (i.configuration for i in config.integrations)
+    assert isinstance(sqs, cfg.SqsConfig) and isinstance(stomp, cfg.StompConfig)
+    assert sqs.region == "eu-west-1" and sqs.fifo and sqs.message_group_id == "{data.relationships.order.id}"
+    assert sqs.endpoint_url is None and sqs.aws_secret_access_key == "aws-secret-XYZW"
+    assert stomp.addresses == (cfg.StompAddress("b-1.mq.eu-west-1.amazonaws.com", 61614, True),
+                               cfg.StompAddress("127.0.0.1", 61613, False))
+    assert (stomp.destination, stomp.username, stomp.vhost, stomp.heartbeat) == ("/queue/crm.customers", "crm",
+                                                                                 "/shop", 5.0)
+    shown = [i.public() for i in config.integrations]
+    assert shown[0]["configuration"]["aws_secret_access_key"] == "****XYZW"
+    assert shown[1]["configuration"]["password"] == "****PSYQ"
+    assert shown[1]["configuration"]["addresses"][0] == "stomp+ssl://b-1.mq.eu-west-1.amazonaws.com:61614"
+    assert config.event_source.startswith("eventrelay://")
+
+
+def test_queue_configuration_errors() -> None:
+    errors = errors_of("""
+integrations:
+  - name: q
+    integration_type: aws_sqs
+    observes: [order.paid]
+    configuration: {url: "http://127.0.0.1:5000/123/q", aws_access_key_id: AKIA, message_group_id: "{data..x}"}
+  - name: s
+    integration_type: stomp
+    observes: [order.paid]
+    configuration: {addresses: ["amqp://broker:5672", "stomp://nohost"], ca_file: /nonexistent/ca.pem}
+""")
+    assert errors == [
+        "integrations[0].configuration: give both aws_access_key_id and aws_secret_access_key, or neither "
+        "(then the default AWS credential chain is used)",
+        "integrations[0].configuration.region: required: the queue URL does not name a region",
+        "integrations[0].configuration.message_group_id: {data..x} is not an event field "
+        "(id, type, data.…, included.…)",
+        "integrations[1].configuration.addresses[0]: 'amqp://broker:5672' is not a broker URI "
+        "(e.g. stomp+ssl://b-1.mq.eu-west-1.amazonaws.com:61614 or stomp://127.0.0.1:61613)",
+        "integrations[1].configuration.addresses[1]: 'stomp://nohost' is not a broker URI "
+        "(e.g. stomp+ssl://b-1.mq.eu-west-1.amazonaws.com:61614 or stomp://127.0.0.1:61613)",
+        "integrations[1].configuration.destination: required, e.g. /queue/orders",
+        "integrations[1].configuration.ca_file: '/nonexistent/ca.pem' is not a readable file",
+    ]
 
 
 @pytest.mark.parametrize("text", ["[1, 2", "listen: [", "- a\nb: c", "\t x: 1"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -53,7 +54,8 @@ class Dispatcher:
         return len(self._claimed)
 
     async def run(self) -> None:
-        await self._sender.start()
+        if not await self._start_sender():
+            return
         try:
             async with asyncio.TaskGroup() as deliveries:
                 while not self._stopping:
@@ -71,6 +73,21 @@ class Dispatcher:
                         pass
         finally:
             await self._sender.close()
+
+    async def _start_sender(self) -> bool:
+        """Open the sender's connection; a failure is retried with backoff, never fatal to the daemon."""
+        delay = 1.0
+        while not self._stopping:
+            try:
+                await self._sender.start()
+                return True
+            except Exception as e:  # noqa: BLE001 - whatever the library raises, the operator needs to see it
+                self._log.error("cannot start the sender; retrying", error=str(e), retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                self._wake.clear()
+                delay = min(delay * 2, 60.0)
+        return False
 
     async def _fill(self, deliveries: asyncio.TaskGroup) -> float | None:
         """Start deliveries for due jobs while slots are free; return how long to sleep (None: until woken)."""
