@@ -459,7 +459,7 @@ class _Parser:
             username=self.value(s, "username", path, _str, None, nullable=True) or None,
             password=self.value(s, "password", path, _str, None, nullable=True) or None,
             vhost=self.value(s, "vhost", path, _str, None, nullable=True) or None,
-            heartbeat=self.value(s, "heartbeat", path, _duration, 10.0),
+            heartbeat=self.value(s, "heartbeat", path, _positive_duration, 10.0),
             ca_file=self.value(s, "ca_file", path, self.existing_file, None, nullable=True),
         )
         return config if parsed and destination and len(parsed) == len(addresses) else None

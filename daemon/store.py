@@ -100,6 +100,8 @@ class Store:
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._next_event_seq = 1
         self._next_job_id = 1
+        self._ingest_sync = "FULL"
+        self._sync = ""  # the writer connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer, and the operations they carried:
         self.committed_ops = 0  # their ratio is the group-commit batch size
         # Called after each commit with the integrations that got new jobs, so their dispatchers wake at once.
@@ -132,7 +134,8 @@ class Store:
                 raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); is it on a network filesystem?")
             for db in (self._db, self._reader):
                 await db.execute("PRAGMA busy_timeout=5000")
-            await self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            self._ingest_sync = "FULL" if synchronous == "full" else "NORMAL"
+            await self._set_sync(self._ingest_sync)
             await self._migrate()
             self._next_event_seq = await self._scalar(self._db, "SELECT coalesce(max(seq), 0) + 1 FROM events")
             self._next_job_id = await self._scalar(self._db, "SELECT coalesce(max(id), 0) + 1 FROM jobs")
@@ -222,8 +225,18 @@ class Store:
         if woken:
             self.on_jobs_added(woken)
 
+    async def _set_sync(self, mode: str) -> None:
+        if mode != self._sync:
+            await self._db.execute(f"PRAGMA synchronous={mode}")
+            self._sync = mode
+
     async def _transaction(self, batch: list[_Op]) -> tuple[list[Any], set[str]]:
         seq0, job0 = self._next_event_seq, self._next_job_id
+        # Only acknowledgements need the fsync. A transaction of delivery outcomes alone commits without it:
+        # WAL keeps commits in order, so power loss can only forget the last outcomes, and a forgotten
+        # "delivered" means one more delivery (at least once), never a lost event. The next ingest commit
+        # syncs them along with itself.
+        await self._set_sync(self._ingest_sync if any(op.kind == "ingest" for op in batch) else "NORMAL")
         await self._db.execute("BEGIN IMMEDIATE")
         try:
             now = time.time()

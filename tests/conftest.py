@@ -261,3 +261,61 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+# -- real services: an SQS API (moto) and STOMP brokers, one of each per test session --------------------------
+
+def _session_service(factory: Callable[[], Any]) -> Any:
+    service = factory()
+    service.start()
+    return service
+
+
+@pytest.fixture(scope="session")
+def _moto_session() -> Any:
+    from .services import MotoServer
+
+    server = _session_service(MotoServer)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def moto_server(_moto_session: Any) -> Any:
+    if not _moto_session.running:  # a test that restarts it must not break the next one
+        _moto_session.start()
+    return _moto_session
+
+
+@pytest.fixture(scope="session")
+def _activemq_session() -> Any:
+    from .services import ActiveMQ
+
+    broker = _session_service(ActiveMQ)
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def activemq(_activemq_session: Any) -> Any:
+    if not _activemq_session.running:
+        _activemq_session.start()
+    return _activemq_session
+
+
+@pytest.fixture(scope="session")
+def activemq_tls() -> Any:
+    from .services import ActiveMQ
+
+    broker = _session_service(lambda: ActiveMQ(tls=True))
+    yield broker
+    broker.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Any:
+    from .services import RabbitMQ
+
+    broker = _session_service(RabbitMQ)
+    yield broker
+    broker.close()

@@ -1,0 +1,187 @@
+"""STOMP (ActiveMQ, Amazon MQ, RabbitMQ): CloudEvents bodies, each SEND confirmed by the broker's RECEIPT.
+
+One connection per integration, kept by a supervisor task: it tries the configured addresses in order,
+keeps the first that answers, watches its heart-beats, and rebuilds it with backoff when it dies. stompman's
+own reconnection gives up after a few attempts and ends its client; a broker down for minutes is normal, so
+the supervisor, not the library, decides that we keep trying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+import stompman
+from stompman.connection import Connection
+import structlog
+from stompman.errors import ConnectionLostError, FailedAllConnectAttemptsError, FailedAllWriteAttemptsError
+from stompman.frames import ConnectFrame
+
+from ...config import Integration, StompAddress, StompConfig
+from ...formats import CloudEvent
+from ...jobs import Job, Outcome
+
+_RECONNECT_MAX = 30.0  # seconds between connection attempts at most
+
+
+class StompSender:
+    max_batch = 1  # STOMP has no batch SEND; throughput comes from many receipts awaited at once
+
+    def __init__(self, integration: Integration, source: str):
+        conf = integration.configuration
+        assert isinstance(conf, StompConfig)
+        self._conf = conf
+        self._timeout = integration.delivery.timeout
+        self._cloudevent = CloudEvent(integration, source)
+        self._client: stompman.Client | None = None
+        self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._last_error = "not connected yet"
+        self._supervisor: asyncio.Task[None] | None = None
+        self._name = integration.name
+        self._log = structlog.get_logger(component="stomp").bind(integration=integration.name)
+
+    async def start(self) -> None:
+        # Not awaited: a broker that is down must not hold up the daemon; sends wait for the connection.
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"stomp:{self._name}")
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._supervisor is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._supervisor), 5)
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+
+    async def deliver(self, jobs: Sequence[Job]) -> list[Outcome]:
+        return [await self._send(job) for job in jobs]
+
+    async def _send(self, job: Job) -> Outcome:
+        started = time.monotonic()
+        headers = {"persistent": "true", "type": job.event_type, "id": job.event_id}
+        try:
+            async with asyncio.timeout(self._timeout):
+                # The library's receipt timeout does not cover waiting for a reconnection: this one does.
+                client = await self._connected_client()
+                # Without content-length ActiveMQ hands JMS consumers a TextMessage; JSON holds no NUL byte.
+                await client.send(self._cloudevent.encode(job), self._conf.destination,
+                                  content_type="application/json", headers=headers, add_content_length=False,
+                                  receipt_timeout=self._timeout)
+        except TimeoutError:
+            error = (f"no receipt from the broker within the timeout ({self._timeout:g}s)" if self._client else
+                     f"not connected to any broker: {self._last_error}")
+            return Outcome(job.id, False, time.monotonic() - started, error=error)
+        except stompman.SendReceiptError as e:
+            return Outcome(job.id, False, time.monotonic() - started, error=_receipt_error(e))
+        except (ConnectionLostError, FailedAllConnectAttemptsError, FailedAllWriteAttemptsError) as e:
+            return Outcome(job.id, False, time.monotonic() - started,
+                           error=f"connection to the broker lost before the receipt: {type(e).__name__}")
+        return Outcome(job.id, True, time.monotonic() - started)
+
+    async def _connected_client(self) -> stompman.Client:
+        while True:
+            await self._connected.wait()
+            if self._client is not None:
+                return self._client
+
+    async def _supervise(self) -> None:
+        delay = 1.0
+        while not self._closing.is_set():
+            for address in self._conf.addresses:
+                if self._closing.is_set():
+                    return
+                try:
+                    await self._hold(address)
+                    delay = 1.0  # we were connected: start the backoff anew
+                except Exception as e:  # noqa: BLE001 - any failure of one connection is logged and retried
+                    self._last_error = f"{address}: {_describe(e)}"
+                    self._log.warning("broker connection failed", address=str(address), error=_describe(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+            delay = min(delay * 2, _RECONNECT_MAX)
+
+    async def _hold(self, address: StompAddress) -> None:
+        """Connect to one broker and keep the connection until it dies or we close."""
+        conf = self._conf
+        heartbeat_ms = int(conf.heartbeat * 1000)
+        client = stompman.Client(
+            servers=[stompman.ConnectionParameters(host=address.host, port=address.port,
+                                                   login=conf.username or "", passcode=conf.password or "")],
+            heartbeat=stompman.Heartbeat(heartbeat_ms, heartbeat_ms),
+            ssl=self._tls_context() if address.tls else None,
+            connect_retry_attempts=1,
+            connect_timeout=max(1, int(self._timeout)),
+            connection_confirmation_timeout=max(1, int(self._timeout)),
+            on_error_frame=lambda frame: self._log.error("ERROR frame from the broker",
+                                                         message=frame.headers.get("message"),
+                                                         detail=frame.body.decode(errors="replace")[:500]),
+            connection_class=_connection_class(conf.vhost),
+            # Its default reconnects every hour when no MESSAGE arrives, which for a publisher is always.
+            no_message_restart_interval=None,
+        )
+        async with client:
+            self._client = client
+            self._connected.set()
+            self._log.info("connected to broker", address=str(address))
+            try:
+                # A dead broker (or a cut network) is noticed through missing heart-beats, not by the library.
+                check = max(0.2, conf.heartbeat / 2) if conf.heartbeat else 1.0
+                while client.is_alive() and not self._closing.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), check)
+            finally:
+                self._connected.clear()
+                self._client = None
+            if not self._closing.is_set():
+                self._last_error = f"{address}: heart-beats stopped"
+                self._log.warning("broker connection lost; reconnecting", address=str(address))
+
+    def _tls_context(self) -> ssl.SSLContext:
+        # Certificates are verified: against the system's CAs, or the operator's private CA.
+        return ssl.create_default_context(cafile=str(self._conf.ca_file) if self._conf.ca_file else None)
+
+
+def _connection_class(vhost: str | None) -> type[Connection]:
+    if vhost is None:
+        return Connection
+
+    class VirtualHostConnection(Connection):
+        """stompman puts the TCP host in CONNECT's `host` header; RabbitMQ reads that header as the vhost."""
+
+        __slots__ = ()
+        virtual_host: ClassVar[str] = vhost
+
+        async def write_frame(self, frame: stompman.frames.AnyClientFrame) -> None:
+            if isinstance(frame, ConnectFrame):
+                frame.headers["host"] = self.virtual_host
+            await super().write_frame(frame)
+
+    return VirtualHostConnection
+
+
+def _receipt_error(e: stompman.SendReceiptError) -> str:
+    if e.reason == "rejected" and e.frame is not None:
+        message = e.frame.headers.get("message", "")
+        detail = e.frame.body.decode(errors="replace").strip()[:500]
+        return f"the broker refused the message (ERROR frame): {message}" + (f": {detail}" if detail else "")
+    if e.reason == "timeout":
+        return "no receipt from the broker within the timeout"
+    return "connection to the broker lost before the receipt"
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in e.exceptions)
+    if isinstance(e, FailedAllConnectAttemptsError):
+        issues = ", ".join(type(issue).__name__ for issue in e.issues) or "no answer"
+        frames = [f for issue in e.issues for f in getattr(issue, "frames", [])]
+        refused = [f.headers.get("message", "") for f in frames if type(f).__name__ == "ErrorFrame"]
+        return f"cannot connect ({issues})" + (f": the broker said {refused[0]!r}" if refused else "")
+    if isinstance(e, ssl.SSLError):
+        return f"TLS failed: {e.reason or e}"
+    return f"{type(e).__name__}: {e}"
