@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import re
-import uuid
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ def parse_event(obj: Any) -> Event:
         raise EventError(f"included: must be a JSON object, got {_json_kind(included)}")
     eid = obj.get("id")
     if eid is None:
-        return Event(str(uuid.uuid4()), etype, data, included, id_given=False)
+        return Event(new_event_id(), etype, data, included, id_given=False)
     if not isinstance(eid, str):
         raise EventError(f"id: must be a string, got {_json_kind(eid)}")
     if not 1 <= len(eid) <= MAX_ID_LENGTH:
@@ -58,6 +59,21 @@ def parse_event(obj: Any) -> Event:
     if _CONTROL.search(eid):
         raise EventError("id: must not contain control characters")
     return Event(eid, etype, data, included, id_given=True)
+
+
+def new_event_id() -> str:
+    """A UUIDv7 (RFC 9562): time-ordered, so ids sort by acceptance and index inserts stay at the b-tree's end.
+
+    Made by hand because Python 3.11's uuid module has no uuid7, and uuid.UUID() costs more than the rest
+    of accepting a small event.
+    """
+    # 74 random bits per millisecond from the (non-cryptographic) module generator: ids need to be unique,
+    # not unguessable, and os.urandom is a system call per event.
+    raw = bytearray(((time.time_ns() // 1_000_000) << 80 | random.getrandbits(80)).to_bytes(16, "big"))
+    raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
+    raw[8] = 0x80 | (raw[8] & 0x3F)  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def is_observe_pattern(pattern: str) -> bool:

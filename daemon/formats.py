@@ -11,6 +11,7 @@ import re
 import uuid
 from datetime import datetime, timezone
 
+from .codec import dumps
 from .config import Integration
 from .jobs import Job
 
@@ -22,10 +23,6 @@ def integration_id(name: str) -> str:
     return str(uuid.uuid5(_INTEGRATION_NAMESPACE, name))
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 class WebhookEnvelope:
     """Elastic Path's webhook body: {id, triggered_by, attempt, integration, payload}.
 
@@ -33,12 +30,12 @@ class WebhookEnvelope:
     """
 
     def __init__(self, integration: Integration):
-        self._integration = _dumps({"id": integration_id(integration.name),
+        self._integration = dumps({"id": integration_id(integration.name),
                                     "integration_type": integration.integration_type,
                                     "name": integration.name, "description": integration.description})
 
     def encode(self, job: Job) -> bytes:
-        return (f'{{"id":{_dumps(job.event_id)},"triggered_by":{_dumps(job.event_type)},'
+        return (f'{{"id":{dumps(job.event_id)},"triggered_by":{dumps(job.event_type)},'
                 f'"attempt":{job.attempt},"integration":{self._integration},"payload":{job.payload}}}'
                 ).encode()
 
@@ -48,11 +45,11 @@ class CloudEvent:
 
     def __init__(self, integration: Integration, source: str):
         self._integration_id = integration_id(integration.name)
-        self._source = _dumps(source)
+        self._source = dumps(source)
 
     def _head(self, job: Job) -> str:
         time = datetime.fromtimestamp(job.accepted_at, timezone.utc).isoformat(timespec="milliseconds")
-        return (f'{{"specversion":"1.0","id":{_dumps(job.event_id)},"type":{_dumps(job.event_type)},'
+        return (f'{{"specversion":"1.0","id":{dumps(job.event_id)},"type":{dumps(job.event_type)},'
                 f'"source":{self._source},"datacontenttype":"application/json",'
                 f'"integrationid":"{self._integration_id}","time":"{time.replace("+00:00", "Z")}",')
 
@@ -63,7 +60,7 @@ class CloudEvent:
     def encode_elided(self, job: Job) -> bytes:
         """The body without `included`, marked as the seed system marks it, for targets with a size limit."""
         data = json.loads(job.payload)["data"]
-        return (self._head(job) + f'"data":{_dumps(data)},"included":{{"meta":{{"includes_elided":true}}}}}}'
+        return (self._head(job) + f'"data":{dumps(data)},"included":{{"meta":{{"includes_elided":true}}}}}}'
                 ).encode()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import sqlite3
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from . import codec
 from .events import Event
 from .jobs import AttemptRecord, Job, JobState
 
@@ -296,8 +296,7 @@ class Store:
             payload = {"data": event.data}
             if event.included is not None:
                 payload["included"] = event.included
-            event_rows.append((seq, event.id, event.type,
-                               json.dumps(payload, ensure_ascii=False, separators=(",", ":")), now))
+            event_rows.append((seq, event.id, event.type, codec.dumps(payload), now))
             for name in integrations:
                 job_rows.append((self._next_job_id, seq, name, now, now, now))
                 self._next_job_id += 1

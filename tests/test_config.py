@@ -248,3 +248,14 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     assert cli_main(["check-config", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "cannot read the file" in capsys.readouterr().err
+
+
+def test_commented_examples_in_the_reference_config_are_valid_when_uncommented() -> None:
+    import re
+
+    text = (REPO / "config.example.yaml").read_text()
+    uncommented = re.sub(r"(?m)^  # (?=- |  )", "  ", text)
+    assert uncommented != text
+    config = cfg.parse(uncommented, source=REPO / "config.example.yaml",
+                       environ={"AWS_KEY": "AKIA", "AWS_SECRET": "s", "CRM_MQ_PASSWORD": "p"})
+    assert [i.integration_type for i in config.integrations] == ["webhook", "aws_sqs", "stomp"]

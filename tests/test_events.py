@@ -20,9 +20,16 @@ def test_malformed_keys_are_refused(key: str) -> None:
         parse_event({"type": key, "data": {}})
 
 
-def test_generated_ids_are_uuids_and_given_ids_are_kept() -> None:
+def test_generated_ids_are_time_ordered_uuids_and_given_ids_are_kept() -> None:
+    import uuid
+
     made = parse_event({"type": "order.paid", "data": {"id": "1"}})
-    assert len(made.id) == 36 and made.id_given is False
+    assert made.id_given is False
+    parsed = uuid.UUID(made.id)
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == made.id
+    ids = [parse_event({"type": "order.paid", "data": {}}).id for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)  # the millisecond prefix never goes back
     given = parse_event({"id": "evt-1", "type": "order.paid", "data": {}, "included": {"items": []}})
     assert (given.id, given.id_given, given.included) == ("evt-1", True, {"items": []})
 

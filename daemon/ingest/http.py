@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from .. import codec
 from ..events import EventError, parse_event
 from ..store import StoreError
 from . import Ingestor
@@ -28,22 +28,6 @@ def error_response(status: int, detail: str | list[str], headers: dict[str, str]
     title = HTTPStatus(status).phrase
     return web.json_response({"errors": [{"status": str(status), "title": title, "detail": d} for d in details]},
                              status=status, headers=headers)
-
-
-def decode_json(raw: bytes) -> Any:
-    """json.loads, with NaN/Infinity refused (they are not JSON) and every failure as a ValueError."""
-    def reject(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        # Decode explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes; the contract is UTF-8.
-        return json.loads(raw.decode("utf-8"), parse_constant=reject)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"body is not UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
 
 
 class HttpIngest:
@@ -93,7 +77,7 @@ class HttpIngest:
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         try:
-            decoded = decode_json(raw)
+            decoded = codec.loads(raw)
         except ValueError as e:
             return error_response(400, str(e))
         items = decoded if isinstance(decoded, list) else [decoded]
