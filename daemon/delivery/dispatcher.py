@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Sequence
@@ -22,9 +23,11 @@ _STORE_ERROR_PAUSE = 1.0
 class Dispatcher:
     """Keeps up to `concurrency` deliveries in flight for one integration.
 
-    Memory holds only the jobs in flight: each claim asks the store for as many due jobs as there are free
-    slots, so a backlog of millions costs disk, not RAM. A job stays in `_claimed` until its outcome is
-    committed, so the next claim cannot hand it out twice.
+    Memory is only a window on the database: a small buffer of claimed jobs (`_ready`, two pages of
+    `concurrency` deliveries) and those in flight, so a backlog of millions costs disk, not RAM, and a freed
+    slot starts its next job without waiting for a query. A job stays in `_claimed` from its claim until its
+    outcome is committed, so no claim can hand it out twice. A slot is freed as soon as the target answers;
+    the outcome is written in the background, batched with others by the store's writer.
     """
 
     def __init__(self, integration: Integration, store: Store, sender: Sender):
@@ -34,8 +37,14 @@ class Dispatcher:
         self._sender = sender
         self._policy = RetryPolicy.from_config(integration.delivery.retry)
         self._slots = integration.delivery.concurrency
-        self._claimed: set[int] = set()
+        self._batch = sender.max_batch
+        self._page = 2 * self._slots * self._batch  # jobs held ready at most
+        self._ready: collections.deque[Job] = collections.deque()
+        self._claimed: set[int] = set()  # ready, in flight, or outcome not yet committed
         self._running = 0  # deliver() calls in flight
+        # Answered but outcome not yet committed. Bounded by `concurrency` too, since a crash delivers these
+        # again: at most 2 × concurrency duplicates per integration per crash.
+        self._recording = 0
         self._wake = asyncio.Event()
         self._stopping = False
         self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
@@ -51,7 +60,7 @@ class Dispatcher:
 
     @property
     def in_flight(self) -> int:
-        return len(self._claimed)
+        return self._running * self._batch
 
     async def run(self) -> None:
         if not await self._start_sender():
@@ -90,23 +99,31 @@ class Dispatcher:
         return False
 
     async def _fill(self, deliveries: asyncio.TaskGroup) -> float | None:
-        """Start deliveries for due jobs while slots are free; return how long to sleep (None: until woken)."""
-        batch = self._sender.max_batch
-        while self._running < self._slots and not self._stopping:
-            free = self._slots - self._running
-            jobs = await self._store.claim(self.name, time.time(), free * batch, self._claimed)
-            for i in range(0, len(jobs), batch):
-                chunk = jobs[i:i + batch]
-                self._claimed.update(job.id for job in chunk)
-                self._running += 1
-                deliveries.create_task(self._deliver(chunk), name=f"deliver:{self.name}")
-            if len(jobs) < free * batch:
-                # Nothing more is due now: sleep until the earliest retry (or until new jobs wake us).
-                if self._running >= self._slots:
+        """Start deliveries while slots are free, claiming more when the buffer runs low.
+
+        Returns how long to sleep: None until woken (a slot frees, or new jobs are committed), else until
+        the earliest retry falls due.
+        """
+        while not self._stopping:
+            self._start_ready(deliveries)
+            want = self._page - len(self._ready)
+            if want < self._page // 2:
+                return None  # enough held; a finishing delivery wakes us
+            jobs = await self._store.claim(self.name, time.time(), want, self._claimed)
+            self._claimed.update(job.id for job in jobs)
+            self._ready.extend(jobs)
+            if not jobs:
+                if self._ready or self._running >= self._slots:
                     return None
                 due = await self._store.next_due(self.name, self._claimed)
                 return _IDLE_RECHECK if due is None else max(0.0, min(due - time.time(), _IDLE_RECHECK))
-        return None  # all slots busy: a finishing delivery wakes us
+        return None
+
+    def _start_ready(self, deliveries: asyncio.TaskGroup) -> None:
+        while self._ready and self._running < self._slots and self._running + self._recording < 2 * self._slots:
+            chunk = [self._ready.popleft() for _ in range(min(self._batch, len(self._ready)))]
+            self._running += 1
+            deliveries.create_task(self._deliver(chunk), name=f"deliver:{self.name}")
 
     async def _deliver(self, jobs: Sequence[Job]) -> None:
         started_at = time.time()
@@ -117,6 +134,11 @@ class Dispatcher:
                 self._log.exception("sender failed unexpectedly", jobs=len(jobs))
                 outcomes = [Outcome(j.id, False, time.time() - started_at, error=f"internal error: {e!r}")
                             for j in jobs]
+        finally:
+            self._running -= 1
+            self._recording += 1
+            self._wake.set()
+        try:
             now = time.time()
             by_id = {o.job_id: o for o in outcomes}
             records = [self._policy.decide(job, by_id.get(job.id) or _missing(job), started_at, now)
@@ -131,9 +153,9 @@ class Dispatcher:
             for record in records:
                 self._log_outcome(record)
         finally:
+            self._recording -= 1
             self._claimed.difference_update(job.id for job in jobs)
-            self._running -= 1
-            self._wake.set()
+            self._wake.set()  # a retry may now be the earliest due job, or a send was waiting for this
 
     def _log_outcome(self, record: AttemptRecord) -> None:
         o, job = record.outcome, record.job
