@@ -66,16 +66,17 @@ def run_daemon(path: str) -> int:
             print(f"  {error}", file=sys.stderr)
         return EX_CONFIG
     log_setup.setup(config.log)
+    from .notify import Notifier
     from .service import Service  # imported late: check-config stays fast and needs no event loop
 
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        service = Service(config, Notifier.from_environ())
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        # Until live reload lands, a SIGHUP must not kill the daemon (the default action would).
-        loop.add_signal_handler(signal.SIGHUP, lambda: _log_hup())
-        await Service(config).serve(stop)
+        loop.add_signal_handler(signal.SIGHUP, service.request_reload)
+        await service.serve(stop)
 
     try:
         asyncio.run(serve())
@@ -88,13 +89,6 @@ def run_daemon(path: str) -> int:
             print(f"eventrelay: cannot run: {leaf}", file=sys.stderr)
         return 1
     return 0
-
-
-def _log_hup() -> None:
-    import structlog
-
-    structlog.get_logger(component="service").warning(
-        "SIGHUP received: live reload is not available in this version; restart to apply config changes")
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

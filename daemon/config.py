@@ -138,6 +138,9 @@ class ListenConfig:
 class StorageConfig:
     path: Path
     synchronous: str = "full"
+    retention: float = 7 * 86400.0  # delivered jobs, their attempts and their events are pruned after this
+    dead_retention: float = 30 * 86400.0
+    prune_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,12 +311,16 @@ class _Parser:
         )
 
     def storage(self, raw: Any) -> StorageConfig:
-        s = self.section(raw, "storage", ("path", "synchronous"))
+        s = self.section(raw, "storage", ("path", "synchronous", "retention", "dead_retention", "prune_interval"))
         path = self.value(s, "path", "storage", self.path, None)
         if path is None:
             path = self.path("./var/eventrelay.db")
-        sync = self.value(s, "synchronous", "storage", _choice("full", "normal"), "full")
-        return StorageConfig(path=path, synchronous=sync)
+        d = StorageConfig(path)
+        return StorageConfig(
+            path=path, synchronous=self.value(s, "synchronous", "storage", _choice("full", "normal"), d.synchronous),
+            retention=self.value(s, "retention", "storage", _positive_duration, d.retention),
+            dead_retention=self.value(s, "dead_retention", "storage", _positive_duration, d.dead_retention),
+            prune_interval=self.value(s, "prune_interval", "storage", _positive_duration, d.prune_interval))
 
     def log(self, raw: Any) -> LogConfig:
         s = self.section(raw, "log", ("level", "format"))

@@ -19,6 +19,11 @@ from .jobs import Job
 _INTEGRATION_NAMESPACE = uuid.UUID("5b0c5f4e-8f7a-4c55-9a43-2f7f3f1d0e61")
 
 
+def iso_time(timestamp: float) -> str:
+    """Unix seconds as ISO 8601 UTC with milliseconds: 2026-11-27T22:00:00.123Z."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def integration_id(name: str) -> str:
     return str(uuid.uuid5(_INTEGRATION_NAMESPACE, name))
 
@@ -48,10 +53,9 @@ class CloudEvent:
         self._source = dumps(source)
 
     def _head(self, job: Job) -> str:
-        time = datetime.fromtimestamp(job.accepted_at, timezone.utc).isoformat(timespec="milliseconds")
         return (f'{{"specversion":"1.0","id":{dumps(job.event_id)},"type":{dumps(job.event_type)},'
                 f'"source":{self._source},"datacontenttype":"application/json",'
-                f'"integrationid":"{self._integration_id}","time":"{time.replace("+00:00", "Z")}",')
+                f'"integrationid":"{self._integration_id}","time":"{iso_time(job.accepted_at)}",')
 
     def encode(self, job: Job) -> bytes:
         # The stored payload is {"data": …, "included": …}: its members become the event's, without re-encoding.

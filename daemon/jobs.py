@@ -23,6 +23,11 @@ class Job:
     event_type: str
     payload: str  # JSON text of {"data": ..., "included": ...}, spliced into bodies without re-encoding
     accepted_at: float  # unix seconds
+    age_from: float = 0.0  # max_age counts from here: acceptance, or the last replay of the job
+
+    def __post_init__(self) -> None:
+        if not self.age_from:
+            object.__setattr__(self, "age_from", self.accepted_at)
 
 
 @dataclass(frozen=True, slots=True)

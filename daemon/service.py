@@ -1,70 +1,109 @@
-"""Wires the parts together and owns every task: start, serve, drain on stop."""
+"""Wires the parts together and owns every task: start, serve, reload on SIGHUP, drain on stop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import structlog
 from aiohttp import web
 
 from . import __version__
-from .config import Config
+from . import config as config_module
+from . import log as log_setup
+from .admin import AdminApi
+from .config import Config, Integration
 from .delivery.dispatcher import Dispatcher
 from .delivery.senders import make_sender
 from .ingest import Ingestor, Router
 from .ingest.http import HttpIngest
 from .ingest.socket import SocketIngest
-from .store import Store
+from .jobs import JobState
+from .metrics import Metrics
+from .notify import Notifier, watchdog_loop
+from .store import Store, StoreError
 
 log = structlog.get_logger(component="service")
 
 USER_AGENT = f"eventrelay/{__version__}"
 _INGEST_DRAIN = 5.0  # seconds open requests get to finish once we stop listening
+_STATUS_EVERY = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    at: float
+    ok: bool
+    errors: tuple[str, ...] = ()
+    changes: tuple[str, ...] = ()  # what the reload did, e.g. "added crm"
 
 
 class Service:
     """One running daemon. `serve` returns when `stop` has been set and everything has drained."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, notifier: Notifier | None = None):
         self.config = config
+        self.notifier = notifier or Notifier(None)
+        self.metrics = Metrics()
+        self.started_at = time.time()
         self.store: Store | None = None
         self.dispatchers: dict[str, Dispatcher] = {}
         self.http_address: tuple[str, int] | None = None
-        self._ready = False
+        self.last_reload: ReloadResult | None = None
+        self._dispatcher_tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self._ingestor: Ingestor | None = None
+        self._http: HttpIngest | None = None
         self._http_runner: web.AppRunner | None = None
+        self._http_site: web.TCPSite | None = None
         self._socket: SocketIngest | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reload_requested = asyncio.Event()
+        self._ready = False
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload soon, in the service's own task. Requests arriving during a reload coalesce."""
+        self._reload_requested.set()
 
     async def is_ready(self) -> bool:
         return self._ready and self.store is not None and await self.store.ping()
+
+    # -- the whole life ------------------------------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         config = self.config
         self.store = store = await Store.open(config.storage.path, config.storage.synchronous)
         store.on_jobs_added = self._wake
+        store.on_commit = self._observe_commit
         try:
             async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
                 writer = tasks.create_task(store.run_writer(), name="store-writer")
-                running = {}
                 for integration in config.integrations:
                     if integration.enabled:
-                        d = Dispatcher(integration, store, make_sender(integration, USER_AGENT, config.event_source))
-                        self.dispatchers[d.name] = d
-                        running[d.name] = tasks.create_task(d.run(), name=f"dispatcher:{d.name}")
-                ingestor = Ingestor(store, Router(config.integrations))
-                await self._listen(ingestor)
+                        self._start_dispatcher(integration)
+                self._ingestor = Ingestor(store, Router(config.integrations), self.metrics)
+                await self._listen(config)
+                housekeeping = [tasks.create_task(self._reload_on_request(stop), name="reloader"),
+                                tasks.create_task(self._prune_forever(stop), name="pruner"),
+                                tasks.create_task(self._report_status(stop), name="status"),
+                                tasks.create_task(watchdog_loop(self.notifier, self.is_ready, stop), name="watchdog")]
                 self._ready = True
                 log.info("ready", version=__version__, http=_fmt_addr(self.http_address),
                          socket=str(config.listen.socket) if config.listen.socket else None,
                          integrations=len(self.dispatchers), database=str(config.storage.path))
+                self.notifier.ready(await self._status_line())
                 on_ready()
                 await stop.wait()
                 self._ready = False
-                log.info("stopping: no new events accepted; draining deliveries",
-                         grace_s=config.shutdown_grace)
+                self.notifier.stopping()
+                log.info("stopping: no new events accepted; draining deliveries", grace_s=self.config.shutdown_grace)
                 await self._stop_listening()
-                await self._drain(list(running.values()), config.shutdown_grace)
+                await self._stop_dispatchers(list(self.dispatchers), self.config.shutdown_grace)
+                await asyncio.gather(*housekeeping)
                 store.stop_writer()
                 await writer
         finally:
@@ -79,19 +118,65 @@ class Service:
             if dispatcher is not None:
                 dispatcher.wake()
 
-    async def _listen(self, ingestor: Ingestor) -> None:
-        listen = self.config.listen
+    def _observe_commit(self, operations: int, seconds: float) -> None:
+        self.metrics.commit_batch.observe(operations)
+        self.metrics.commit_seconds.observe(seconds)
+
+    # -- dispatchers ---------------------------------------------------------------------------------------
+
+    def _start_dispatcher(self, integration: Integration) -> None:
+        assert self._tasks is not None and self.store is not None
+        sender = make_sender(integration, USER_AGENT, self.config.event_source)
+        dispatcher = Dispatcher(integration, self.store, sender, self.metrics)
+        self.dispatchers[dispatcher.name] = dispatcher
+        self._dispatcher_tasks[dispatcher.name] = self._tasks.create_task(
+            dispatcher.run(), name=f"dispatcher:{dispatcher.name}")
+
+    async def _stop_dispatchers(self, names: list[str], grace: float) -> None:
+        """Stop claiming, let deliveries in flight finish for `grace` seconds, then abandon the rest.
+
+        Abandoned deliveries stay pending in the database: they are delivered again later (at least once).
+        """
+        tasks = []
+        for name in names:
+            dispatcher = self.dispatchers.pop(name)
+            dispatcher.stop()
+            tasks.append(self._dispatcher_tasks.pop(name))
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        if late:
+            log.warning("grace period over: abandoning deliveries in flight; they stay pending and are "
+                        "delivered again", integrations=names)
+            for task in late:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*late, return_exceptions=True)
+
+    # -- listeners -----------------------------------------------------------------------------------------
+
+    async def _listen(self, config: Config) -> None:
+        listen = config.listen
+        assert self._ingestor is not None
         if listen.socket is not None:
-            self._socket = SocketIngest(ingestor, listen.socket, listen.socket_mode, listen.max_body_size)
+            self._socket = SocketIngest(self._ingestor, listen.socket, listen.socket_mode, listen.max_body_size)
             await self._socket.start()
+        self._http = HttpIngest(self._ingestor, listen.token, listen.max_body_size, self.is_ready)
+        self._http_runner = web.AppRunner(self._http.app(AdminApi(self).add_routes), access_log=None,
+                                          shutdown_timeout=_INGEST_DRAIN)
+        await self._http_runner.setup()
         if listen.http is not None:
-            app = HttpIngest(ingestor, listen.token, listen.max_body_size, self.is_ready).app()
-            self._http_runner = web.AppRunner(app, access_log=None, shutdown_timeout=_INGEST_DRAIN)
-            await self._http_runner.setup()
-            host, port = listen.http
-            await web.TCPSite(self._http_runner, host, port).start()
-            address = self._http_runner.addresses[0]
-            self.http_address = (address[0], address[1])
+            await self._bind_http(listen.http)
+
+    async def _bind_http(self, address: tuple[str, int]) -> None:
+        assert self._http_runner is not None
+        site = web.TCPSite(self._http_runner, *address)
+        await site.start()
+        old, self._http_site = self._http_site, site
+        if old is not None:
+            await old.stop()  # stops accepting there; requests already inside are answered
+        bound = self._http_runner.addresses[0]  # the one site left; port 0 became a real port
+        self.http_address = (bound[0], bound[1])
 
     async def _stop_listening(self) -> None:
         # Requests already inside get to finish (their events may be committing right now); new ones are refused.
@@ -99,23 +184,176 @@ class Service:
             socket, self._socket = self._socket, None
             await socket.stop(_INGEST_DRAIN)
         if self._http_runner is not None:
-            runner, self._http_runner = self._http_runner, None
+            runner, self._http_runner, self._http_site = self._http_runner, None, None
             await runner.cleanup()
 
-    async def _drain(self, dispatcher_tasks: list[asyncio.Task[None]], grace: float) -> None:
-        for dispatcher in self.dispatchers.values():
-            dispatcher.stop()
-        if not dispatcher_tasks:
-            return
-        _, late = await asyncio.wait(dispatcher_tasks, timeout=grace)
-        if late:
-            in_flight = sum(d.in_flight for d in self.dispatchers.values())
-            log.warning("grace period over: abandoning deliveries in flight; they stay pending and are "
-                        "delivered again after the restart", jobs=in_flight)
-            for task in late:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*late, return_exceptions=True)
+    # -- reload --------------------------------------------------------------------------------------------
+
+    async def _reload_on_request(self, stop: asyncio.Event) -> None:
+        while True:
+            stopping = asyncio.ensure_future(stop.wait())
+            requested = asyncio.ensure_future(self._reload_requested.wait())
+            await asyncio.wait([stopping, requested], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            requested.cancel()
+            if stop.is_set():
+                return
+            self._reload_requested.clear()
+            await self.reload()
+
+    async def reload(self) -> ReloadResult:
+        """Read the file again; apply it by difference if valid, else keep serving the old configuration."""
+        async with self._reload_lock:  # a storm of SIGHUPs reloads one at a time
+            self.notifier.reloading()
+            result = ReloadResult(time.time(), False, ("reload did not finish",))
+            try:
+                result = await self._reload()
+            finally:
+                # READY=1 must follow RELOADING=1 whatever happened, or systemd waits out its timeout.
+                self.last_reload = result
+                self.metrics.reloads.labels("ok" if result.ok else "failed").inc()
+                try:
+                    status = await self._status_line()
+                except StoreError as e:
+                    status = f"database unavailable: {e}"
+                if not result.ok:
+                    status = f"reload failed ({len(result.errors)} error(s)), previous configuration kept; {status}"
+                self.notifier.ready(status)
+            return result
+
+    async def _reload(self) -> ReloadResult:
+        path = self.config.source
+        try:
+            if path is None:
+                raise config_module.ConfigError("<config>", ["the configuration was not read from a file"])
+            new = config_module.load(path)
+        except config_module.ConfigError as e:
+            for error in e.errors:
+                log.error("reload refused: invalid configuration; still running the previous one", error=error)
+            return ReloadResult(time.time(), False, tuple(e.errors))
+        try:
+            changes = await self._apply(new)
+        except OSError as e:  # e.g. a new listen address already in use
+            log.error("reload failed; still running the previous configuration where it could", error=str(e))
+            return ReloadResult(time.time(), False, (str(e),))
+        log.info("configuration reloaded", changes=list(changes) or "none")
+        return ReloadResult(time.time(), True, changes=tuple(changes))
+
+    async def _apply(self, new: Config) -> list[str]:
+        old = self.config
+        changes: list[str] = []
+        if new.storage.path != old.storage.path or new.storage.synchronous != old.storage.synchronous:
+            log.warning("storage.path and storage.synchronous take effect at the next restart")
+            new = replace(new, storage=replace(new.storage, path=old.storage.path,
+                                               synchronous=old.storage.synchronous))
+        await self._apply_listen(old, new, changes)
+        if new.log != old.log:
+            log_setup.setup(new.log)
+            changes.append("log settings")
+
+        # Integrations, by name: unchanged ones keep running untouched.
+        def running(config: Config) -> dict[str, Integration]:
+            return {i.name: i for i in config.integrations if i.enabled}
+
+        before, after = running(old), running(new)
+        queue_source_changed = new.event_source != old.event_source
+        changed = [n for n in before.keys() & after.keys() if before[n] != after[n] or
+                   (queue_source_changed and after[n].integration_type != "webhook")]
+        removed = [n for n in before if n not in after]
+        added = [n for n in after if n not in before]
+        # Route new events by the new table first: from here on nothing is queued for a removed integration.
+        assert self._ingestor is not None
+        self._ingestor.router = Router(new.integrations)
+        self.config = new
+        await self._stop_dispatchers(sorted(removed + changed), new.shutdown_grace)
+        for name in sorted(added + changed):
+            self._start_dispatcher(after[name])
+        changes += [f"added {n}" for n in sorted(added)] + [f"removed {n}" for n in sorted(removed)]
+        changes += [f"changed {n}" for n in sorted(changed)]
+        return changes
+
+    async def _apply_listen(self, old: Config, new: Config, changes: list[str]) -> None:
+        o, n = old.listen, new.listen
+        assert self._http is not None and self._ingestor is not None
+        self._http.update(n.token, n.max_body_size)
+        if n.http != o.http:
+            if n.http is None:
+                if self._http_site is not None:
+                    await self._http_site.stop()
+                self._http_site, self.http_address = None, None
+            else:
+                await self._bind_http(n.http)
+            changes.append(f"http listener {_fmt_addr(n.http) or 'off'}")
+        if n.socket != o.socket:
+            # Bind the new socket before closing the old one: producers always have somewhere to send.
+            fresh = None
+            if n.socket is not None:
+                fresh = SocketIngest(self._ingestor, n.socket, n.socket_mode, n.max_body_size)
+                await fresh.start()
+            if self._socket is not None:
+                await self._socket.stop(_INGEST_DRAIN)
+            self._socket = fresh
+            changes.append(f"socket listener {n.socket or 'off'}")
+        elif self._socket is not None:
+            self._socket.max_line = n.max_body_size
+            if n.socket_mode != o.socket_mode and n.socket is not None:
+                n.socket.chmod(n.socket_mode)
+
+    # -- housekeeping --------------------------------------------------------------------------------------
+
+    async def _prune_forever(self, stop: asyncio.Event) -> None:
+        """Delete what retention no longer keeps, in small batches, so the database stops growing."""
+        assert self.store is not None
+        while not stop.is_set():
+            # First wait: start-up is for recovering deliveries, not for cleaning.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.storage.prune_interval)
+            if stop.is_set():
+                return
+            now = time.time()
+            storage = self.config.storage
+            try:
+                pruned = 0
+                while not stop.is_set():
+                    n = await self.store.prune(now - storage.retention, now - storage.dead_retention)
+                    if n == 0:
+                        break
+                    pruned += n
+                    await asyncio.sleep(0.01)  # let ingest and outcomes through between batches
+                if pruned:
+                    log.info("pruned past retention", rows=pruned)
+            except StoreError as e:
+                log.error("pruning failed; will try again", error=str(e))
+
+    async def _report_status(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _STATUS_EVERY)
+            if not stop.is_set() and self.notifier.enabled:
+                with contextlib.suppress(StoreError):
+                    self.notifier.status(await self._status_line())
+
+    async def _status_line(self) -> str:
+        assert self.store is not None
+        counts = await self.store.job_counts()
+        pending = sum(n for (_, state), n in counts.items() if state == JobState.PENDING)
+        dead = sum(n for (_, state), n in counts.items() if state == JobState.DEAD)
+        return f"{len(self.dispatchers)} integrations, {pending} jobs pending, {dead} dead"
+
+    async def refresh_gauges(self) -> None:
+        """Read the backlog gauges from the database, just before /metrics renders them."""
+        assert self.store is not None
+        counts = await self.store.job_counts()
+        oldest = await self.store.oldest_pending()
+        now = time.time()
+        m = self.metrics
+        for integration in self.config.integrations:
+            name = integration.name
+            m.backlog.labels(name).set(counts.get((name, JobState.PENDING), 0))
+            m.dead.labels(name).set(counts.get((name, JobState.DEAD), 0))
+            dispatcher = self.dispatchers.get(name)
+            m.in_flight.labels(name).set(dispatcher.in_flight if dispatcher else 0)
+            m.oldest_pending.labels(name).set(now - oldest[name] if name in oldest else 0)
 
 
 def _fmt_addr(address: tuple[str, int] | None) -> str | None:

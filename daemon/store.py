@@ -13,7 +13,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX attempts_job ON attempts (job_id);
     CREATE INDEX attempts_integration ON attempts (integration, id);
     """,
+    """
+    -- A replayed job gets a new max_age window, counted from its re-queueing.
+    ALTER TABLE jobs ADD COLUMN requeued_at REAL;
+    -- Listing and counting one integration's jobs by state, newest first.
+    CREATE INDEX jobs_state ON jobs (integration, state, id);
+    -- Replay of a time range.
+    CREATE INDEX jobs_created ON jobs (integration, created_at);
+    -- Retention: finished jobs by age.
+    CREATE INDEX jobs_finished ON jobs (state, updated_at) WHERE state <> 'pending';
+    -- Last success and last failure of an integration.
+    CREATE INDEX attempts_outcome ON attempts (integration, succeeded, id);
+    """,
 )
 
 _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one commit can take
@@ -86,7 +98,7 @@ class Accepted:
 
 @dataclass(slots=True)
 class _Op:
-    kind: str  # "ingest" | "record"
+    kind: str  # "ingest" | "record" | "call" (an admin write: a function run inside the transaction)
     items: Any
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -106,6 +118,8 @@ class Store:
         self.committed_ops = 0  # their ratio is the group-commit batch size
         # Called after each commit with the integrations that got new jobs, so their dispatchers wake at once.
         self.on_jobs_added: Callable[[set[str]], None] = lambda names: None
+        # Called after each commit with (operations, seconds): the group-commit metrics.
+        self.on_commit: Callable[[int, float], None] = lambda operations, seconds: None
 
     # -- opening and closing ------------------------------------------------------------------------------
 
@@ -137,6 +151,7 @@ class Store:
             self._ingest_sync = "FULL" if synchronous == "full" else "NORMAL"
             await self._set_sync(self._ingest_sync)
             await self._migrate()
+            await self._enable_incremental_vacuum()
             self._next_event_seq = await self._scalar(self._db, "SELECT coalesce(max(seq), 0) + 1 FROM events")
             self._next_job_id = await self._scalar(self._db, "SELECT coalesce(max(id), 0) + 1 FROM jobs")
         except sqlite3.DatabaseError as e:
@@ -152,6 +167,15 @@ class Store:
             await self._db.executescript(
                 f"BEGIN IMMEDIATE;\n{MIGRATIONS[target - 1]}\nPRAGMA user_version={target};\nCOMMIT;")
             log.info("schema migrated", path=str(self.path), version=target)
+
+    async def _enable_incremental_vacuum(self) -> None:
+        """Let pruning hand pages back to the file system, so the file stops growing under steady load."""
+        if await self._scalar(self._db, "PRAGMA auto_vacuum") == 2:
+            return
+        # Only VACUUM can change auto_vacuum on a database that has tables: a one-time rewrite.
+        await self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        await self._db.execute("VACUUM")
+        log.info("database set to incremental vacuum", path=str(self.path))
 
     async def close(self) -> None:
         for db in (self._db, self._reader):
@@ -175,6 +199,10 @@ class Store:
     async def record(self, records: Sequence[AttemptRecord]) -> None:
         """Write delivery outcomes: the job's new state and one attempt-log row each."""
         await self._submit(_Op("record", records))
+
+    async def _call(self, fn: Callable[[aiosqlite.Connection, float], Awaitable[Any]]) -> Any:
+        """Run `fn(writer_connection, now)` inside the writer's next transaction; returns its result."""
+        return await self._submit(_Op("call", fn))
 
     async def _submit(self, op: _Op) -> Any:
         self._queue.put_nowait(op)
@@ -203,6 +231,7 @@ class Store:
         self._queue.put_nowait(None)
 
     async def _commit_batch(self, batch: list[_Op]) -> None:
+        started = time.monotonic()
         try:
             results, woken = await self._transaction(batch)
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting producers
@@ -219,6 +248,7 @@ class Store:
             return
         self.commits += 1
         self.committed_ops += len(batch)
+        self.on_commit(len(batch), time.monotonic() - started)
         for op, result in zip(batch, results):
             if not op.future.done():
                 op.future.set_result(result)
@@ -249,6 +279,8 @@ class Store:
             for op in batch:
                 if op.kind == "ingest":
                     results.append(self._plan_ingest(*op.items, now, known, event_rows, job_rows, woken))
+                elif op.kind == "call":
+                    results.append(await op.items(self._db, now))
                 else:
                     results.append(None)
             if event_rows:
@@ -261,6 +293,8 @@ class Store:
             records = [r for op in batch if op.kind == "record" for r in op.items]
             if records:
                 await self._write_records(records, now)
+            woken.update(name for op, result in zip(batch, results) if op.kind == "call"
+                         for name in getattr(result, "woken", ()))
             await self._db.execute("COMMIT")
         except BaseException:
             self._next_event_seq, self._next_job_id = seq0, job0
@@ -322,13 +356,14 @@ class Store:
         """Up to `limit` due jobs of one integration, oldest due first, skipping those already in flight."""
         excluded = list(exclude)
         rows = await self._reader.execute_fetchall(
-            "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at FROM jobs j "
+            "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at, coalesce(j.requeued_at, e.accepted_at) "
+            "FROM jobs j "
             "JOIN events e ON e.seq = j.event_seq "
             "WHERE j.integration = ? AND j.state = 'pending' AND j.next_at <= ? "
             f"{_not_in('j.id', excluded)} ORDER BY j.next_at, j.id LIMIT ?",
             (integration, now, *excluded, limit))
         return [Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3],
-                    payload=r[4], accepted_at=r[5]) for r in rows]
+                    payload=r[4], accepted_at=r[5], age_from=r[6]) for r in rows]
 
     async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
         """When the earliest pending job of an integration (not in flight) falls due, or None."""
@@ -339,23 +374,168 @@ class Store:
             f"{_not_in('id', excluded)} ORDER BY next_at LIMIT 1", (integration, *excluded))
 
     async def job_counts(self) -> dict[tuple[str, str], int]:
-        """(integration, state) → number of jobs."""
+        """(integration, state) → number of jobs, for the states an operator watches (pending, dead)."""
         rows = await self._reader.execute_fetchall(
-            "SELECT integration, state, count(*) FROM jobs GROUP BY integration, state")
+            "SELECT integration, state, count(*) FROM jobs WHERE state IN ('pending', 'dead') "
+            "GROUP BY integration, state")
         return {(r[0], r[1]): r[2] for r in rows}
 
-    async def attempts(self, job_id: int) -> list[dict[str, Any]]:
+    async def oldest_pending(self) -> dict[str, float]:
+        """integration → when its oldest pending job was created."""
         rows = await self._reader.execute_fetchall(
-            "SELECT id, attempt, succeeded, created_at, duration, status_code, error_detail, body "
-            "FROM attempts WHERE job_id = ? ORDER BY id", (job_id,))
-        keys = ("id", "attempt", "succeeded", "created_at", "duration", "status_code", "error_detail", "body")
-        return [dict(zip(keys, r)) | {"succeeded": bool(r[2])} for r in rows]
+            "SELECT integration, min(created_at) FROM jobs WHERE state = 'pending' GROUP BY integration")
+        return {r[0]: r[1] for r in rows}
+
+    async def last_attempts(self, integration: str) -> dict[str, tuple[float, str | None] | None]:
+        """The latest successful and failed attempt of an integration: (time, error) each, or None."""
+        result: dict[str, tuple[float, str | None] | None] = {}
+        for key, succeeded in (("success", 1), ("failure", 0)):
+            rows = await self._reader.execute_fetchall(
+                "SELECT created_at, error_detail FROM attempts WHERE integration = ? AND succeeded = ? "
+                "ORDER BY id DESC LIMIT 1", (integration, succeeded))
+            result[key] = (rows[0][0], rows[0][1]) if rows else None
+        return result
+
+    async def jobs(self, integration: str, state: str | None, limit: int, offset: int
+                   ) -> tuple[list[dict[str, Any]], int]:
+        """A page of an integration's jobs, newest first, and how many there are in all."""
+        where, params = "j.integration = ?", [integration]
+        if state:
+            where, params = where + " AND j.state = ?", params + [state]
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq WHERE {where} "
+            "ORDER BY j.id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
+        total = await self._scalar(self._reader, f"SELECT count(*) FROM jobs j WHERE {where}", params)
+        return [_job_row(r) for r in rows], total
+
+    async def job(self, integration: str, job_id: int) -> dict[str, Any] | None:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq "
+            "WHERE j.integration = ? AND j.id = ?", (integration, job_id))
+        return _job_row(rows[0]) if rows else None
+
+    async def logs(self, integration: str | None, job_id: int | None, limit: int, offset: int
+                   ) -> tuple[list[dict[str, Any]], int]:
+        """A page of attempt-log entries, newest first, filtered by integration and job."""
+        clauses, params = [], []
+        if integration is not None:
+            clauses, params = clauses + ["integration = ?"], params + [integration]
+        if job_id is not None:
+            clauses, params = clauses + ["job_id = ?"], params + [job_id]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._reader.execute_fetchall(
+            "SELECT id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, "
+            f"body FROM attempts {where} ORDER BY id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
+        total = await self._scalar(self._reader, f"SELECT count(*) FROM attempts {where}", params)
+        keys = ("id", "job_id", "integration", "attempt", "succeeded", "created_at", "duration", "status_code",
+                "error_detail", "body")
+        return [dict(zip(keys, r)) | {"succeeded": bool(r[4])} for r in rows], total
+
+    async def attempts(self, job_id: int) -> list[dict[str, Any]]:
+        """Every attempt of one job, oldest first."""
+        rows, _ = await self.logs(None, job_id, limit=1_000_000, offset=0)
+        return rows[::-1]
+
+    async def retry(self, integration: str, job_id: int) -> str | None:
+        """Make a pending or dead job due now. Returns the state it had (None: no such job)."""
+        async def run(db: aiosqlite.Connection, now: float) -> _Requeued:
+            rows = await db.execute_fetchall("SELECT state FROM jobs WHERE id = ? AND integration = ?",
+                                             (job_id, integration))
+            if not rows:
+                return _Requeued(None)
+            if rows[0][0] != JobState.DELIVERED:
+                await db.execute("UPDATE jobs SET state = 'pending', next_at = ?, requeued_at = ?, updated_at = ? "
+                                 "WHERE id = ?", (now, now, now, job_id))
+            return _Requeued(rows[0][0], woken=(integration,))
+
+        return (await self._call(run)).previous
+
+    async def replay(self, integration: str, *, dead: bool = False, since: float | None = None,
+                     until: float | None = None, limit: int = 10_000) -> int:
+        """Re-queue up to `limit` jobs: the dead ones, or those created in [since, until) whatever their state.
+
+        Jobs already pending are left alone (they are on their way). Each replayed job gets a fresh max_age.
+        """
+        if dead:
+            select, params = "SELECT id FROM jobs WHERE integration = ? AND state = 'dead' LIMIT ?", [integration]
+        else:
+            select = ("SELECT id FROM jobs WHERE integration = ? AND created_at >= ? AND created_at < ? "
+                      "AND state <> 'pending' LIMIT ?")
+            params = [integration, since if since is not None else 0.0, until if until is not None else 1e18]
+
+        async def run(db: aiosqlite.Connection, now: float) -> _Requeued:
+            cursor = await db.execute(
+                f"UPDATE jobs SET state = 'pending', next_at = ?, requeued_at = ?, updated_at = ? "
+                f"WHERE id IN ({select})", (now, now, now, *params, limit))
+            return _Requeued(cursor.rowcount, woken=(integration,))
+
+        return (await self._call(run)).previous
+
+    async def prune(self, delivered_before: float, dead_before: float, batch: int = 1000) -> int:
+        """Delete one batch of finished jobs past their retention, their attempts, and events nothing needs.
+
+        Small batches through the writer: each is one short transaction, so ingest never waits long.
+        Returns how many rows went; call again until it returns 0.
+        """
+        async def run(db: aiosqlite.Connection, now: float) -> int:
+            rows = await db.execute_fetchall(
+                "SELECT id, event_seq FROM jobs WHERE state = 'delivered' AND updated_at < ? "
+                "UNION ALL SELECT id, event_seq FROM (SELECT id, event_seq FROM jobs "
+                "WHERE state = 'dead' AND updated_at < ? LIMIT ?) LIMIT ?",
+                (delivered_before, dead_before, batch, batch))
+            job_ids = [r[0] for r in rows]
+            seqs = sorted({r[1] for r in rows})
+            deleted = 0
+            for chunk in _chunks(job_ids, 500):
+                marks = ",".join("?" * len(chunk))
+                deleted += (await db.execute(f"DELETE FROM attempts WHERE job_id IN ({marks})", chunk)).rowcount
+                deleted += (await db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)).rowcount
+            for chunk in _chunks(seqs, 500):
+                deleted += (await db.execute(
+                    f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))}) "
+                    "AND NOT EXISTS (SELECT 1 FROM jobs WHERE event_seq = events.seq)", chunk)).rowcount
+            # Events no integration observed have no job to lead us to them: oldest first, by age.
+            deleted += (await db.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE accepted_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM jobs WHERE event_seq = e.seq) ORDER BY seq LIMIT ?)",
+                (delivered_before, batch))).rowcount
+            return deleted
+
+        deleted = await self._call(run)
+        if deleted:
+            await self._call(_incremental_vacuum)
+        return deleted
 
     async def ping(self) -> bool:
         try:
             return await self._scalar(self._reader, "SELECT 1") == 1
         except (sqlite3.Error, ValueError):
             return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Requeued:
+    previous: Any
+    woken: tuple[str, ...] = ()  # integrations whose dispatchers should look again
+
+
+_JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, "
+                "j.next_at, j.last_error")
+
+
+def _job_row(r: tuple[Any, ...]) -> dict[str, Any]:
+    return {"id": r[0], "integration": r[1], "event_id": r[2], "event_type": r[3], "state": r[4],
+            "attempts": r[5], "created_at": r[6], "updated_at": r[7],
+            "next_attempt_at": r[8] if r[4] == JobState.PENDING else None, "last_error": r[9]}
+
+
+async def _incremental_vacuum(db: aiosqlite.Connection, now: float) -> None:
+    await db.execute("PRAGMA incremental_vacuum(2000)")
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 def _not_in(column: str, values: list[int]) -> str:

@@ -91,7 +91,7 @@ async def test_outcomes_move_jobs_and_log_attempts(store: Store) -> None:
                       10**9 * 5.0),
         AttemptRecord(j3, Outcome(j3.id, False, 0.03, error="never"), 1.0, JobState.DEAD, None),
     ])
-    assert await store.job_counts() == {("a", "delivered"): 1, ("a", "pending"): 1, ("a", "dead"): 1}
+    assert await store.job_counts() == {("a", "pending"): 1, ("a", "dead"): 1}  # delivered are not counted
     assert await store.claim("a", 10**9 * 4.0, limit=5) == []  # j2 is not due before its retry time
     (again,) = await store.claim("a", 10**10, limit=5)
     assert again.id == j2.id and again.attempt == 2
@@ -114,3 +114,70 @@ async def test_a_failed_write_stores_nothing_and_says_why(store: Store, tmp_path
     # The store carries on, and ids are not burnt by the failed attempt.
     (accepted,) = await store.ingest([ev(2)], [("a",)])
     assert accepted.jobs == 1 and not accepted.duplicate
+
+
+async def finish(store: Store, state: JobState, n: int) -> list:
+    jobs = await store.claim("a", 10**10, limit=n)
+    await store.record([AttemptRecord(j, Outcome(j.id, state is JobState.DELIVERED, 0.01), 1.0, state, None)
+                        for j in jobs])
+    return jobs
+
+
+async def test_retry_and_replay(store: Store) -> None:
+    await store.ingest([ev(i) for i in range(6)], [("a",)] * 6)
+    dead = await finish(store, JobState.DEAD, 2)
+    delivered = await finish(store, JobState.DELIVERED, 2)
+    assert await store.retry("a", dead[0].id) == "dead"
+    assert await store.retry("a", delivered[0].id) == "delivered"  # refused: replay is for that
+    assert await store.retry("b", dead[1].id) is None and await store.retry("a", 999) is None
+    counts = await store.job_counts()
+    assert counts == {("a", "pending"): 3, ("a", "dead"): 1}
+    (again,) = [j for j in await store.claim("a", 10**10, limit=10) if j.id == dead[0].id]
+    assert again.attempt == 2 and again.age_from > again.accepted_at - 1  # a fresh max_age window
+
+    assert await store.replay("a", dead=True) == 1
+    assert await store.replay("a", dead=True) == 0
+    # A time range re-queues delivered jobs too; pending ones are left alone.
+    assert await store.replay("a", since=0, until=10**10, limit=1) == 1
+    assert await store.replay("a", since=0, until=10**10) == 1
+    assert await store.job_counts() == {("a", "pending"): 6}
+
+
+async def test_pruning_removes_only_what_retention_allows(store: Store) -> None:
+    await store.ingest([ev(i) for i in range(5)], [("a",)] * 4 + [()])
+    await finish(store, JobState.DELIVERED, 2)
+    await finish(store, JobState.DEAD, 1)
+    # Nothing is old enough yet.
+    assert await store.prune(delivered_before=0, dead_before=0) == 0
+    total = 0
+    while (n := await store.prune(delivered_before=10**10, dead_before=0, batch=1)) > 0:
+        total += n
+    with sqlite3.connect(store.path) as db:
+        states = db.execute("SELECT state FROM jobs ORDER BY id").fetchall()
+        events = {r[0] for r in db.execute("SELECT id FROM events")}
+        attempts = db.execute("SELECT count(*) FROM attempts").fetchone()[0]
+    assert states == [("dead",), ("pending",)]
+    assert events == {"evt-2", "evt-3"}  # delivered ones and the event nobody observed are gone
+    assert attempts == 1  # the dead job's attempt stays with it
+    assert await store.prune(delivered_before=10**10, dead_before=10**10) > 0
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT state FROM jobs").fetchall() == [("pending",)]
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0] + "\nPRAGMA user_version=1;")
+        db.execute("INSERT INTO events VALUES (1, 'old', 'order.paid', '{\"data\":{}}', 1.0)")
+        db.execute("INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at) "
+                   "VALUES (1, 1, 'a', 1.0, 1.0, 1.0)")
+    s = await Store.open(path)
+    try:
+        (job,) = await s.claim("a", 10.0, limit=5)
+        assert (job.event_id, job.age_from) == ("old", 1.0)
+    finally:
+        await s.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2

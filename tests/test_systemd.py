@@ -22,6 +22,12 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "eventrelay.service" not in result.stderr, result.stderr  # no warnings about our unit either
+    lines = unit.splitlines()  # whole lines, so a directive that is only mentioned in a comment does not count
     for needed in ("RestartPreventExitStatus=78", "StateDirectory=eventrelay", "RuntimeDirectory=eventrelay",
-                   "ProtectSystem=strict", "NoNewPrivileges=yes"):
-        assert needed in unit
+                   "ProtectSystem=strict", "NoNewPrivileges=yes",
+                   "Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=30s",
+                   "EnvironmentFile=-/etc/eventrelay/secrets.env", "DynamicUser=yes"):
+        assert needed in lines, needed
+    assert any(line.startswith("TimeoutStartSec=") for line in lines)
+    # AF_UNIX carries the notifications to systemd: the sandbox must keep allowing it.
+    assert "AF_UNIX" in next(line for line in lines if line.startswith("RestrictAddressFamilies="))

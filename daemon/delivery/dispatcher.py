@@ -12,6 +12,7 @@ import structlog
 
 from ..config import Integration
 from ..jobs import AttemptRecord, Job, JobState, Outcome
+from ..metrics import Metrics
 from ..store import Store, StoreError
 from .policy import RetryPolicy
 from .senders import Sender
@@ -30,7 +31,7 @@ class Dispatcher:
     the outcome is written in the background, batched with others by the store's writer.
     """
 
-    def __init__(self, integration: Integration, store: Store, sender: Sender):
+    def __init__(self, integration: Integration, store: Store, sender: Sender, metrics: Metrics | None = None):
         self.integration = integration
         self.name = integration.name
         self._store = store
@@ -48,6 +49,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
+        self._metrics = metrics
+        self._delivered_by_minute: collections.deque[list[int]] = collections.deque(maxlen=61)  # [minute, n]
 
     def wake(self) -> None:
         """New jobs were committed for this integration."""
@@ -61,6 +64,18 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return self._running * self._batch
+
+    def delivered_last_hour(self) -> int:
+        """Deliveries this dispatcher made in the last 60 minutes (it counts since it started)."""
+        now = int(time.time() // 60)
+        return sum(n for minute, n in self._delivered_by_minute if minute > now - 60)
+
+    def _count_delivered(self) -> None:
+        minute = int(time.time() // 60)
+        if self._delivered_by_minute and self._delivered_by_minute[-1][0] == minute:
+            self._delivered_by_minute[-1][1] += 1
+        else:
+            self._delivered_by_minute.append([minute, 1])
 
     async def run(self) -> None:
         if not await self._start_sender():
@@ -161,13 +176,20 @@ class Dispatcher:
         o, job = record.outcome, record.job
         fields = dict(event_id=job.event_id, event_type=job.event_type, job_id=job.id, attempt=job.attempt,
                       status=o.status_code, duration_ms=round(o.duration * 1000, 1))
+        if self._metrics is not None:
+            self._metrics.deliveries.labels(self.name, _RESULT[record.state]).inc()
+            self._metrics.delivery_seconds.labels(self.name).observe(o.duration)
         if record.state is JobState.DELIVERED:
+            self._count_delivered()
             self._log.info("delivered", **fields)
         elif record.state is JobState.PENDING:
             self._log.warning("delivery failed; will retry", error=o.error,
                               retry_in_s=round((record.next_at or 0) - time.time(), 2), **fields)
         else:
             self._log.error("delivery failed; job is dead", error=o.error, **fields)
+
+
+_RESULT = {JobState.DELIVERED: "delivered", JobState.PENDING: "failed", JobState.DEAD: "dead"}
 
 
 def _missing(job: Job) -> Outcome:

@@ -34,7 +34,7 @@ class RetryPolicy:
     def decide(self, job: Job, outcome: Outcome, started_at: float, now: float) -> AttemptRecord:
         if outcome.succeeded:
             return AttemptRecord(job, outcome, started_at, JobState.DELIVERED, None)
-        deadline = job.accepted_at + self.max_age
+        deadline = job.age_from + self.max_age
         if not outcome.retryable or now >= deadline:
             return AttemptRecord(job, outcome, started_at, JobState.DEAD, None)
         next_at = min(now + self.delay(job.attempt), deadline)

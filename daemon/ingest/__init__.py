@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from ..config import Integration
 from ..events import Event
+from ..metrics import Metrics
 from ..store import Accepted, Store
 
 _ROUTE_CACHE_LIMIT = 10_000  # distinct event types remembered; producers cannot grow it without bound
@@ -31,10 +32,16 @@ class Router:
 class Ingestor:
     """Stores validated events with their jobs; resolves only after the commit (an ack means durable)."""
 
-    def __init__(self, store: Store, router: Router):
+    def __init__(self, store: Store, router: Router, metrics: Metrics | None = None):
         self.store = store
-        self.router = router
+        self.router = router  # replaced whole by a reload
+        self._accepted = metrics.events_accepted if metrics else None
 
-    async def accept(self, events: Sequence[Event]) -> list[Accepted]:
+    async def accept(self, events: Sequence[Event], listener: str) -> list[Accepted]:
         router = self.router  # one routing table for the whole request, even if a reload swaps it meanwhile
-        return await self.store.ingest(events, [router.route(e.type) for e in events])
+        accepted = await self.store.ingest(events, [router.route(e.type) for e in events])
+        if self._accepted is not None:
+            for event, result in zip(events, accepted):
+                if not result.duplicate:
+                    self._accepted.labels(event.type, listener).inc()
+        return accepted

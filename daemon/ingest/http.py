@@ -34,15 +34,21 @@ class HttpIngest:
     def __init__(self, ingestor: Ingestor, token: str | None, max_body_size: int,
                  ready: Callable[[], Awaitable[bool]]):
         self._ingestor = ingestor
+        self._ready = ready
+        self.update(token, max_body_size)
+
+    def update(self, token: str | None, max_body_size: int) -> None:
+        """Apply a reloaded listen section without rebinding the socket."""
         self._token = token.encode() if token else None
         self._max_body_size = max_body_size
-        self._ready = ready
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body_size, middlewares=[self._errors, self._auth])
+    def app(self, extra: Callable[[web.Application], None] = lambda app: None) -> web.Application:
+        # The body limit is enforced while reading (see _read_body), so a reload can change it.
+        app = web.Application(client_max_size=2**40, middlewares=[self._errors, self._auth])
         app.router.add_post("/v1/events", self.post_events)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        extra(app)
         return app
 
     @web.middleware
@@ -60,7 +66,8 @@ class HttpIngest:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
-        if self._token is not None and request.path.startswith("/v1/"):
+        # Everything but the probes needs the token: events, the admin API and /metrics.
+        if self._token is not None and request.path not in ("/healthz", "/readyz"):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
                 return error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
@@ -70,11 +77,8 @@ class HttpIngest:
     async def post_events(self, request: web.Request) -> web.Response:
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
             return error_response(415, f"Content-Type must be application/json, got {request.content_type!r}")
-        if request.content_length is not None and request.content_length > self._max_body_size:
-            return self._too_large()
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+        raw = await self._read_body(request)
+        if raw is None:
             return self._too_large()
         try:
             decoded = codec.loads(raw)
@@ -98,11 +102,24 @@ class HttpIngest:
                 shown.append(f"... and {len(errors) - len(shown)} more invalid events")
             return error_response(400, shown)
         try:
-            accepted = await self._ingestor.accept(events)
+            accepted = await self._ingestor.accept(events, "http")
         except StoreError as e:
             return error_response(503, f"the event was not stored: {e}", headers={"Retry-After": "5"})
         return web.json_response(
             {"data": [{"id": a.id, "jobs": a.jobs, "duplicate": a.duplicate} for a in accepted]}, status=202)
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        """The body, or None as soon as it is larger than the limit (without reading the rest into memory)."""
+        limit = self._max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _too_large(self) -> web.Response:
         return error_response(413, f"body larger than listen.max_body_size ({self._max_body_size} bytes); "

@@ -31,10 +31,12 @@ class SocketIngest:
         self._ingestor = ingestor
         self.path = path
         self._mode = mode
-        self._max_line = max_line
-        self._too_long = f"line longer than listen.max_body_size ({max_line} bytes)"
+        self.max_line = max_line  # a reload may change it
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+
+    def _too_long(self) -> str:
+        return f"line longer than listen.max_body_size ({self.max_line} bytes)"
 
     async def start(self) -> None:
         sock = bind_unix_socket(self.path, self._mode)
@@ -87,7 +89,7 @@ class SocketIngest:
             items: list[bytes | str] = []  # in input order: a line to store, or an error to answer
             if not chunk:
                 if skipping:
-                    items.append(self._too_long)
+                    items.append(self._too_long())
                 elif pending.strip():
                     items.append(pending)  # the last line may lack its newline
                 if items:
@@ -97,16 +99,16 @@ class SocketIngest:
             if skipping:
                 if len(parts) == 1:
                     continue
-                items.append(self._too_long)
+                items.append(self._too_long())
                 parts[0] = b""
                 skipping = False
             parts[0] = pending + parts[0]
             pending = parts.pop()
-            if len(pending) > self._max_line:
+            if len(pending) > self.max_line:
                 pending, skipping = b"", True
             for line in parts:
-                if len(line) > self._max_line:
-                    items.append(self._too_long)
+                if len(line) > self.max_line:
+                    items.append(self._too_long())
                 elif line.strip():
                     items.append(line)
             if items:
@@ -129,7 +131,7 @@ class SocketIngest:
     async def _store(self, events: list[Event], answers: list[bytes | None]) -> bytes:
         if events:
             try:
-                accepted = iter(await self._ingestor.accept(events))
+                accepted = iter(await self._ingestor.accept(events, "socket"))
                 # Formatted by hand: the one answer written per event, at tens of thousands a second.
                 stored = [f'{{"id":{codec.dumps(a.id)},"ok":true,"jobs":{a.jobs},'
                           f'"duplicate":{"true" if a.duplicate else "false"}}}\n'.encode() for a in accepted]

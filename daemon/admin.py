@@ -1,0 +1,235 @@
+"""The admin API: status, integrations, Elastic-Path-style jobs and logs, retry, replay, /metrics.
+
+Served on the ingest listener, behind the same token. Pages follow the seed system's API:
+`page[limit]` (at most 100) and `page[offset]`, with `meta.page`, `meta.results` and `links`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from . import __version__, codec
+from .formats import iso_time
+from .ingest.http import error_response
+from .jobs import JobState
+from .metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from .service import Service
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 25
+
+
+class AdminApi:
+    def __init__(self, service: Service):
+        self._service = service
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/v1/status", self.status)
+        r.add_get("/v1/integrations", self.integrations)
+        r.add_get("/v1/integrations/{name}", self.integration)
+        r.add_get("/v1/integrations/{name}/jobs", self.jobs)
+        r.add_get("/v1/integrations/{name}/logs", self.integration_logs)
+        r.add_get("/v1/integrations/{name}/jobs/{job}/logs", self.job_logs)
+        r.add_post("/v1/integrations/{name}/jobs/{job}/retry", self.retry)
+        r.add_post("/v1/integrations/{name}/replay", self.replay)
+        r.add_get("/v1/logs", self.all_logs)
+        r.add_get("/metrics", self.metrics)
+
+    @property
+    def _store(self):  # noqa: ANN202 - the service's store, open while the API is served
+        assert self._service.store is not None
+        return self._service.store
+
+    # -- status and integrations ---------------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        service = self._service
+        counts = await self._store.job_counts()
+        rows = []
+        for integration in service.config.integrations:
+            name = integration.name
+            last = await self._store.last_attempts(name)
+            dispatcher = service.dispatchers.get(name)
+            success, failure = last["success"], last["failure"]
+            rows.append({
+                "name": name, "integration_type": integration.integration_type, "enabled": integration.enabled,
+                "pending": counts.get((name, JobState.PENDING), 0), "dead": counts.get((name, JobState.DEAD), 0),
+                "in_flight": dispatcher.in_flight if dispatcher else 0,
+                "delivered_last_hour": dispatcher.delivered_last_hour() if dispatcher else 0,
+                "last_success_at": iso_time(success[0]) if success else None,
+                "last_failure_at": iso_time(failure[0]) if failure else None,
+                "last_error": failure[1] if failure and (not success or failure[0] > success[0]) else None,
+            })
+        reload = service.last_reload
+        return _json({"data": {
+            "version": __version__, "started_at": iso_time(service.started_at),
+            "uptime_s": round(time.time() - service.started_at, 3),
+            "config": {"path": str(service.config.source) if service.config.source else None,
+                       "last_reload": None if reload is None else {
+                           "at": iso_time(reload.at), "ok": reload.ok, "errors": list(reload.errors)}},
+            "integrations": rows,
+        }})
+
+    async def integrations(self, request: web.Request) -> web.Response:
+        return _json({"data": [i.public() for i in self._service.config.integrations]})
+
+    async def integration(self, request: web.Request) -> web.Response:
+        integration = self._service.config.integration(request.match_info["name"])
+        if integration is None:
+            return _unknown(request.match_info["name"])
+        return _json({"data": integration.public()})
+
+    # -- jobs and logs -------------------------------------------------------------------------------------
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        state = request.query.get("state") or request.query.get("filter[state]")
+        if state is not None and state not in {s.value for s in JobState}:
+            return error_response(400, f"state must be pending, delivered or dead, not {state!r}")
+        page = _page(request)
+        if isinstance(page, web.Response):
+            return page
+        rows, total = await self._store.jobs(name, state, *page)
+        if total == 0 and not self._known(name):
+            return _unknown(name)
+        return _json(_paged(request, [_job(r) for r in rows], total, *page))
+
+    async def integration_logs(self, request: web.Request) -> web.Response:
+        return await self._logs(request, request.match_info["name"], None)
+
+    async def job_logs(self, request: web.Request) -> web.Response:
+        job_id = _int(request.match_info["job"])
+        if job_id is None:
+            return error_response(404, f"no job {request.match_info['job']!r}")
+        return await self._logs(request, request.match_info["name"], job_id)
+
+    async def all_logs(self, request: web.Request) -> web.Response:
+        return await self._logs(request, None, None)
+
+    async def _logs(self, request: web.Request, name: str | None, job_id: int | None) -> web.Response:
+        page = _page(request)
+        if isinstance(page, web.Response):
+            return page
+        rows, total = await self._store.logs(name, job_id, *page)
+        if total == 0 and name is not None and not self._known(name):
+            return _unknown(name)
+        return _json(_paged(request, [_log(r) for r in rows], total, *page))
+
+    def _known(self, name: str) -> bool:
+        return self._service.config.integration(name) is not None
+
+    # -- retry and replay ----------------------------------------------------------------------------------
+
+    async def retry(self, request: web.Request) -> web.Response:
+        name, job_id = request.match_info["name"], _int(request.match_info["job"])
+        previous = await self._store.retry(name, job_id) if job_id is not None else None
+        if previous is None:
+            return error_response(404, f"integration {name!r} has no job {request.match_info['job']!r}")
+        if previous == JobState.DELIVERED:
+            return error_response(409, "the job was delivered; to send it again, replay its time range")
+        return _json({"data": _job(await self._store.job(name, job_id))})
+
+    async def replay(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not self._known(name):
+            return _unknown(name)
+        try:
+            body = codec.loads(await request.read() or b"{}")
+            if not isinstance(body, dict) or set(body) - {"state", "since", "until", "limit"}:
+                raise ValueError('send {"state": "dead"} or {"since": …, "until": …}, optionally with "limit"')
+            limit = body.get("limit", 1_000_000)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise ValueError("limit must be a positive whole number")
+            if body.get("state") == "dead" and "since" not in body and "until" not in body:
+                queued = await self._store.replay(name, dead=True, limit=limit)
+            elif "state" not in body and ("since" in body or "until" in body):
+                since, until = _time(body.get("since"), "since"), _time(body.get("until"), "until")
+                queued = await self._store.replay(name, since=since, until=until, limit=limit)
+            else:
+                raise ValueError('send {"state": "dead"} or {"since": …, "until": …}')
+        except ValueError as e:
+            return error_response(400, str(e))
+        return _json({"data": {"queued": queued}})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        await self._service.refresh_gauges()
+        return web.Response(body=self._service.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(text=codec.dumps(payload), status=status, content_type="application/json")
+
+
+def _unknown(name: str) -> web.Response:
+    return error_response(404, f"no integration named {name!r} in the configuration")
+
+
+def _int(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _time(value: Any, field: str) -> float | None:
+    """Unix seconds or ISO 8601 (a trailing Z allowed); None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                raise ValueError(f"{field}: give a time zone, e.g. {value}Z")
+            return parsed.timestamp()
+    raise ValueError(f"{field}: {value!r} is not an ISO 8601 time or unix seconds")
+
+
+def _page(request: web.Request) -> tuple[int, int] | web.Response:
+    limit, offset = request.query.get("page[limit]", str(DEFAULT_PAGE)), request.query.get("page[offset]", "0")
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+        return error_response(400, f"page[limit] must be a whole number from 1 to {MAX_PAGE}")
+    if not offset.isdigit():
+        return error_response(400, "page[offset] must be a whole number, 0 or more")
+    return int(limit), int(offset)
+
+
+def _paged(request: web.Request, data: list[Any], total: int, limit: int, offset: int) -> dict[str, Any]:
+    def link(at: int) -> str:
+        query = {k: v for k, v in request.query.items() if not k.startswith("page[")}
+        return f"{request.path}?{urlencode({**query, 'page[limit]': limit, 'page[offset]': at})}"
+
+    last = max(0, (total - 1) // limit * limit)
+    return {"data": data,
+            "meta": {"page": {"limit": limit, "offset": offset, "current": offset // limit + 1,
+                              "total": max(1, -(-total // limit))},
+                     "results": {"total": total}},
+            "links": {"current": link(offset), "first": link(0), "last": link(last),
+                      "next": link(offset + limit) if offset + limit < total else None,
+                      "prev": link(max(0, offset - limit)) if offset > 0 else None}}
+
+
+def _job(r: dict[str, Any]) -> dict[str, Any]:
+    return {"id": str(r["id"]), "type": "job", "integration": r["integration"], "event_id": r["event_id"],
+            "event_type": r["event_type"], "state": r["state"], "attempts": r["attempts"],
+            "created_at": iso_time(r["created_at"]), "updated_at": iso_time(r["updated_at"]),
+            "next_attempt_at": iso_time(r["next_attempt_at"]) if r["next_attempt_at"] else None,
+            "last_error": r["last_error"]}
+
+
+def _log(r: dict[str, Any]) -> dict[str, Any]:
+    return {"id": str(r["id"]), "type": "integration-log", "succeeded": r["succeeded"], "attempt": r["attempt"],
+            "processing_time": round(r["duration"], 6), "status_code": r["status_code"], "body": r["body"],
+            "error_detail": r["error_detail"],
+            "relationships": {"integration": {"data": {"type": "integration", "id": r["integration"]}},
+                              "job": {"data": {"type": "job", "id": str(r["job_id"])}}},
+            "meta": {"timestamps": {"created_at": iso_time(r["created_at"])}}}
