@@ -1,0 +1,156 @@
+"""The admin API against a running daemon: status, integrations, jobs, logs, retry, replay, metrics, pruning."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .conftest import Receiver, wait_until, webhook
+
+FAST = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"}}
+
+
+async def get(d, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with d.http.get(d.url + path, headers=headers) as r:
+        return r.status, (await r.json() if r.content_type == "application/json" else await r.text())
+
+
+async def post(d, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with d.http.post(d.url + path, json=body, headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def test_status_and_integrations(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=500 if r.json["id"] == "bad" else 204)
+    d = await start_daemon([webhook("erp", receiver.url, configuration={"url": receiver.url,
+                                                                        "secret_key": "s3cret-PSYQ"},
+                                    delivery={"retry": {"initial": "10s", "max_interval": "10s"}}),
+                            webhook("off", receiver.url, enabled=False)])
+    await d.post([{"id": "ok1", "type": "order.paid", "data": {}}, {"id": "bad", "type": "order.paid", "data": {}}])
+    await wait_until(lambda: len(receiver.requests) == 2)
+    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(2,)])
+    status, body = await get(d, "/v1/status")
+    assert status == 200
+    data = body["data"]
+    assert data["version"] and data["uptime_s"] >= 0 and data["config"]["last_reload"] is None
+    erp, off = data["integrations"]
+    assert (erp["name"], erp["enabled"], erp["pending"], erp["dead"], erp["delivered_last_hour"]) == (
+        "erp", True, 1, 0, 1)
+    assert erp["last_success_at"].endswith("Z") and erp["last_failure_at"].endswith("Z")
+    assert erp["last_error"] == "Received a status code outside of 2xx range (500)"
+    assert (off["name"], off["enabled"], off["pending"]) == ("off", False, 0)
+
+    status, body = await get(d, "/v1/integrations/erp")
+    assert status == 200 and body["data"]["configuration"] == {"url": receiver.url, "secret_key": "****PSYQ"}
+    status, body = await get(d, "/v1/integrations")
+    assert [i["name"] for i in body["data"]] == ["erp", "off"] and "s3cret" not in str(body)
+    status, body = await get(d, "/v1/integrations/nope")
+    assert status == 404 and "no integration named 'nope'" in body["errors"][0]["detail"]
+
+
+async def test_jobs_and_logs_are_paginated_like_the_seed_system(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=500, text="nope") if r.json["attempt"] == 1 else \
+        web.Response(status=204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery=FAST)])
+    await d.post([{"id": f"e{i:02}", "type": "order.paid", "data": {}} for i in range(30)])
+    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(30,)])
+
+    status, body = await get(d, "/v1/integrations/erp/jobs?page[limit]=10&page[offset]=20&state=delivered")
+    assert status == 200
+    assert len(body["data"]) == 10
+    assert body["meta"] == {"page": {"limit": 10, "offset": 20, "current": 3, "total": 3},
+                            "results": {"total": 30}}
+    assert body["links"]["next"] is None and "page%5Boffset%5D=10" in body["links"]["prev"]
+    assert "state=delivered" in body["links"]["first"]
+    job = body["data"][-1]  # newest first: the last of the third page is the oldest job
+    assert (job["type"], job["event_id"], job["state"], job["attempts"]) == ("job", "e00", "delivered", 2)
+    assert job["next_attempt_at"] is None and job["last_error"] is None
+
+    status, body = await get(d, f"/v1/integrations/erp/jobs/{job['id']}/logs")
+    assert [(x["attempt"], x["succeeded"], x["status_code"]) for x in body["data"]] == [(2, True, 204),
+                                                                                     (1, False, 500)]
+    entry = body["data"][1]
+    assert entry["type"] == "integration-log" and entry["body"] == "nope"
+    assert entry["error_detail"] == "Received a status code outside of 2xx range (500)"
+    assert entry["relationships"] == {"integration": {"data": {"type": "integration", "id": "erp"}},
+                                      "job": {"data": {"type": "job", "id": job["id"]}}}
+    assert entry["meta"]["timestamps"]["created_at"].endswith("Z") and entry["processing_time"] >= 0
+
+    status, body = await get(d, "/v1/integrations/erp/logs?page[limit]=100")
+    assert body["meta"]["results"]["total"] == 60 and len(body["data"]) == 60
+    status, body = await get(d, "/v1/logs?page[limit]=5")
+    assert len(body["data"]) == 5 and body["meta"]["page"]["total"] == 12
+
+    for bad in ("page[limit]=101", "page[limit]=0", "page[offset]=-1", "state=lost"):
+        status, body = await get(d, f"/v1/integrations/erp/jobs?{bad}")
+        assert status == 400, bad
+    assert (await get(d, "/v1/integrations/nope/jobs"))[0] == 404
+
+
+async def test_retry_and_replay(start_daemon, receiver: Receiver) -> None:
+    failing = True
+    receiver.respond = lambda r: web.Response(status=500 if failing else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "retry": {"initial": "50ms", "max_interval": "50ms", "max_age": "200ms"}})])
+    await d.post([{"id": f"r{i}", "type": "order.paid", "data": {}} for i in range(3)])
+    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'dead'") == [(3,)], timeout=10)
+    failing = False
+
+    status, body = await post(d, "/v1/integrations/erp/jobs/1/retry")
+    assert status == 200 and body["data"]["state"] == "pending"
+    await wait_until(lambda: d.rows("SELECT state FROM jobs WHERE id = 1") == [("delivered",)])
+    status, body = await post(d, "/v1/integrations/erp/jobs/1/retry")
+    assert status == 409 and "replay" in body["errors"][0]["detail"]
+    assert (await post(d, "/v1/integrations/erp/jobs/999/retry"))[0] == 404
+
+    status, body = await post(d, "/v1/integrations/erp/replay", {"state": "dead"})
+    assert status == 200 and body["data"] == {"queued": 2}
+    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(3,)])
+
+    before = len(receiver.requests)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    status, body = await post(d, "/v1/integrations/erp/replay", {"since": since, "until": time.time() + 1})
+    assert status == 200 and body["data"] == {"queued": 3}  # delivered ones too
+    await wait_until(lambda: len(receiver.requests) == before + 3)
+
+    for bad in ({"state": "delivered"}, {"since": "yesterday"}, {"state": "dead", "limit": 0}, [1],
+                {"since": "2026-01-01T00:00:00"}):
+        status, body = await post(d, "/v1/integrations/erp/replay", bad)
+        assert status == 400, bad
+    assert (await post(d, "/v1/integrations/nope/replay", {"state": "dead"}))[0] == 404
+
+
+async def test_metrics(start_daemon, receiver: Receiver) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)], listen={"token": "t"})
+    auth = {"Authorization": "Bearer t"}
+    await d.post([{"type": "order.paid", "data": {}}] * 3, headers=auth)
+    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(3,)])
+    assert (await get(d, "/metrics"))[0] == 401  # same token as the rest of the API
+    status, text = await get(d, "/metrics", auth)
+    assert status == 200
+    lines = text.splitlines()
+    for expected in ('eventrelay_events_accepted_total{listener="http",type="order.paid"} 3.0',
+                     'eventrelay_delivery_attempts_total{integration="erp",result="delivered"} 3.0',
+                     'eventrelay_jobs_pending{integration="erp"} 0.0',
+                     'eventrelay_delivery_duration_seconds_count{integration="erp"} 3.0'):
+        assert expected in lines, expected
+    assert any(line.startswith("eventrelay_store_commit_operations_bucket") for line in lines)
+    assert any(line.startswith("eventrelay_oldest_pending_age_seconds") for line in lines)
+
+
+async def test_retention_prunes_delivered_and_keeps_what_is_needed(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=500 if r.json["id"] == "dead" else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "retry": {"initial": "50ms", "max_interval": "50ms", "max_age": "100ms"}})],
+        storage={"retention": "300ms", "dead_retention": "1h", "prune_interval": "200ms"})
+    await d.post([{"id": "done", "type": "order.paid", "data": {}}, {"id": "dead", "type": "order.paid", "data": {}},
+                  {"id": "nobody", "type": "customer.created", "data": {}}])
+    await wait_until(lambda: d.rows("SELECT id FROM events ORDER BY seq") == [("dead",)], timeout=10)
+    assert d.rows("SELECT state FROM jobs") == [("dead",)]
+    assert d.rows("SELECT count(*) FROM attempts WHERE job_id = (SELECT id FROM jobs)")[0][0] >= 1
+    # A pruned id is a new event again: its dedup window was the retention.
+    assert (await d.post({"id": "done", "type": "order.paid", "data": {}}))[1]["data"][0]["duplicate"] is False
+    await asyncio.sleep(0)

@@ -1,0 +1,170 @@
+"""Live reload: by difference, invalid files refused, listeners re-bound, SIGHUP under load, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from .conftest import Receiver, free_port, wait_until, webhook
+
+
+def rewrite(path: Path, change) -> None:  # noqa: ANN001 - a function editing the decoded YAML in place
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw))
+
+
+async def test_reload_applies_the_difference_by_name(start_daemon, receiver: Receiver, tmp_path: Path) -> None:
+    d = await start_daemon([webhook("keep", receiver.url + "/keep"), webhook("drop", receiver.url + "/drop"),
+                            webhook("move", receiver.url + "/move-old")])
+    keep_before = d.service.dispatchers["keep"]
+    config = tmp_path / "config.yaml"
+
+    def change(raw: dict[str, Any]) -> None:
+        raw["integrations"] = [i for i in raw["integrations"] if i["name"] != "drop"]
+        next(i for i in raw["integrations"] if i["name"] == "move")["configuration"]["url"] = receiver.url + "/move-new"
+        raw["integrations"].append(webhook("new", receiver.url + "/new"))
+
+    rewrite(config, change)
+    result = await d.service.reload()
+    assert result.ok and result.changes == ("added new", "removed drop", "changed move")
+    assert d.service.dispatchers["keep"] is keep_before  # untouched: same object, same connections
+    assert sorted(d.service.dispatchers) == ["keep", "move", "new"]
+
+    await d.post({"id": "after", "type": "order.paid", "data": {}})
+    await wait_until(lambda: len(receiver.requests) == 3)
+    await asyncio.sleep(0.2)
+    assert sorted(r.path for r in receiver.requests) == ["/hook/keep", "/hook/move-new", "/hook/new"]
+    assert d.rows("SELECT integration FROM jobs WHERE integration = 'drop'") == []
+    status = await (await d.http.get(d.url + "/v1/status")).json()
+    assert status["data"]["config"]["last_reload"]["ok"] is True
+
+
+async def test_pending_jobs_of_a_removed_integration_wait_for_its_return(start_daemon, receiver: Receiver,
+                                                                        tmp_path: Path) -> None:
+    up = False
+    receiver.respond = lambda r: aiohttp.web.Response(status=204 if up else 503)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "retry": {"initial": "50ms", "max_interval": "50ms", "max_age": "1h"}})])
+    await d.post({"id": "waiting", "type": "order.paid", "data": {}})
+    await wait_until(lambda: receiver.requests)
+    config = tmp_path / "config.yaml"
+    original = config.read_text()
+    rewrite(config, lambda raw: raw.update(integrations=[]))
+    assert (await d.service.reload()).changes == ("removed erp",)
+    up = True
+    await asyncio.sleep(0.3)
+    assert d.rows("SELECT state FROM jobs") == [("pending",)]  # kept, not delivered, not lost
+    config.write_text(original)
+    assert (await d.service.reload()).changes == ("added erp",)
+    await wait_until(lambda: d.rows("SELECT state FROM jobs") == [("delivered",)])
+
+
+async def test_an_invalid_file_is_refused_and_the_old_config_keeps_running(start_daemon, receiver: Receiver,
+                                                                           tmp_path: Path) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)])
+    config = tmp_path / "config.yaml"
+    rewrite(config, lambda raw: raw["integrations"][0]["configuration"].update(url="not a url"))
+    result = await d.service.reload()
+    assert not result.ok and result.errors == ("integrations[0].configuration.url: not an http(s) URL",)
+    config.write_text("listen: [unclosed\n")
+    assert "invalid YAML" in (await d.service.reload()).errors[0]
+    await d.post({"type": "order.paid", "data": {}})
+    await wait_until(lambda: len(receiver.requests) == 1)
+    status = await (await d.http.get(d.url + "/v1/status")).json()
+    assert status["data"]["config"]["last_reload"]["ok"] is False
+    assert "invalid YAML" in status["data"]["config"]["last_reload"]["errors"][0]
+
+
+async def test_listeners_are_rebound_and_limits_change_in_place(start_daemon, tmp_path: Path) -> None:
+    d = await start_daemon([])
+    old_url = d.url
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    rewrite(config, lambda raw: raw["listen"].update(http=f"127.0.0.1:{port}", socket=str(tmp_path / "new.sock"),
+                                                     token="tok", max_body_size="1KiB"))
+    result = await d.service.reload()
+    assert result.ok and "http listener 127.0.0.1:%d" % port in result.changes
+    assert d.url == f"http://127.0.0.1:{port}"
+    try:
+        async with d.http.get(old_url + "/healthz") as r:
+            raise AssertionError(f"old address still answers: {r.status}")
+    except aiohttp.ClientConnectionError:
+        pass
+    assert (await d.post({"type": "order.paid", "data": {}}))[0] == 401
+    auth = {"Authorization": "Bearer tok"}
+    assert (await d.post({"type": "order.paid", "data": {"x": "y" * 2000}}, headers=auth))[0] == 413
+    assert (await d.post({"type": "order.paid", "data": {}}, headers=auth))[0] == 202
+    assert not (tmp_path / "er.sock").exists() and (tmp_path / "new.sock").exists()
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "new.sock"))
+    writer.write(b'{"type": "order.paid", "data": {}}\n')
+    assert json.loads(await asyncio.wait_for(reader.readline(), 5))["ok"] is True
+    writer.close()
+
+
+async def test_sighup_storm_under_load_loses_nothing(daemon_process, receiver: Receiver) -> None:
+    """The daemon as a process: events flow while the file changes and SIGHUPs arrive in bursts."""
+    d = daemon_process([webhook("a", receiver.url + "/a", ["order.*"]), webhook("b", receiver.url + "/b", ["*"])])
+    await asyncio.to_thread(d.start)
+    acked: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        async def produce() -> None:
+            for i in range(150):
+                async with session.post(f"{d.url}/v1/events", json={"id": f"e{i}", "type": "order.paid",
+                                                                     "data": {}}) as r:
+                    assert r.status == 202, await r.text()
+                    acked.append(f"e{i}")
+                await asyncio.sleep(0.01)
+
+        producer = asyncio.create_task(produce())
+        for round_ in range(6):
+            # Toggle b's concurrency (a change) and add/remove c, then a burst of SIGHUPs.
+            rewrite(d.config, lambda raw: (raw["integrations"][1].setdefault("delivery", {}).update(
+                concurrency=2 + round_ % 2),
+                raw["integrations"].append(webhook("c", receiver.url + "/c", ["nothing.ever"]))
+                if round_ % 2 == 0 else raw.update(integrations=raw["integrations"][:2])))
+            for _ in range(5):
+                d.signal(signal.SIGHUP)
+            await asyncio.sleep(0.2)
+        await producer
+        await wait_until(lambda: {r.json["id"] for r in receiver.requests if r.path == "/hook/a"} >= set(acked)
+                         and {r.json["id"] for r in receiver.requests if r.path == "/hook/b"} >= set(acked),
+                         timeout=30)
+        status = await (await session.get(f"{d.url}/v1/status")).json()
+    assert status["data"]["config"]["last_reload"]["ok"] is True
+    assert d.proc.poll() is None
+
+
+async def test_sd_notify_messages_in_order(daemon_process, tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = tmp_path / "notify.sock"
+    notify.bind(str(notify_path))
+    notify.settimeout(10)
+    d = daemon_process([])
+    os.environ["NOTIFY_SOCKET"] = str(notify_path)
+    try:
+        await asyncio.to_thread(d.start)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+
+    def receive() -> str:
+        return notify.recv(4096).decode()
+
+    ready = await asyncio.to_thread(receive)
+    assert ready.startswith("READY=1\nSTATUS=0 integrations, 0 jobs pending, 0 dead")
+    d.signal(signal.SIGHUP)
+    reloading = await asyncio.to_thread(receive)
+    assert reloading.startswith("RELOADING=1\nMONOTONIC_USEC=")
+    assert (await asyncio.to_thread(receive)).startswith("READY=1")
+    d.signal(signal.SIGTERM)
+    assert (await asyncio.to_thread(receive)) == "STOPPING=1"
+    assert await asyncio.to_thread(d.wait) == 0
+    notify.close()
