@@ -72,7 +72,7 @@ class AdminApi:
         return _json({"data": {
             "version": __version__, "started_at": iso_time(service.started_at),
             "uptime_s": round(time.time() - service.started_at, 3),
-            "config": {"path": str(service.config.source) if service.config.source else None,
+            "config": {"path": str(service.config.source.resolve()) if service.config.source else None,
                        "last_reload": None if reload is None else {
                            "at": iso_time(reload.at), "ok": reload.ok, "errors": list(reload.errors)}},
             "integrations": rows,
@@ -143,16 +143,18 @@ class AdminApi:
             return _unknown(name)
         try:
             body = codec.loads(await request.read() or b"{}")
-            if not isinstance(body, dict) or set(body) - {"state", "since", "until", "limit"}:
+            if not isinstance(body, dict) or set(body) - {"state", "since", "until", "limit", "not_requeued_since"}:
                 raise ValueError('send {"state": "dead"} or {"since": …, "until": …}, optionally with "limit"')
             limit = body.get("limit", 1_000_000)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 raise ValueError("limit must be a positive whole number")
+            fence = _time(body.get("not_requeued_since"), "not_requeued_since")
             if body.get("state") == "dead" and "since" not in body and "until" not in body:
-                queued = await self._store.replay(name, dead=True, limit=limit)
+                queued = await self._store.replay(name, dead=True, not_requeued_since=fence, limit=limit)
             elif "state" not in body and ("since" in body or "until" in body):
                 since, until = _time(body.get("since"), "since"), _time(body.get("until"), "until")
-                queued = await self._store.replay(name, since=since, until=until, limit=limit)
+                queued = await self._store.replay(name, since=since, until=until, not_requeued_since=fence,
+                                                  limit=limit)
             else:
                 raise ValueError('send {"state": "dead"} or {"since": …, "until": …}')
         except ValueError as e:

@@ -197,8 +197,7 @@ class _Client:
                 text = await resp.text(errors="replace")
                 status = resp.status
         except aiohttp.ClientConnectorError as e:
-            reason = e.os_error.strerror if e.os_error and e.os_error.strerror else str(e)
-            raise Unreachable(_unreachable(self.target.url, reason)) from None
+            raise Unreachable(_unreachable(self.target.url, _reason(e.os_error) or str(e))) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise Unreachable(_unreachable(self.target.url, str(e) or type(e).__name__)) from None
         except TimeoutError:
@@ -228,6 +227,15 @@ class _Client:
         elif status == 404 and details == ["Not Found"]:
             hint = "the daemon does not know this path: is it older than this eventrelay command?"
         return ServerError(status, details, hint)
+
+
+def _reason(error: OSError | None) -> str | None:
+    # asyncio's strerror is "Connect call failed ('127.0.0.1', 8787)"; the errno's text says why it failed.
+    if error is None:
+        return None
+    if isinstance(error.errno, int) and error.errno > 0:
+        return os.strerror(error.errno)
+    return error.strerror or None
 
 
 def _unreachable(url: str, reason: str) -> str:
@@ -443,7 +451,7 @@ def _replay_selector(args: argparse.Namespace, now: datetime) -> tuple[dict[str,
     if args.dead:
         if args.until is not None:
             raise UsageError("--until goes with --since, not with --dead")
-        return {"state": "dead"}, "dead job(s)"
+        return {"state": "dead", "not_requeued_since": _iso(now)}, "dead job(s)"
     if args.since is None:
         raise UsageError("say what to replay: --dead, or --since TIME [--until TIME]")
     since = parse_time_arg(args.since, now, "--since")
@@ -451,7 +459,10 @@ def _replay_selector(args: argparse.Namespace, now: datetime) -> tuple[dict[str,
     until = parse_time_arg(args.until, now, "--until") if args.until is not None else now
     if since >= until:
         raise UsageError(f"--since ({_iso(since)}) must be before --until ({_iso(until)})")
-    return {"since": _iso(since), "until": _iso(until)}, f"job(s) created from {_iso(since)} to {_iso(until)}"
+    # not_requeued_since: the batches of this command skip what its earlier batches re-queued, so the loop ends
+    # even while deliveries keep up with it.
+    return ({"since": _iso(since), "until": _iso(until), "not_requeued_since": _iso(now)},
+            f"job(s) created from {_iso(since)} to {_iso(until)}")
 
 
 async def _replay(client: _Client, args: argparse.Namespace, selector: dict[str, Any], described: str,
@@ -560,19 +571,19 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     status.set_defaults(func=cmd_status)
 
     jobs = subparsers.add_parser("jobs", parents=[common], help="list an integration's jobs")
-    jobs.add_argument("integration")
+    jobs.add_argument("integration", help="its name, as in the config")
     jobs.add_argument("--state", choices=("pending", "delivered", "dead"), help="only jobs in this state")
     page(jobs)
     jobs.set_defaults(func=cmd_jobs)
 
     logs = subparsers.add_parser("logs", parents=[common], help="the delivery attempts of an integration or a job")
-    logs.add_argument("integration")
+    logs.add_argument("integration", help="its name, as in the config")
     logs.add_argument("--job", help="only this job's attempts, with answers shown whole")
     page(logs)
     logs.set_defaults(func=cmd_logs)
 
     retry = subparsers.add_parser("retry", parents=[common], help="deliver a pending or dead job again now")
-    retry.add_argument("integration")
+    retry.add_argument("integration", help="its name, as in the config")
     retry.add_argument("job", help="the job's id, as `eventrelay jobs` lists it")
     retry.set_defaults(func=cmd_retry)
 
@@ -580,7 +591,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "replay", parents=[common], help="re-queue an integration's dead jobs, or its jobs of a time range",
         epilog="TIME is ISO 8601 (2026-11-27T14:00:00Z; without a zone, local time) or a duration meaning that "
                "long ago (30m, 2h, 7d). Jobs already pending are left alone.")
-    replay.add_argument("integration")
+    replay.add_argument("integration", help="its name, as in the config")
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--dead", action="store_true", help="re-queue every dead job")
     which.add_argument("--since", metavar="TIME", help="re-queue jobs created at or after TIME")

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, admin_client
 from . import config as config_module
 from . import log as log_setup
 from .store import StoreError
@@ -33,7 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     receive.add_argument("--secret-key", help="answer 401 unless X-MOLTIN-SECRET-KEY carries this value")
     receive.add_argument("--status", type=int, default=204, help="status to answer (e.g. 500 to watch retries)")
 
+    admin_client.add_commands(commands)
+
     args = parser.parse_args(argv)
+    if getattr(args, "func", None):
+        return args.func(args)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "receive":

@@ -451,17 +451,23 @@ class Store:
         return (await self._call(run)).previous
 
     async def replay(self, integration: str, *, dead: bool = False, since: float | None = None,
-                     until: float | None = None, limit: int = 10_000) -> int:
+                     until: float | None = None, not_requeued_since: float | None = None,
+                     limit: int = 10_000) -> int:
         """Re-queue up to `limit` jobs: the dead ones, or those created in [since, until) whatever their state.
 
         Jobs already pending are left alone (they are on their way). Each replayed job gets a fresh max_age.
+        `not_requeued_since` skips jobs re-queued since then, so a replay done in batches ends.
         """
+        skip = "AND (requeued_at IS NULL OR requeued_at < ?)"
+        fence = [not_requeued_since if not_requeued_since is not None else 1e18]
         if dead:
-            select, params = "SELECT id FROM jobs WHERE integration = ? AND state = 'dead' LIMIT ?", [integration]
+            select = f"SELECT id FROM jobs WHERE integration = ? AND state = 'dead' {skip} LIMIT ?"
+            params = [integration, *fence]
         else:
             select = ("SELECT id FROM jobs WHERE integration = ? AND created_at >= ? AND created_at < ? "
-                      "AND state <> 'pending' LIMIT ?")
-            params = [integration, since if since is not None else 0.0, until if until is not None else 1e18]
+                      f"AND state <> 'pending' {skip} LIMIT ?")
+            params = [integration, since if since is not None else 0.0, until if until is not None else 1e18,
+                      *fence]
 
         async def run(db: aiosqlite.Connection, now: float) -> _Requeued:
             cursor = await db.execute(

@@ -181,3 +181,16 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+async def test_a_replay_in_batches_skips_what_it_already_requeued(store: Store) -> None:
+    import time as _time
+
+    await store.ingest([ev(i) for i in range(5)], [("a",)] * 5)
+    await finish(store, JobState.DELIVERED, 5)
+    started = _time.time()
+    assert await store.replay("a", since=0, until=10**10, not_requeued_since=started, limit=3) == 3
+    await finish(store, JobState.DELIVERED, 3)  # delivered again before the next batch
+    assert await store.replay("a", since=0, until=10**10, not_requeued_since=started, limit=3) == 2
+    await finish(store, JobState.DELIVERED, 2)
+    assert await store.replay("a", since=0, until=10**10, not_requeued_since=started, limit=3) == 0

@@ -1,0 +1,681 @@
+"""The operator commands (status, jobs, logs, retry, replay, send) against a fake admin API, then the real daemon.
+
+The fake is a real aiohttp server on 127.0.0.1 that answers as the admin API is specified: it pins table
+formatting, the requests the commands make and their exit codes. The end-to-end tests at the bottom run the
+same commands against the daemon itself. Commands call asyncio.run, so async tests run them in a thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+from aiohttp import web
+
+import daemon.service
+from daemon import admin_client
+from daemon.admin_client import Target, UsageError, add_commands, target_from
+
+from .conftest import Receiver, free_port, wait_until, webhook
+
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def ago(**delta: float) -> str:
+    return iso(NOW - timedelta(**delta))
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="eventrelay")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+async def run(*argv: str) -> int:
+    args = parse(*argv)
+    return await asyncio.to_thread(args.func, args)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Never read the host's /etc/eventrelay/config.yaml or an operator's token.
+    monkeypatch.setenv("EVENTRELAY_CONFIG", str(tmp_path / "no-such-config.yaml"))
+    monkeypatch.delenv("EVENTRELAY_TOKEN", raising=False)
+
+
+# -- the fake admin API ---------------------------------------------------------------------------------------
+
+def job(job_id: str, state: str, attempts: int, error: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": job_id, "type": "job", "integration": "erp", "event_id": f"evt-{job_id}",
+            "event_type": "order.paid", "state": state, "attempts": attempts, "created_at": ago(hours=1),
+            "updated_at": ago(minutes=5), "next_attempt_at": None, "last_error": error, **extra}
+
+
+def log_entry(log_id: str, job_id: str, attempt: int, status: int | None, error: str | None,
+              body: str | None = None, seconds: float = 0.0123) -> dict[str, Any]:
+    return {"id": log_id, "type": "integration-log", "succeeded": error is None, "attempt": attempt,
+            "processing_time": seconds, "status_code": status, "body": body, "error_detail": error,
+            "relationships": {"integration": {"data": {"type": "integration", "id": "erp"}},
+                              "job": {"data": {"type": "job", "id": job_id}}},
+            "meta": {"timestamps": {"created_at": ago(minutes=int(log_id))}}}
+
+
+LONG_ERROR = "Received a status code outside of 2xx range (500): <html><body>\n  Internal Server Error, see the logs"
+
+
+def status_data() -> dict[str, Any]:
+    return {
+        "version": "1.2.3", "started_at": ago(hours=4, minutes=12), "uptime_s": 4 * 3600 + 12 * 60 + 7.5,
+        "config": {"path": "/etc/eventrelay/config.yaml", "last_reload": {
+            "at": ago(minutes=3), "ok": False,
+            "errors": ["integrations[0].configuration.url: not an http(s) URL", "listen.token: must be a string"]}},
+        "integrations": [
+            {"name": "erp-orders", "integration_type": "webhook", "enabled": True, "pending": 12, "in_flight": 3,
+             "dead": 0, "delivered_last_hour": 1520, "last_success_at": ago(seconds=4), "last_failure_at": None,
+             "last_error": None},
+            {"name": "inventory", "integration_type": "aws_sqs", "enabled": False, "pending": 0, "in_flight": 0,
+             "dead": 140, "delivered_last_hour": 0, "last_success_at": None,
+             "last_failure_at": ago(hours=2, minutes=1), "last_error": LONG_ERROR},
+        ],
+    }
+
+
+@dataclass
+class FakeApi:
+    url: str = ""
+    token: str | None = None
+    status: dict[str, Any] = field(default_factory=status_data)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    dead: int = 0
+    fail_replay_after: int | None = None  # answer 500 to replay calls after this many
+    requests: list[tuple[str, str, dict[str, str], Any, dict[str, str]]] = field(default_factory=list)
+
+    def bodies(self, path_end: str) -> list[Any]:
+        return [body for _, path, _, body, _ in self.requests if path.endswith(path_end)]
+
+
+def api_error(status: int, detail: str) -> web.Response:
+    return web.json_response({"errors": [{"status": str(status), "title": "Error", "detail": detail}]},
+                             status=status)
+
+
+def paged(items: list[Any], request: web.Request) -> web.Response:
+    limit, offset = int(request.query.get("page[limit]", 25)), int(request.query.get("page[offset]", 0))
+    return web.json_response({"data": items[offset:offset + limit], "meta": {
+        "page": {"limit": limit, "offset": offset, "current": offset // limit + 1, "total": -(-len(items) // limit)},
+        "results": {"total": len(items)}}, "links": {}})
+
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeApi]:
+    monkeypatch.setattr(admin_client, "_now", lambda: NOW)
+    api = FakeApi()
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else None
+        api.requests.append((request.method, request.path, dict(request.query), body, dict(request.headers)))
+        if api.token and request.headers.get("Authorization") != f"Bearer {api.token}":
+            return api_error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
+        if request.match_info.get("name", "erp") != "erp":
+            return api_error(404, f"no integration named {request.match_info['name']!r} in the configuration")
+        return await handler(request)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"data": api.status})
+
+    async def jobs(request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        return paged([j for j in api.jobs if state in (None, j["state"])], request)
+
+    async def logs(request: web.Request) -> web.Response:
+        job_id = request.match_info.get("job")
+        return paged([e for e in api.logs if job_id in (None, e["relationships"]["job"]["data"]["id"])], request)
+
+    async def retry(request: web.Request) -> web.Response:
+        found = next((j for j in api.jobs if j["id"] == request.match_info["job"]), None)
+        if found is None:
+            return api_error(404, f"integration 'erp' has no job {request.match_info['job']!r}")
+        if found["state"] == "delivered":
+            return api_error(409, "the job was delivered; to send it again, replay its time range")
+        found.update(state="pending", next_attempt_at=iso(NOW))
+        return web.json_response({"data": found})
+
+    async def replay(request: web.Request) -> web.Response:
+        calls = len(api.bodies("/replay"))
+        if api.fail_replay_after is not None and calls > api.fail_replay_after:
+            return api_error(500, "database is locked")
+        body = await request.json()
+        queued = min(body["limit"], api.dead)
+        api.dead -= queued
+        return web.json_response({"data": {"queued": queued}})
+
+    async def events(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["type"] != body["type"].lower():
+            return api_error(400, "type: 'Order.Paid' is not an event key (resource.action, lower case)")
+        return web.json_response({"data": [{"id": body.get("id", "0190-made-up"), "jobs": 2,
+                                            "duplicate": body.get("id") == "seen"}]}, status=202)
+
+    app = web.Application(middlewares=[record])
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/integrations/{name}/jobs", jobs)
+    app.router.add_get("/v1/integrations/{name}/logs", logs)
+    app.router.add_get("/v1/integrations/{name}/jobs/{job}/logs", logs)
+    app.router.add_post("/v1/integrations/{name}/jobs/{job}/retry", retry)
+    app.router.add_post("/v1/integrations/{name}/replay", replay)
+    app.router.add_post("/v1/events", events)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    api.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield api
+    await runner.cleanup()
+
+
+# -- status ---------------------------------------------------------------------------------------------------
+
+async def test_status_shows_the_header_the_failed_reload_and_one_aligned_row_per_integration(fake, capsys) -> None:
+    assert await run("status", "--url", fake.url) == 0  # dead jobs and a failed reload: reported, still 0
+    out = capsys.readouterr().out
+    assert out == (
+        "eventrelay 1.2.3, up 4h 12m (since 2026-11-27 07:48:00Z)\n"
+        "config /etc/eventrelay/config.yaml: reload 3m ago FAILED; the daemon still runs the previous "
+        "configuration. Fix these, check with `eventrelay check-config`, reload again:\n"
+        "  integrations[0].configuration.url: not an http(s) URL\n"
+        "  listen.token: must be a string\n"
+        "\n"
+        "NAME        TYPE     ENABLED  PENDING  IN FLIGHT  DEAD  DELIVERED/H  LAST SUCCESS  LAST ERROR\n"
+        "erp-orders  webhook  yes           12          3     0         1520  4s ago        -\n"
+        "inventory   aws_sqs  no             0          0   140            0  never         "
+        "2h 1m ago: Received a status code outside of 2xx range (500): <html><b…\n")
+    assert "\n  Internal" not in out  # an error's newlines never break the table
+    assert fake.requests[0][:2] == ("GET", "/v1/status")
+
+
+@pytest.mark.parametrize("reload, line", [
+    (None, "config /etc/eventrelay/config.yaml: as loaded at start, not reloaded since"),
+    ({"at": ago(hours=1, minutes=30), "ok": True, "errors": []},
+     "config /etc/eventrelay/config.yaml: reloaded 1h 30m ago, OK"),
+])
+async def test_status_says_when_the_config_was_last_reloaded(fake, capsys, reload, line) -> None:
+    fake.status["config"]["last_reload"] = reload
+    fake.status["integrations"] = []
+    assert await run("status", "--url", fake.url) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [line, "", "no integrations configured"]
+
+
+async def test_status_json_prints_the_servers_data_for_scripts(fake, capsys) -> None:
+    assert await run("status", "--url", fake.url, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == fake.status
+
+
+# -- jobs and logs ---------------------------------------------------------------------------------------------
+
+async def test_jobs_passes_state_and_page_and_prints_a_table_with_the_next_page(fake, capsys) -> None:
+    fake.jobs = [job("9", "dead", 7, "Received a status code outside of 2xx range (503)"),
+                 job("8", "pending", 2, "no complete answer within the timeout (10s)",
+                     next_attempt_at=iso(NOW + timedelta(seconds=95))),
+                 job("7", "delivered", 1),
+                 job("6", "pending", 0, next_attempt_at=ago(seconds=1)),
+                 job("5", "dead", 9, "connection refused")]
+    assert await run("jobs", "erp", "--limit", "3", "--url", fake.url) == 0
+    assert capsys.readouterr().out == (
+        "ID  STATE      ATTEMPTS  EVENT TYPE  EVENT ID  CREATED               NEXT ATTEMPT  LAST ERROR\n"
+        " 9  dead              7  order.paid  evt-9     2026-11-27 11:00:00Z  -             "
+        "Received a status code outside of 2xx range (503)\n"
+        " 8  pending           2  order.paid  evt-8     2026-11-27 11:00:00Z  in 1m 35s     "
+        "no complete answer within the timeout (10s)\n"
+        " 7  delivered         1  order.paid  evt-7     2026-11-27 11:00:00Z  -             -\n"
+        "jobs of erp 1-3 of 5, newest first; next page: --offset 3\n")
+    assert fake.requests[-1][2] == {"page[limit]": "3", "page[offset]": "0"}  # no state: every job
+
+    assert await run("jobs", "erp", "--state", "dead", "--offset", "1", "--url", fake.url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["5", "dead"] and out[-1] == "dead jobs of erp 2-2 of 2, newest first"
+    assert fake.requests[-1][2] == {"state": "dead", "page[limit]": "25", "page[offset]": "1"}
+
+    assert await run("jobs", "erp", "--state", "dead", "--json", "--url", fake.url) == 0
+    assert [j["id"] for j in json.loads(capsys.readouterr().out)] == ["9", "5"]
+
+
+async def test_no_jobs_is_said_in_words(fake, capsys) -> None:
+    assert await run("jobs", "erp", "--state", "dead", "--url", fake.url) == 0
+    assert capsys.readouterr().out == "no dead jobs of erp\n"
+
+
+async def test_unknown_integration_exits_1_with_the_servers_detail(fake, capsys) -> None:
+    assert await run("jobs", "nope", "--url", fake.url) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == "eventrelay: no integration named 'nope' in the configuration\n"
+
+
+async def test_logs_of_an_integration_cut_answers_and_of_a_job_show_them_whole(fake, capsys) -> None:
+    fake.logs = [log_entry("3", "8", 2, None, None, body="thanks", seconds=0.004),
+                 log_entry("2", "8", 1, 500, LONG_ERROR, seconds=12.5),
+                 log_entry("1", "5", 1, None, "no complete answer within the timeout (10s)", seconds=10.0)]
+    assert await run("logs", "erp", "--url", fake.url) == 0
+    assert capsys.readouterr().out == (
+        "TIME                  JOB  ATTEMPT  RESULT  STATUS  DURATION  DETAIL\n"
+        "2026-11-27 11:57:00Z    8        2  ok      -            4ms  thanks\n"
+        "2026-11-27 11:58:00Z    8        1  failed  500        12.5s  "
+        "Received a status code outside of 2xx range (500): <html><b…\n"
+        "2026-11-27 11:59:00Z    5        1  failed  -          10.0s  no complete answer within the timeout (10s)\n"
+        "attempts of erp 1-3 of 3, newest first\n")
+    assert fake.requests[-1][1:3] == ("/v1/integrations/erp/logs", {"page[limit]": "25", "page[offset]": "0"})
+
+    assert await run("logs", "erp", "--job", "8", "--limit", "1", "--url", fake.url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[1].endswith("thanks")
+    assert out[2] == "attempts of job 8 of erp 1-1 of 2, newest first; next page: --offset 1"
+    assert fake.requests[-1][1:3] == ("/v1/integrations/erp/jobs/8/logs", {"page[limit]": "1", "page[offset]": "0"})
+
+    assert await run("logs", "erp", "--job", "8", "--offset", "1", "--url", fake.url) == 0
+    assert " ".join(LONG_ERROR.split()) in capsys.readouterr().out  # one job's answers are shown whole
+
+
+# -- retry ----------------------------------------------------------------------------------------------------
+
+async def test_retry_requeues_and_says_how_to_follow_the_job(fake, capsys) -> None:
+    fake.jobs = [job("5", "dead", 9, "connection refused"), job("7", "delivered", 1)]
+    assert await run("retry", "erp", "5", "--url", fake.url) == 0
+    assert capsys.readouterr().out == (
+        "job 5 of erp re-queued (pending, 9 attempt(s) so far); follow it with `eventrelay logs erp --job 5`\n")
+    assert fake.requests[-1][:2] == ("POST", "/v1/integrations/erp/jobs/5/retry")
+
+
+@pytest.mark.parametrize("job_id, detail", [
+    ("7", "the job was delivered; to send it again, replay its time range"),  # 409
+    ("404", "integration 'erp' has no job '404'"),
+])
+async def test_retry_that_the_server_refuses_exits_1_with_its_detail(fake, capsys, job_id, detail) -> None:
+    fake.jobs = [job("7", "delivered", 1)]
+    assert await run("retry", "erp", job_id, "--url", fake.url) == 1
+    assert capsys.readouterr() == ("", f"eventrelay: {detail}\n")
+
+
+# -- replay ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dead, calls", [(5, 3), (4, 3), (0, 1)])
+async def test_replay_dead_loops_in_batches_until_the_server_has_no_more(fake, capsys, dead, calls) -> None:
+    fake.dead = dead
+    assert await run("replay", "erp", "--dead", "--batch", "2", "--url", fake.url) == 0
+    # A short batch ends the loop.
+    assert fake.bodies("/replay") == [{"state": "dead", "not_requeued_since": "2026-11-27T12:00:00.000Z",
+                                       "limit": 2}] * calls
+    out, err = capsys.readouterr()
+    if dead:
+        assert out == f"re-queued {dead} dead job(s) of erp\n"
+        done = [min(2 * i, dead) for i in range(1, calls + 1)]
+        expected = [f"replay erp: {n} dead job(s) re-queued so far" for n in dict.fromkeys(done) if n]
+        assert err.splitlines() == expected
+    else:
+        assert (out, err) == ("nothing to replay: no dead job(s) of erp\n", "")
+    assert fake.dead == 0
+
+
+async def test_replay_default_batch_and_json(fake, capsys) -> None:
+    fake.dead = 3
+    assert await run("replay", "erp", "--dead", "--json", "--url", fake.url) == 0
+    assert fake.bodies("/replay") == [{"state": "dead", "not_requeued_since": "2026-11-27T12:00:00.000Z",
+                                       "limit": 5000}]
+    assert capsys.readouterr() == ('{\n  "queued": 3\n}\n', "")
+
+
+@pytest.mark.parametrize("since, until, body", [
+    ("2h", None, {"since": "2026-11-27T10:00:00.000Z", "until": "2026-11-27T12:00:00.000Z"}),
+    ("1d 6h", "90m", {"since": "2026-11-26T06:00:00.000Z", "until": "2026-11-27T10:30:00.000Z"}),
+    ("2026-11-27T09:15:00Z", "2026-11-27T11:00:00+02:00",
+     {"since": "2026-11-27T09:15:00.000Z", "until": "2026-11-27T09:00:00.000Z"}),
+])
+async def test_replay_window_accepts_durations_ago_and_iso_times(fake, capsys, since, until, body) -> None:
+    argv = ["replay", "erp", "--since", since, "--url", fake.url] + (["--until", until] if until else [])
+    code = await run(*argv)
+    if body["since"] >= body["until"]:
+        assert code == 2 and fake.requests == []
+        assert "must be before --until" in capsys.readouterr().err
+        return
+    assert code == 0
+    # not_requeued_since is the command's start: its later batches skip what its earlier ones re-queued.
+    assert fake.bodies("/replay") == [{**body, "not_requeued_since": "2026-11-27T12:00:00.000Z", "limit": 5000}]
+    assert capsys.readouterr().out == (
+        f"nothing to replay: no job(s) created from {body['since']} to {body['until']} of erp\n")
+
+
+def test_a_time_without_zone_is_local_time() -> None:
+    local = datetime(2026, 11, 27, 9, 0).astimezone()
+    assert admin_client.parse_time_arg("2026-11-27 09:00", NOW) == local.astimezone(timezone.utc)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dead", "--until", "1h"], "--until goes with --since, not with --dead"),
+    (["--since", "yesterday"], "--since 'yesterday' is neither a time"),
+    (["--since", "1h", "--until", "2h"], "must be before --until"),
+])
+async def test_replay_usage_errors_exit_2_before_asking_the_server(fake, capsys, argv, message) -> None:
+    assert await run("replay", "erp", *argv, "--url", fake.url) == 2
+    assert message in capsys.readouterr().err and fake.requests == []
+
+
+@pytest.mark.parametrize("argv", [[], ["--dead", "--since", "1h"]])
+def test_replay_needs_exactly_one_of_dead_and_since(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse("replay", "erp", *argv)
+    assert exit_info.value.code == 2
+
+
+async def test_replay_failing_midway_says_how_many_were_requeued(fake, capsys) -> None:
+    fake.dead, fake.fail_replay_after = 10, 2
+    assert await run("replay", "erp", "--dead", "--batch", "3", "--url", fake.url) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-2:] == [
+        "eventrelay: database is locked",
+        "eventrelay: 6 job(s) had been re-queued before that; running the same command again continues where "
+        "it stopped"]
+
+
+# -- send -----------------------------------------------------------------------------------------------------
+
+async def test_send_posts_one_event_and_reports_its_jobs(fake, capsys) -> None:
+    assert await run("send", "order.paid", "--data", '{"type": "order", "id": "o1"}', "--id", "evt-1",
+                     "--url", fake.url) == 0
+    assert capsys.readouterr().out == "event evt-1 accepted: 2 job(s) queued\n"
+    assert fake.bodies("/v1/events") == [{"type": "order.paid", "data": {"type": "order", "id": "o1"},
+                                          "id": "evt-1"}]
+
+    assert await run("send", "order.paid", "--id", "seen", "--url", fake.url) == 0
+    assert capsys.readouterr().out == "event seen was accepted before (same id): nothing new queued\n"
+    assert fake.bodies("/v1/events")[-1] == {"type": "order.paid", "data": {}, "id": "seen"}
+
+
+async def test_send_reads_data_from_stdin(fake, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"id": "o2", "status": "complete"}\n'))
+    assert await run("send", "order.fulfilled", "--data", "-", "--json", "--url", fake.url) == 0
+    assert json.loads(capsys.readouterr().out) == [{"id": "0190-made-up", "jobs": 2, "duplicate": False}]
+    assert fake.bodies("/v1/events") == [{"type": "order.fulfilled", "data": {"id": "o2", "status": "complete"}}]
+
+
+@pytest.mark.parametrize("data, message", [
+    ("{'id': 1}", "--data is not JSON"),
+    ("[1, 2]", "must be a JSON object"),
+])
+async def test_send_bad_data_is_a_usage_error(fake, capsys, data, message) -> None:
+    assert await run("send", "order.paid", "--data", data, "--url", fake.url) == 2
+    assert message in capsys.readouterr().err and fake.requests == []
+
+
+async def test_send_rejected_by_the_server_exits_1(fake, capsys) -> None:
+    assert await run("send", "Order.Paid", "--url", fake.url) == 1
+    assert capsys.readouterr().err == (
+        "eventrelay: type: 'Order.Paid' is not an event key (resource.action, lower case)\n")
+
+
+# -- reaching the daemon ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["status"], ["jobs", "erp"], ["replay", "erp", "--dead"], ["send", "a.b"]])
+async def test_unreachable_daemon_exits_3_and_says_what_was_tried(capsys, command) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert await run(*command, "--url", url) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"eventrelay: cannot reach the daemon (Connection refused): is eventrelay running? tried {url}\n"
+
+
+async def test_token_from_option_environment_or_config(fake, capsys, monkeypatch, tmp_path) -> None:
+    fake.token = "t0ken"
+    assert await run("status", "--url", fake.url) == 1
+    err = capsys.readouterr().err
+    assert "eventrelay: missing or wrong bearer token" in err and "listen.token" in err
+    assert "Authorization" not in fake.requests[-1][4]
+
+    assert await run("status", "--url", fake.url, "--token", "t0ken") == 0
+    assert fake.requests[-1][4]["Authorization"] == "Bearer t0ken"
+
+    monkeypatch.setenv("EVENTRELAY_TOKEN", "t0ken")
+    assert await run("status", "--url", fake.url) == 0
+
+    monkeypatch.delenv("EVENTRELAY_TOKEN")
+    host, port = fake.url.removeprefix("http://").split(":")
+    path = write_listen(tmp_path, {"http": f"0.0.0.0:{port}", "token": "t0ken"})
+    assert await run("status", "--config", str(path)) == 0  # the address and the token from the daemon's file
+    monkeypatch.setenv("EVENTRELAY_CONFIG", str(path))
+    assert await run("status") == 0
+
+
+async def test_something_else_on_the_port_is_not_taken_for_the_daemon(capsys) -> None:
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<html>hello</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        assert await run("status", "--url", f"127.0.0.1:{runner.addresses[0][1]}") == 1
+    finally:
+        await runner.cleanup()
+    assert "without a JSON `data` member: is that eventrelay" in capsys.readouterr().err
+
+
+# -- target_from --------------------------------------------------------------------------------------------
+
+def write_listen(tmp_path: Path, listen: dict[str, Any], integrations: list[Any] | None = None) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"listen": listen, "storage": {"path": str(tmp_path / "er.db")},
+                                    "integrations": integrations or []}))
+    return path
+
+
+@pytest.mark.parametrize("http, url", [
+    ("127.0.0.1:8787", "http://127.0.0.1:8787"),
+    ("0.0.0.0:8787", "http://127.0.0.1:8787"),  # every address: call loopback
+    ("[::]:8787", "http://[::1]:8787"),
+    ("[::1]:9000", "http://[::1]:9000"),
+    ("[fd00::5]:9000", "http://[fd00::5]:9000"),
+    ("relay.internal:80", "http://relay.internal:80"),
+])
+def test_target_from_the_config(tmp_path, http, url) -> None:
+    path = write_listen(tmp_path, {"http": http, "token": "s3cret"})
+    assert target_from(str(path), None, None) == Target(url, "s3cret")
+
+
+def test_options_override_the_config_and_empty_token_means_none(tmp_path, monkeypatch) -> None:
+    path = write_listen(tmp_path, {"http": "127.0.0.1:8787", "token": "s3cret"})
+    assert target_from(str(path), "http://10.0.0.5:1234/", None) == Target("http://10.0.0.5:1234", "s3cret")
+    assert target_from(str(path), None, "other") == Target("http://127.0.0.1:8787", "other")
+    assert target_from(str(path), None, "") == Target("http://127.0.0.1:8787", None)
+    monkeypatch.setenv("EVENTRELAY_TOKEN", "from-env")
+    assert target_from(str(path), None, None) == Target("http://127.0.0.1:8787", "from-env")
+    # --url and a token together need no file at all
+    assert target_from("/nonexistent.yaml", "127.0.0.1:1", "x") == Target("http://127.0.0.1:1", "x")
+
+
+def test_config_path_from_the_environment(tmp_path, monkeypatch) -> None:
+    path = write_listen(tmp_path, {"http": "127.0.0.1:8788"})
+    monkeypatch.setenv("EVENTRELAY_CONFIG", str(path))
+    assert target_from(None, None, None) == Target("http://127.0.0.1:8788", None)
+
+
+def test_url_alone_does_not_need_the_default_config(tmp_path) -> None:
+    assert target_from(None, "http://127.0.0.1:8787", None) == Target("http://127.0.0.1:8787", None)
+    with pytest.raises(UsageError, match="cannot read the file"):  # but a file named on purpose must work
+        target_from(str(tmp_path / "typo.yaml"), "http://127.0.0.1:8787", None)
+
+
+def test_secrets_of_integrations_missing_from_the_shell_do_not_matter(tmp_path, monkeypatch) -> None:
+    # Under systemd they come from an EnvironmentFile that the operator's shell does not load.
+    monkeypatch.delenv("ERP_SECRET", raising=False)
+    hook = webhook("erp", "https://erp.example.com/hook", configuration={
+        "url": "https://erp.example.com/hook", "secret_key": "${ERP_SECRET}"})
+    path = write_listen(tmp_path, {"http": "127.0.0.1:8787", "token": "${RELAY_TOKEN:-t0ken}"}, [hook])
+    assert target_from(str(path), None, None) == Target("http://127.0.0.1:8787", "t0ken")
+
+
+@pytest.mark.parametrize("listen, message", [
+    ({"http": None, "socket": "/run/er.sock"}, "listen.http is null"),
+    ({"http": "127.0.0.1:0"}, "port 0"),
+    ({"http": "127.0.0.1:8787", "token": "${RELAY_TOKEN}"}, "listen.token: environment variable RELAY_TOKEN"),
+    ({"htp": "127.0.0.1:8787"}, "listen.htp: unknown key"),
+])
+def test_config_that_cannot_tell_where_the_daemon_is(tmp_path, monkeypatch, listen, message) -> None:
+    monkeypatch.delenv("RELAY_TOKEN", raising=False)
+    path = write_listen(tmp_path, listen)
+    with pytest.raises(UsageError, match=message):
+        target_from(str(path), None, None)
+
+
+async def test_a_missing_config_is_a_usage_error_that_says_what_to_do(capsys) -> None:
+    assert await run("status") == 2
+    err = capsys.readouterr().err
+    assert "cannot find the daemon from" in err and "no-such-config.yaml" in err and "--url" in err
+
+
+def test_bad_url_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="not an http"):
+        target_from(None, "ftp://127.0.0.1:21", "")
+
+
+def test_every_command_is_registered_with_the_common_options() -> None:
+    cases = {"status": [], "jobs": ["erp"], "logs": ["erp"], "retry": ["erp", "5"], "replay": ["erp", "--dead"],
+             "send": ["order.paid"]}
+    for name, extra in cases.items():
+        args = parse(name, *extra, "-c", "/x.yaml", "--url", "http://h:1", "--token", "t", "--json")
+        assert args.func is getattr(admin_client, f"cmd_{name}")
+        assert (args.config, args.url, args.token, args.json) == ("/x.yaml", "http://h:1", "t", True)
+    for bad in (["jobs", "erp", "--state", "gone"], ["jobs", "erp", "--limit", "0"], ["retry", "erp"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+
+
+# -- end to end, against the real daemon ------------------------------------------------------------------
+
+needs_admin_api = pytest.mark.skipif(not hasattr(daemon.service.Service, "reload"),
+                                     reason="the daemon has no admin API yet (Service.reload is missing)")
+
+@pytest.fixture
+def quiet_daemon() -> Any:
+    # The daemon runs in this process and logs to stdout, where the commands' output is checked: keep its
+    # log records out of the way.
+    with structlog.testing.capture_logs() as records:
+        yield records
+
+
+DIES_FAST = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "400ms"}}
+
+
+async def cli_json(*argv: str) -> Any:
+    """Run a command with --json in a thread; its stdout, decoded (capsys is read by the caller)."""
+    args = parse(*argv, "--json")
+    out = io.StringIO()
+
+    def call() -> int:
+        saved, sys.stdout = sys.stdout, out
+        try:
+            return args.func(args)
+        finally:
+            sys.stdout = saved
+
+    assert await asyncio.to_thread(call) == 0
+    return json.loads(out.getvalue())
+
+
+@needs_admin_api
+async def test_e2e_a_dead_job_is_listed_logged_retried_and_replayed(start_daemon, receiver: Receiver,
+                                                                  capsys, quiet_daemon) -> None:
+    from aiohttp import web as aioweb
+
+    receiver.respond = lambda r: aioweb.Response(status=500, text="database down")
+    d = await start_daemon([webhook("erp", receiver.url, delivery=DIES_FAST)])
+    url = d.url
+
+    assert await run("send", "order.paid", "--data", '{"id": "o1"}', "--id", "evt-1", "--url", url) == 0
+    assert capsys.readouterr().out == "event evt-1 accepted: 1 job(s) queued\n"
+
+    async def dead_jobs() -> list[dict[str, Any]]:
+        return await cli_json("jobs", "erp", "--state", "dead", "--url", url)
+
+    await wait_until(dead_jobs, timeout=10)
+    (dead,) = await dead_jobs()
+    assert (dead["event_id"], dead["event_type"], dead["state"]) == ("evt-1", "order.paid", "dead")
+    assert dead["last_error"] == "Received a status code outside of 2xx range (500)"
+
+    assert await run("jobs", "erp", "--state", "dead", "--url", url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["ID", "STATE", "ATTEMPTS"]
+    assert out[1].split()[:2] == [dead["id"], "dead"] and "evt-1" in out[1]
+    assert out[-1] == "dead jobs of erp 1-1 of 1, newest first"
+
+    assert await run("logs", "erp", "--job", dead["id"], "--url", url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 + dead["attempts"]
+    assert all(" failed  500 " in line and line.endswith("Received a status code outside of 2xx range (500)")
+               for line in out[1:-1])
+
+    assert await run("status", "--url", url) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("erp ")]
+    assert rows and rows[0][:6] == ["erp", "webhook", "yes", "0", "0", "1"]  # pending, in flight, dead
+
+    receiver.respond = None  # the receiver is fixed: 204 from now on
+    assert await run("retry", "erp", dead["id"], "--url", url) == 0
+    assert capsys.readouterr().out.startswith(f"job {dead['id']} of erp re-queued (pending, ")
+    await wait_until(lambda: d.rows("SELECT state FROM jobs") == [("delivered",)])
+    assert await run("retry", "erp", dead["id"], "--url", url) == 1  # delivered: 409
+    assert "delivered" in capsys.readouterr().err
+    assert await run("retry", "erp", "999", "--url", url) == 1
+    assert await run("logs", "erp", "--job", dead["id"], "--url", url) == 0
+    assert " ok " in capsys.readouterr().out.splitlines()[1]  # newest first: the successful attempt
+
+    # Two more die; replay --dead brings both back, in batches of one to exercise the loop.
+    receiver.respond = lambda r: aioweb.Response(status=500)
+    for i in (2, 3):
+        assert await run("send", "order.paid", "--id", f"evt-{i}", "--url", url) == 0
+    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'dead'") == [(2,)], timeout=10)
+    receiver.respond = None
+    capsys.readouterr()
+    assert await run("replay", "erp", "--dead", "--batch", "1", "--url", url) == 0
+    out, err = capsys.readouterr()
+    assert out == "re-queued 2 dead job(s) of erp\n"
+    assert err.splitlines() == [f"replay erp: {n} dead job(s) re-queued so far" for n in (1, 2)]
+    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(3,)])
+    assert await run("replay", "erp", "--dead", "--url", url) == 0
+    assert capsys.readouterr().out == "nothing to replay: no dead job(s) of erp\n"
+
+    # A time range re-sends what was delivered in it.
+    assert await run("replay", "erp", "--since", "1h", "--url", url) == 0
+    assert capsys.readouterr().out.startswith("re-queued 3 job(s) created from ")
+    await wait_until(lambda: len([r for r in receiver.requests if r.json["id"] == "evt-1"]) >= 2 + dead["attempts"])
+
+
+@needs_admin_api
+async def test_e2e_address_and_token_from_the_daemons_config(start_daemon, tmp_path, capsys,
+                                                             quiet_daemon) -> None:
+    port = free_port()
+    await start_daemon([webhook("erp", "http://127.0.0.1:9/")],
+                       listen={"http": f"0.0.0.0:{port}", "token": "t0ken"})
+    config = str(tmp_path / "config.yaml")  # the file start_daemon wrote and the daemon runs on
+    assert await run("status", "--config", config) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("eventrelay ") and f"config {config}: as loaded at start" in out
+    assert await run("status", "--config", config, "--token", "wrong") == 1
+    assert "bearer token" in capsys.readouterr().err
+    assert await run("jobs", "nope", "--config", config) == 1
+    assert "nope" in capsys.readouterr().err
