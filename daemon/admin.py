@@ -41,6 +41,7 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/jobs/{job}/retry", self.retry)
         r.add_post("/v1/integrations/{name}/replay", self.replay)
         r.add_get("/v1/logs", self.all_logs)
+        r.add_get("/v1/jobs/orphaned", self.orphaned)
         r.add_get("/metrics", self.metrics)
 
     @property
@@ -101,6 +102,13 @@ class AdminApi:
         if total == 0 and not self._known(name):
             return _unknown(name)
         return _json(_paged(request, [_job(r) for r in rows], total, *page))
+
+    async def orphaned(self, request: web.Request) -> web.Response:
+        """Integrations that are no longer configured but still have jobs: they resume if the name returns."""
+        counts = await self._store.job_counts()
+        names = sorted({name for name, _ in counts if not self._known(name)})
+        return _json({"data": [{"integration": n, "pending": counts.get((n, JobState.PENDING), 0),
+                                "dead": counts.get((n, JobState.DEAD), 0)} for n in names]})
 
     async def integration_logs(self, request: web.Request) -> web.Response:
         return await self._logs(request, request.match_info["name"], None)

@@ -333,6 +333,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 async def _jobs(client: _Client, args: argparse.Namespace) -> int:
+    if args.orphaned:
+        return await _orphaned(client, args)
+    if not args.integration:
+        raise UsageError("name an integration, or ask for --orphaned")
     params = {"page[limit]": str(args.limit), "page[offset]": str(args.offset)}
     if args.state:
         params["state"] = args.state
@@ -342,6 +346,20 @@ async def _jobs(client: _Client, args: argparse.Namespace) -> int:
         return EXIT_OK
     what = f"{args.state} jobs" if args.state else "jobs"
     print(format_jobs(document, _now(), what=what, integration=args.integration, offset=args.offset))
+    return EXIT_OK
+
+
+async def _orphaned(client: _Client, args: argparse.Namespace) -> int:
+    document = await client.get("/v1/jobs/orphaned", {})
+    if args.json:
+        _print_json(document["data"])
+        return EXIT_OK
+    rows = [[o["integration"], _num(o["pending"]), _num(o["dead"])] for o in document["data"]]
+    if rows:
+        print(_table(["INTEGRATION (not configured)", "PENDING", "DEAD"], rows, right={1, 2}))
+        print("these jobs resume if an integration of that name is configured again")
+    else:
+        print("no orphaned jobs: every job belongs to a configured integration")
     return EXIT_OK
 
 
@@ -571,7 +589,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     status.set_defaults(func=cmd_status)
 
     jobs = subparsers.add_parser("jobs", parents=[common], help="list an integration's jobs")
-    jobs.add_argument("integration", help="its name, as in the config")
+    jobs.add_argument("integration", nargs="?", help="its name, as in the config")
+    jobs.add_argument("--orphaned", action="store_true",
+                      help="instead: jobs of integrations no longer in the config (they wait for its return)")
     jobs.add_argument("--state", choices=("pending", "delivered", "dead"), help="only jobs in this state")
     page(jobs)
     jobs.set_defaults(func=cmd_jobs)
