@@ -40,6 +40,7 @@ class AdminApi:
         r.add_get("/v1/integrations/{name}/jobs/{job}/logs", self.job_logs)
         r.add_post("/v1/integrations/{name}/jobs/{job}/retry", self.retry)
         r.add_post("/v1/integrations/{name}/replay", self.replay)
+        r.add_post("/v1/integrations/{name}/enable", self.enable)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
         r.add_get("/metrics", self.metrics)
@@ -68,6 +69,13 @@ class AdminApi:
                 "last_success_at": iso_time(success[0]) if success else None,
                 "last_failure_at": iso_time(failure[0]) if failure else None,
                 "last_error": failure[1] if failure and (not success or failure[0] > success[0]) else None,
+                "circuit": dispatcher.breaker.state if dispatcher else None,
+                "circuit_open_until": iso_time(dispatcher.breaker.opened_until)
+                if dispatcher and dispatcher.breaker.state == "open" else None,
+                "paused_until": iso_time(dispatcher.paused_until)
+                if dispatcher and dispatcher.paused_until > time.time() else None,
+                "disabled": {"at": iso_time(dispatcher.disabled[0]), "reason": dispatcher.disabled[1]}
+                if dispatcher and dispatcher.disabled else None,
             })
         reload = service.last_reload
         return _json({"data": {
@@ -168,6 +176,13 @@ class AdminApi:
         except ValueError as e:
             return error_response(400, str(e))
         return _json({"data": {"queued": queued}})
+
+    async def enable(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not self._known(name):
+            return _unknown(name)
+        was_disabled = await self._service.enable(name)
+        return _json({"data": {"name": name, "enabled": True, "was_disabled": was_disabled}})
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self._service.refresh_gauges()

@@ -20,7 +20,7 @@ import yaml
 from .events import Observes, is_observe_pattern
 
 INTEGRATION_TYPES = ("webhook", "aws_sqs", "stomp")
-SECRET_FIELDS = ("secret_key", "aws_secret_access_key", "password")
+SECRET_FIELDS = ("secret_key", "aws_secret_access_key", "password", "signing_secrets")
 STOMP_SCHEMES = {"stomp": False, "tcp": False, "stomp+ssl": True, "stomp+tls": True, "ssl": True}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -44,19 +44,38 @@ class RetryConfig:
     initial: float = 1.0
     max_interval: float = 600.0
     max_age: float = 86400.0
+    max_attempts: int | None = None  # dead after this many attempts, or max_age, whichever comes first
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """When to stop sending to a failing target, and how long to wait before probing it again."""
+
+    failures: int = 5  # consecutive failed attempts that open the circuit
+    failure_rate: float = 0.5  # ...or this share of failures among the last `window` attempts
+    window: int = 20
+    cooldown: float = 5.0  # first wait before a probe; doubles after each failed probe
+    max_cooldown: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
-    timeout: float = 10.0
+    timeout: float = 10.0  # one attempt in all: connect, send, and the whole answer
+    connect_timeout: float = 5.0
     concurrency: int = 8
     retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    rate_limit: float | None = None  # deliveries per second at most (token bucket); None: unlimited
+    ordering: str = "none"  # none | per_resource
+    ordering_key: str = "{data.id}"  # template of the key whose jobs are delivered one at a time, in order
+    dead_letter: str | None = None  # another integration that receives jobs that die here
 
 
 @dataclass(frozen=True, slots=True)
 class WebhookConfig:
     url: str
     secret_key: str | None = None
+    signing_secrets: tuple[str, ...] = ()  # Standard Webhooks `whsec_…` secrets; several while rotating
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +132,19 @@ class Integration:
         """The integration as the daemon shows it: secrets masked to their last four characters."""
         conf = {k: getattr(self.configuration, k) for k in self.configuration.__dataclass_fields__}
         for key in SECRET_FIELDS:
-            if conf.get(key):
+            if isinstance(conf.get(key), tuple):
+                conf[key] = tuple(mask(v) for v in conf[key])
+            elif conf.get(key):
                 conf[key] = mask(conf[key])
         for key, value in conf.items():
             if isinstance(value, tuple):
                 conf[key] = [str(v) for v in value]
             elif isinstance(value, Path):
                 conf[key] = str(value)
+        # Shown under the key the YAML uses for it, and only when set.
+        signing = conf.pop("signing_secrets", None)
+        if signing:
+            conf["signing_secret"] = signing
         return {"name": self.name, "description": self.description, "enabled": self.enabled,
                 "integration_type": self.integration_type, "observes": list(self.observes),
                 "configuration": conf}
@@ -330,20 +355,41 @@ class _Parser:
         )
 
     def delivery(self, raw: Any, path: str, base: DeliveryConfig) -> DeliveryConfig:
-        s = self.section(raw, path, ("timeout", "concurrency", "retry"))
-        r = self.section(s.get("retry"), f"{path}.retry", ("initial", "max_interval", "max_age"))
+        s = self.section(raw, path, ("timeout", "connect_timeout", "concurrency", "retry", "breaker", "rate_limit",
+                                     "ordering", "ordering_key", "dead_letter"))
+        r = self.section(s.get("retry"), f"{path}.retry", ("initial", "max_interval", "max_age", "max_attempts"))
         rp = f"{path}.retry"
         retry = RetryConfig(
             initial=self.value(r, "initial", rp, _positive_duration, base.retry.initial),
             max_interval=self.value(r, "max_interval", rp, _positive_duration, base.retry.max_interval),
             max_age=self.value(r, "max_age", rp, _positive_duration, base.retry.max_age),
+            max_attempts=self.value(r, "max_attempts", rp, _int_range(1, 1_000_000), base.retry.max_attempts,
+                                    nullable=True),
         )
         if ("initial" in r or "max_interval" in r) and retry.max_interval < retry.initial:
             self.error(f"{rp}.max_interval", f"must be at least retry.initial ({retry.initial:g}s)")
+        b = self.section(s.get("breaker"), f"{path}.breaker",
+                         ("failures", "failure_rate", "window", "cooldown", "max_cooldown"))
+        bp, bb = f"{path}.breaker", base.breaker
+        breaker = BreakerConfig(
+            failures=self.value(b, "failures", bp, _int_range(1, 1_000_000), bb.failures),
+            failure_rate=self.value(b, "failure_rate", bp, _fraction, bb.failure_rate),
+            window=self.value(b, "window", bp, _int_range(2, 100_000), bb.window),
+            cooldown=self.value(b, "cooldown", bp, _positive_duration, bb.cooldown),
+            max_cooldown=self.value(b, "max_cooldown", bp, _positive_duration, bb.max_cooldown),
+        )
+        timeout = self.value(s, "timeout", path, _positive_duration, base.timeout)
+        connect = self.value(s, "connect_timeout", path, _positive_duration, min(base.connect_timeout, timeout))
+        if connect > timeout:
+            self.error(f"{path}.connect_timeout", f"must not exceed timeout ({timeout:g}s)")
         return DeliveryConfig(
-            timeout=self.value(s, "timeout", path, _positive_duration, base.timeout),
+            timeout=timeout, connect_timeout=connect,
             concurrency=self.value(s, "concurrency", path, _int_range(1, 1000), base.concurrency),
-            retry=retry,
+            retry=retry, breaker=breaker,
+            rate_limit=self.value(s, "rate_limit", path, _rate, base.rate_limit, nullable=True),
+            ordering=self.value(s, "ordering", path, _choice("none", "per_resource"), base.ordering),
+            ordering_key=self.value(s, "ordering_key", path, _template, base.ordering_key),
+            dead_letter=self.value(s, "dead_letter", path, _str, base.dead_letter, nullable=True),
         )
 
     def integrations(self, raw: Any, delivery: DeliveryConfig) -> tuple[Integration, ...]:
@@ -363,6 +409,11 @@ class _Parser:
                            f"{integration.name!r} is already used by integrations[{seen[integration.name]}]")
             seen.setdefault(integration.name, i)
             result.append(integration)
+        for i, integration in enumerate(result):
+            target = integration.delivery.dead_letter
+            if target is not None and (target == integration.name or target not in seen):
+                self.error(f"integrations[{seen[integration.name]}].delivery.dead_letter",
+                           f"{target!r} must name another integration of this file")
         return tuple(result)
 
     def integration(self, raw: Any, path: str, delivery: DeliveryConfig) -> Integration | None:
@@ -406,12 +457,13 @@ class _Parser:
         if raw is None:
             self.error(path, "required for a webhook: at least url")
             return None
-        s = self.section(raw, path, ("url", "secret_key"))
+        s = self.section(raw, path, ("url", "secret_key", "signing_secret"))
         url = self.value(s, "url", path, _http_url, None)
         if "url" not in s:
             self.error(f"{path}.url", "required")
         secret = self.value(s, "secret_key", path, _str, None) or None
-        return WebhookConfig(url=url, secret_key=secret) if url else None
+        signing = self.value(s, "signing_secret", path, _signing_secrets, (), nullable=True) or ()
+        return WebhookConfig(url=url, secret_key=secret, signing_secrets=signing) if url else None
 
     def sqs(self, raw: Any, path: str) -> SqsConfig | None:
         if raw is None:
@@ -572,6 +624,39 @@ def _host_port(value: Any) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8787 or [::1]:8787)")
     return host, int(port)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{value!r} must be a number above 0 and at most 1 (e.g. 0.5)")
+    return float(value)
+
+
+def _rate(value: Any) -> float:
+    """`50/s`, `600/m`, `10000/h`, or a number per second."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*/\s*(s|m|h)", str(value).strip())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a rate (write e.g. 50/s, 600/m or 10000/h)")
+    return float(m.group(1)) / {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _signing_secrets(value: Any) -> tuple[str, ...]:
+    """Standard Webhooks secrets: `whsec_` + base64; a list signs with each (key rotation)."""
+    import base64
+    import binascii
+
+    values = value if isinstance(value, list) else [value]
+    for secret in values:
+        if not isinstance(secret, str) or not secret.startswith("whsec_"):
+            raise ValueError("must be a Standard Webhooks secret, whsec_ followed by base64 (or a list of them)")
+        try:
+            if len(base64.b64decode(secret[6:], validate=True)) < 16:
+                raise ValueError("too short")
+        except (binascii.Error, ValueError):
+            raise ValueError("must be whsec_ followed by the base64 of at least 16 random bytes") from None
+    return tuple(values)
 
 
 def _uri_reference(value: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from typing import Any
 from datetime import datetime, timezone
 
 from .codec import dumps
@@ -68,12 +69,15 @@ class CloudEvent:
                 ).encode()
 
 
-def render_template(template: str, job: Job) -> str | None:
-    """Fill `{data.id}`-style fields from the event; None when a field is missing or not a scalar."""
-    event: dict[str, object] = {"id": job.event_id, "type": job.event_type, **json.loads(job.payload)}
+def event_fields(job: Job) -> dict[str, Any]:
+    """The fields a template can name, from a stored job: id, type, data, included."""
+    return {"id": job.event_id, "type": job.event_type, **json.loads(job.payload)}
 
+
+def render_template(template: str, fields: dict[str, Any]) -> str | None:
+    """Fill `{data.id}`-style fields; None when a field is missing or not a scalar."""
     def lookup(match: re.Match[str]) -> str:
-        value: object = event
+        value: object = fields
         for part in match.group(1).split("."):
             if not isinstance(value, dict) or part not in value:
                 raise LookupError(match.group(1))

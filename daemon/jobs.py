@@ -41,6 +41,9 @@ class Outcome:
     error: str | None = None  # error_detail in the attempt log
     body: str | None = None  # the receiver's answer, truncated
     retryable: bool = True  # False: the attempt can never succeed as it is, so the job goes dead at once
+    retry_after: float | None = None  # seconds the target asked us to wait (Retry-After)
+    slow_down: bool = False  # the target is overloaded (429, 502, 504): the whole integration backs off
+    gone: bool = False  # the target says it is gone for good (410): the integration is disabled
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +55,4 @@ class AttemptRecord:
     started_at: float
     state: JobState
     next_at: float | None  # when the job is due again, for PENDING
+    dead_letter: str | None = None  # for DEAD: the integration that gets it forwarded

@@ -30,6 +30,12 @@ class Metrics:
         self.commit_seconds = Histogram("eventrelay_store_commit_duration_seconds", "Time one write transaction "
                                         "took, fsync included", registry=r,
                                         buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        self.breaker_state = Gauge("eventrelay_circuit_state", "Circuit breaker: 0 closed, 1 half-open (probing), "
+                                   "2 open", ["integration"], registry=r)
+        self.breaker_transitions = Counter("eventrelay_circuit_transitions", "Circuit breaker state changes",
+                                           ["integration", "to"], registry=r)
+        self.disabled = Gauge("eventrelay_integration_disabled", "1 while the target's 410 Gone keeps the "
+                              "integration disabled", ["integration"], registry=r)
         self.reloads = Counter("eventrelay_config_reloads", "Configuration reloads by result", ["result"],
                                registry=r)
 

@@ -60,6 +60,7 @@ class Service:
         self._http_runner: web.AppRunner | None = None
         self._http_site: web.TCPSite | None = None
         self._socket: SocketIngest | None = None
+        self._disabled: dict[str, tuple[float, str]] = {}  # integrations a 410 disabled, as stored
         self._reload_lock = asyncio.Lock()
         self._reload_requested = asyncio.Event()
         self._ready = False
@@ -82,6 +83,7 @@ class Service:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 writer = tasks.create_task(store.run_writer(), name="store-writer")
+                self._disabled = await store.disabled()
                 for integration in config.integrations:
                     if integration.enabled:
                         self._start_dispatcher(integration)
@@ -127,7 +129,7 @@ class Service:
     def _start_dispatcher(self, integration: Integration) -> None:
         assert self._tasks is not None and self.store is not None
         sender = make_sender(integration, USER_AGENT, self.config.event_source)
-        dispatcher = Dispatcher(integration, self.store, sender, self.metrics)
+        dispatcher = Dispatcher(integration, self.store, sender, self.metrics, self._disabled.get(integration.name))
         self.dispatchers[dispatcher.name] = dispatcher
         self._dispatcher_tasks[dispatcher.name] = self._tasks.create_task(
             dispatcher.run(), name=f"dispatcher:{dispatcher.name}")
@@ -152,6 +154,18 @@ class Service:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*late, return_exceptions=True)
+
+    async def enable(self, name: str) -> bool:
+        """Turn an integration a 410 disabled back on. False if it was not disabled."""
+        assert self.store is not None
+        was = self.dispatchers[name].disabled if name in self.dispatchers else self._disabled.get(name)
+        await self.store.set_disabled(name, None)
+        self._disabled.pop(name, None)
+        if name in self.dispatchers:
+            self.dispatchers[name].enable()
+        if was is not None:
+            log.info("integration enabled again", integration=name)
+        return was is not None
 
     # -- listeners -----------------------------------------------------------------------------------------
 
@@ -267,6 +281,8 @@ class Service:
         self.config = new
         await self._stop_dispatchers(sorted(removed + changed), new.shutdown_grace)
         for name in sorted(added + changed):
+            if name in changed and name in self._disabled:
+                await self.enable(name)  # the operator changed it, presumably fixing what the 410 was about
             self._start_dispatcher(after[name])
         changes += [f"added {n}" for n in sorted(added)] + [f"removed {n}" for n in sorted(removed)]
         changes += [f"changed {n}" for n in sorted(changed)]

@@ -22,7 +22,7 @@ import aiosqlite
 import structlog
 
 from . import codec
-from .events import Event
+from .events import Event, new_event_id
 from .jobs import AttemptRecord, Job, JobState
 
 log = structlog.get_logger(component="store")
@@ -77,6 +77,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_finished ON jobs (state, updated_at) WHERE state <> 'pending';
     -- Last success and last failure of an integration.
     CREATE INDEX attempts_outcome ON attempts (integration, succeeded, id);
+    """,
+    """
+    -- Per-resource ordering: jobs of one key go one at a time, in acceptance order.
+    ALTER TABLE jobs ADD COLUMN ordering_key TEXT;
+    CREATE INDEX jobs_ordered ON jobs (integration, ordering_key, id)
+        WHERE state = 'pending' AND ordering_key IS NOT NULL;
+    -- What outlives a restart about an integration itself: disabled by a 410 Gone, and why.
+    CREATE TABLE integration_state (
+        name            TEXT PRIMARY KEY,
+        disabled_at     REAL,
+        disabled_reason TEXT
+    );
     """,
 )
 
@@ -192,8 +204,11 @@ class Store:
 
     # -- the writer ---------------------------------------------------------------------------------------
 
-    async def ingest(self, events: Sequence[Event], routes: Sequence[Sequence[str]]) -> list[Accepted]:
-        """Store events and one job per routed integration; returns once committed. All or none."""
+    async def ingest(self, events: Sequence[Event], routes: Sequence[Sequence[Route]]) -> list[Accepted]:
+        """Store events and one job per routed integration; returns once committed. All or none.
+
+        `routes[i]` lists, for events[i], the integrations to queue it for with its ordering key (or None).
+        """
         return await self._submit(_Op("ingest", (events, routes)))
 
     async def record(self, records: Sequence[AttemptRecord]) -> None:
@@ -288,11 +303,12 @@ class Store:
                     "INSERT INTO events (seq, id, type, payload, accepted_at) VALUES (?, ?, ?, ?, ?)", event_rows)
             if job_rows:
                 await self._db.executemany(
-                    "INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", job_rows)
+                    "INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at, ordering_key) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)", job_rows)
             records = [r for op in batch if op.kind == "record" for r in op.items]
             if records:
                 await self._write_records(records, now)
+                await self._forward_dead(records, now, woken)
             woken.update(name for op, result in zip(batch, results) if op.kind == "call"
                          for name in getattr(result, "woken", ()))
             await self._db.execute("COMMIT")
@@ -317,7 +333,7 @@ class Store:
             known.update((r[0], r[1]) for r in rows)
         return known
 
-    def _plan_ingest(self, events: Sequence[Event], routes: Sequence[Sequence[str]], now: float,
+    def _plan_ingest(self, events: Sequence[Event], routes: Sequence[Sequence[Route]], now: float,
                      known: dict[str, int], event_rows: list[tuple[Any, ...]], job_rows: list[tuple[Any, ...]],
                      woken: set[str]) -> list[Accepted]:
         accepted = []
@@ -331,8 +347,8 @@ class Store:
             if event.included is not None:
                 payload["included"] = event.included
             event_rows.append((seq, event.id, event.type, codec.dumps(payload), now))
-            for name in integrations:
-                job_rows.append((self._next_job_id, seq, name, now, now, now))
+            for name, ordering_key in integrations:
+                job_rows.append((self._next_job_id, seq, name, now, now, now, ordering_key))
                 self._next_job_id += 1
                 woken.add(name)
             known[event.id] = len(integrations)  # a repeat later in the same transaction is a duplicate too
@@ -350,17 +366,62 @@ class Store:
             [(r.job.id, r.job.integration, r.job.attempt, int(r.outcome.succeeded), r.started_at,
               r.outcome.duration, r.outcome.status_code, r.outcome.error, r.outcome.body) for r in records])
 
+    async def _forward_dead(self, records: Sequence[AttemptRecord], now: float, woken: set[str]) -> None:
+        """A job that died here becomes an event for its dead-letter integration, in the same transaction."""
+        dead = [r for r in records if r.state is JobState.DEAD and r.dead_letter]
+        for r in dead:
+            rows = await self._db.execute_fetchall("SELECT payload FROM events WHERE id = ?", (r.job.event_id,))
+            original = codec.loads(rows[0][0].encode()) if rows else {}
+            data = {"type": "dead_letter", "integration": r.job.integration, "job_id": str(r.job.id),
+                    "attempts": r.job.attempt, "error": r.outcome.error, "status_code": r.outcome.status_code,
+                    "event": {"id": r.job.event_id, "type": r.job.event_type, **original}}
+            seq, job_id = self._next_event_seq, self._next_job_id
+            self._next_event_seq += 1
+            self._next_job_id += 1
+            await self._db.execute("INSERT INTO events (seq, id, type, payload, accepted_at) VALUES (?, ?, ?, ?, ?)",
+                                   (seq, new_event_id(), DEAD_LETTER_TYPE, codec.dumps({"data": data}), now))
+            await self._db.execute("INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)", (job_id, seq, r.dead_letter, now, now, now))
+            woken.add(r.dead_letter)
+
+    # -- integration state --------------------------------------------------------------------------------
+
+    async def disabled(self) -> dict[str, tuple[float, str]]:
+        """Integrations disabled by their target (410 Gone): name → (when, why)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT name, disabled_at, disabled_reason FROM integration_state WHERE disabled_at IS NOT NULL")
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    async def set_disabled(self, name: str, reason: str | None) -> None:
+        """Disable an integration with a reason, or (reason None) enable it again. Survives restarts."""
+        async def run(db: aiosqlite.Connection, now: float) -> None:
+            await db.execute(
+                "INSERT INTO integration_state (name, disabled_at, disabled_reason) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET disabled_at = excluded.disabled_at, "
+                "disabled_reason = excluded.disabled_reason",
+                (name, now if reason is not None else None, reason))
+
+        await self._call(run)
+
     # -- reads --------------------------------------------------------------------------------------------
 
-    async def claim(self, integration: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Job]:
-        """Up to `limit` due jobs of one integration, oldest due first, skipping those already in flight."""
+    async def claim(self, integration: str, now: float, limit: int, exclude: Iterable[int] = (),
+                    ordered: bool = False) -> list[Job]:
+        """Up to `limit` due jobs of one integration, oldest due first, skipping those already in flight.
+
+        `ordered`: only the head of each ordering key, i.e. no earlier job of the same key is still pending
+        (in flight, waiting for a retry, or not yet tried): a key's jobs go one at a time, in order.
+        """
         excluded = list(exclude)
+        heads_only = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
+                      "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
+                      "AND k.id < j.id)) ") if ordered else ""
         rows = await self._reader.execute_fetchall(
             "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at, coalesce(j.requeued_at, e.accepted_at) "
             "FROM jobs j "
             "JOIN events e ON e.seq = j.event_seq "
             "WHERE j.integration = ? AND j.state = 'pending' AND j.next_at <= ? "
-            f"{_not_in('j.id', excluded)} ORDER BY j.next_at, j.id LIMIT ?",
+            f"{_not_in('j.id', excluded)} {heads_only}ORDER BY j.next_at, j.id LIMIT ?",
             (integration, now, *excluded, limit))
         return [Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3],
                     payload=r[4], accepted_at=r[5], age_from=r[6]) for r in rows]
@@ -517,6 +578,10 @@ class Store:
             return await self._scalar(self._reader, "SELECT 1") == 1
         except (sqlite3.Error, ValueError):
             return False
+
+
+Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key
+DEAD_LETTER_TYPE = "eventrelay.dead_letter"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from ..config import Integration
 from ..jobs import AttemptRecord, Job, JobState, Outcome
 from ..metrics import Metrics
 from ..store import Store, StoreError
-from .policy import RetryPolicy
+from .policy import CircuitBreaker, RetryPolicy, TokenBucket
 from .senders import Sender
 
 _IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
@@ -29,15 +29,22 @@ class Dispatcher:
     slot starts its next job without waiting for a query. A job stays in `_claimed` from its claim until its
     outcome is committed, so no claim can hand it out twice. A slot is freed as soon as the target answers;
     the outcome is written in the background, batched with others by the store's writer.
+
+    Before each start, a gate decides whether the integration may send at all: not while disabled (the
+    target answered 410 Gone), not while paused (it asked us to slow down: 429/502/504, Retry-After), not
+    while its circuit is open, and no faster than its rate limit. Held-back jobs wait without an attempt.
     """
 
-    def __init__(self, integration: Integration, store: Store, sender: Sender, metrics: Metrics | None = None):
+    def __init__(self, integration: Integration, store: Store, sender: Sender, metrics: Metrics | None = None,
+                 disabled: tuple[float, str] | None = None):
         self.integration = integration
         self.name = integration.name
         self._store = store
         self._sender = sender
-        self._policy = RetryPolicy.from_config(integration.delivery.retry)
-        self._slots = integration.delivery.concurrency
+        delivery = integration.delivery
+        self._policy = RetryPolicy.from_config(delivery)
+        self._ordered = delivery.ordering == "per_resource"
+        self._slots = delivery.concurrency
         self._batch = sender.max_batch
         self._page = 2 * self._slots * self._batch  # jobs held ready at most
         self._ready: collections.deque[Job] = collections.deque()
@@ -46,11 +53,16 @@ class Dispatcher:
         # Answered but outcome not yet committed. Bounded by `concurrency` too, since a crash delivers these
         # again: at most 2 × concurrency duplicates per integration per crash.
         self._recording = 0
+        self.breaker = CircuitBreaker(delivery.breaker)
+        self._bucket = TokenBucket(delivery.rate_limit, burst=self._batch)
+        self.paused_until = 0.0  # wall time before which nothing starts (the target asked us to slow down)
+        self.disabled = disabled  # (when, why) while the target says it is gone
         self._wake = asyncio.Event()
         self._stopping = False
         self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
         self._metrics = metrics
         self._delivered_by_minute: collections.deque[list[int]] = collections.deque(maxlen=61)  # [minute, n]
+        self._report_breaker()
 
     def wake(self) -> None:
         """New jobs were committed for this integration."""
@@ -61,6 +73,12 @@ class Dispatcher:
         self._stopping = True
         self._wake.set()
 
+    def enable(self) -> None:
+        """An operator turned the integration back on after a 410."""
+        self.disabled = None
+        self._report_disabled()
+        self._wake.set()
+
     @property
     def in_flight(self) -> int:
         return self._running * self._batch
@@ -69,13 +87,6 @@ class Dispatcher:
         """Deliveries this dispatcher made in the last 60 minutes (it counts since it started)."""
         now = int(time.time() // 60)
         return sum(n for minute, n in self._delivered_by_minute if minute > now - 60)
-
-    def _count_delivered(self) -> None:
-        minute = int(time.time() // 60)
-        if self._delivered_by_minute and self._delivered_by_minute[-1][0] == minute:
-            self._delivered_by_minute[-1][1] += 1
-        else:
-            self._delivered_by_minute.append([minute, 1])
 
     async def run(self) -> None:
         if not await self._start_sender():
@@ -114,31 +125,50 @@ class Dispatcher:
         return False
 
     async def _fill(self, deliveries: asyncio.TaskGroup) -> float | None:
-        """Start deliveries while slots are free, claiming more when the buffer runs low.
+        """Start deliveries while the gate and the slots allow, claiming more when the buffer runs low.
 
-        Returns how long to sleep: None until woken (a slot frees, or new jobs are committed), else until
-        the earliest retry falls due.
+        Returns how long to sleep: None until woken (a slot frees, new jobs are committed, the operator
+        enables the integration), else until the gate opens or the earliest retry falls due.
         """
         while not self._stopping:
-            self._start_ready(deliveries)
+            gate = self._start_ready(deliveries)
             want = self._page - len(self._ready)
-            if want < self._page // 2:
-                return None  # enough held; a finishing delivery wakes us
-            jobs = await self._store.claim(self.name, time.time(), want, self._claimed)
+            if want < self._page // 2 or (gate != 0.0 and self._ready):
+                return gate or None  # enough held, or held back by the gate: sleep until it opens
+            jobs = await self._store.claim(self.name, time.time(), want, self._claimed, self._ordered)
             self._claimed.update(job.id for job in jobs)
             self._ready.extend(jobs)
             if not jobs:
                 if self._ready or self._running >= self._slots:
-                    return None
+                    return gate or None
                 due = await self._store.next_due(self.name, self._claimed)
                 return _IDLE_RECHECK if due is None else max(0.0, min(due - time.time(), _IDLE_RECHECK))
         return None
 
-    def _start_ready(self, deliveries: asyncio.TaskGroup) -> None:
+    def _start_ready(self, deliveries: asyncio.TaskGroup) -> float | None:
+        """Start what the slots and the gate allow; returns the gate's wait (0 open, None until woken)."""
         while self._ready and self._running < self._slots and self._running + self._recording < 2 * self._slots:
-            chunk = [self._ready.popleft() for _ in range(min(self._batch, len(self._ready)))]
+            now = time.time()
+            size = min(self._batch, len(self._ready))
+            gate = self._gate(now, size)
+            if gate != 0.0:
+                return gate
+            chunk = [self._ready.popleft() for _ in range(size)]
+            self._bucket.take(now, size)
+            self.breaker.started()
             self._running += 1
             deliveries.create_task(self._deliver(chunk), name=f"deliver:{self.name}")
+        return 0.0
+
+    def _gate(self, now: float, size: int) -> float | None:
+        if self.disabled is not None:
+            return None
+        if self.paused_until > now:
+            return self.paused_until - now
+        breaker = self.breaker.wait(now)
+        if breaker != 0.0:
+            return breaker
+        return self._bucket.wait(now, size)
 
     async def _deliver(self, jobs: Sequence[Job]) -> None:
         started_at = time.time()
@@ -158,6 +188,7 @@ class Dispatcher:
             by_id = {o.job_id: o for o in outcomes}
             records = [self._policy.decide(job, by_id.get(job.id) or _missing(job), started_at, now)
                        for job in jobs]
+            await self._react(records, now)
             try:
                 await self._store.record(records)
             except StoreError as e:
@@ -171,6 +202,57 @@ class Dispatcher:
             self._recording -= 1
             self._claimed.difference_update(job.id for job in jobs)
             self._wake.set()  # a retry may now be the earliest due job, or a send was waiting for this
+
+    async def _react(self, records: list[AttemptRecord], now: float) -> None:
+        """What this batch's outcomes mean for the whole integration: breaker, slow-down, gone."""
+        # A batch is one request to the target: it counts once for the breaker.
+        succeeded = any(r.outcome.succeeded for r in records)
+        change = self.breaker.record(succeeded, now)
+        if change is not None:
+            self._on_breaker_change(change, records)
+        for record in records:
+            o = record.outcome
+            if o.slow_down and record.next_at is not None and record.next_at > self.paused_until:
+                self.paused_until = record.next_at
+                self._log.warning("target asks to slow down: pausing the integration", status=o.status_code,
+                                  pause_s=round(record.next_at - now, 2))
+            if o.gone and self.disabled is None:
+                self.disabled = (now, f"the target answered {o.status_code} Gone: {o.error}")
+                self._log.error("target is gone (410): integration disabled; its jobs stay pending. Fix the "
+                                "URL and reload, or run `eventrelay enable`", integration=self.name)
+                self._report_disabled()
+                try:
+                    await self._store.set_disabled(self.name, self.disabled[1])
+                except StoreError as e:
+                    self._log.error("cannot persist the disabled state", error=str(e))
+
+    def _on_breaker_change(self, state: str, records: list[AttemptRecord]) -> None:
+        if state == CircuitBreaker.OPEN:
+            self._log.warning("circuit open: the target keeps failing; holding deliveries",
+                              cooldown_s=round(self.breaker.opened_until - time.time(), 2),
+                              last_error=records[-1].outcome.error)
+        else:
+            self._log.info("circuit closed: the target answers again")
+        if self._metrics is not None:
+            self._metrics.breaker_transitions.labels(self.name, state).inc()
+        self._report_breaker()
+
+    def _report_breaker(self) -> None:
+        if self._metrics is not None:
+            self._metrics.breaker_state.labels(self.name).set(
+                {CircuitBreaker.CLOSED: 0, CircuitBreaker.HALF_OPEN: 1, CircuitBreaker.OPEN: 2}[self.breaker.state])
+            self._report_disabled()
+
+    def _report_disabled(self) -> None:
+        if self._metrics is not None:
+            self._metrics.disabled.labels(self.name).set(1 if self.disabled else 0)
+
+    def _count_delivered(self) -> None:
+        minute = int(time.time() // 60)
+        if self._delivered_by_minute and self._delivered_by_minute[-1][0] == minute:
+            self._delivered_by_minute[-1][1] += 1
+        else:
+            self._delivered_by_minute.append([minute, 1])
 
     def _log_outcome(self, record: AttemptRecord) -> None:
         o, job = record.outcome, record.job
@@ -186,7 +268,8 @@ class Dispatcher:
             self._log.warning("delivery failed; will retry", error=o.error,
                               retry_in_s=round((record.next_at or 0) - time.time(), 2), **fields)
         else:
-            self._log.error("delivery failed; job is dead", error=o.error, **fields)
+            self._log.error("delivery failed; job is dead", error=o.error, dead_letter=record.dead_letter,
+                            **fields)
 
 
 _RESULT = {JobState.DELIVERED: "delivered", JobState.PENDING: "failed", JobState.DEAD: "dead"}

@@ -1,41 +1,143 @@
-"""What happens after an attempt: delivered, due again after a backoff, or dead."""
+"""What happens after an attempt (delivered, due again, dead), and when an integration may send at all."""
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass
 
-from ..config import RetryConfig
+from ..config import BreakerConfig, DeliveryConfig
 from ..jobs import AttemptRecord, Job, JobState, Outcome
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with jitter, bounded by the event's age.
+    """Exponential backoff with jitter, bounded by the job's age and (optionally) its attempts.
 
     The n-th retry waits a random time between `initial` and min(initial·2ⁿ⁻¹, max_interval): full jitter
     spreads the retries of a burst that failed together, and the floor of `initial` keeps a failing target
-    from being hit again at once. After `max_age` since the event was accepted the job is dead; the last retry
-    is scheduled at that deadline, so every job gets a final attempt there instead of dying early.
+    from being hit again at once. A target's Retry-After (429, 503) is honoured, clamped to
+    [that step, 4 × max_interval] so it can neither make us hammer nor park a job for days. After `max_age`
+    since the event was accepted (or the job re-queued) the job is dead; the last retry is scheduled at that
+    deadline, so every job gets a final attempt there instead of dying early.
     """
 
     initial: float
     max_interval: float
     max_age: float
+    max_attempts: int | None = None
+    dead_letter: str | None = None
 
     @classmethod
-    def from_config(cls, retry: RetryConfig) -> RetryPolicy:
-        return cls(retry.initial, retry.max_interval, retry.max_age)
+    def from_config(cls, delivery: DeliveryConfig) -> RetryPolicy:
+        r = delivery.retry
+        return cls(r.initial, r.max_interval, r.max_age, r.max_attempts, delivery.dead_letter)
+
+    def step(self, failed_attempts: int) -> float:
+        return min(self.max_interval, self.initial * 2.0 ** min(failed_attempts - 1, 64))
 
     def delay(self, failed_attempts: int, rng: random.Random | None = None) -> float:
-        step = min(self.max_interval, self.initial * 2.0 ** min(failed_attempts - 1, 64))
+        step = self.step(failed_attempts)
         return (rng or random).uniform(self.initial, step) if step > self.initial else step
 
     def decide(self, job: Job, outcome: Outcome, started_at: float, now: float) -> AttemptRecord:
         if outcome.succeeded:
             return AttemptRecord(job, outcome, started_at, JobState.DELIVERED, None)
         deadline = job.age_from + self.max_age
-        if not outcome.retryable or now >= deadline:
-            return AttemptRecord(job, outcome, started_at, JobState.DEAD, None)
-        next_at = min(now + self.delay(job.attempt), deadline)
-        return AttemptRecord(job, outcome, started_at, JobState.PENDING, next_at)
+        out_of_attempts = self.max_attempts is not None and job.attempt >= self.max_attempts
+        if not outcome.retryable or now >= deadline or out_of_attempts:
+            return AttemptRecord(job, outcome, started_at, JobState.DEAD, None, dead_letter=self.dead_letter)
+        delay = self.delay(job.attempt)
+        if outcome.retry_after is not None:
+            delay = min(max(outcome.retry_after, self.step(job.attempt)), 4 * self.max_interval)
+        return AttemptRecord(job, outcome, started_at, JobState.PENDING, min(now + delay, deadline))
+
+
+class CircuitBreaker:
+    """Stops sending to a target that keeps failing, then probes it with one delivery at a time.
+
+    closed → open after `failures` consecutive failed attempts, or when the failure share of the last
+    `window` attempts reaches `failure_rate`. open → half-open after the cool-down: one probe goes out.
+    The probe's success closes the circuit; its failure opens it again for twice as long (up to
+    `max_cooldown`). While open, jobs wait in the database: no attempts burnt, no logs piled up, and a dead
+    broker or a host that is down costs one failure per cool-down instead of one per job.
+    """
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, config: BreakerConfig):
+        self._config = config
+        self.state = self.CLOSED
+        self.opened_until = 0.0
+        self._cooldown = config.cooldown
+        self._consecutive = 0
+        self._recent: deque[bool] = deque(maxlen=config.window)  # True = failed
+        self._probing = False
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until a delivery may start: 0 now; None while a probe is out (its outcome decides)."""
+        if self.state == self.CLOSED:
+            return 0.0
+        if self.state == self.OPEN:
+            if now < self.opened_until:
+                return self.opened_until - now
+            self.state = self.HALF_OPEN
+        return None if self._probing else 0.0
+
+    def started(self) -> None:
+        if self.state == self.HALF_OPEN:
+            self._probing = True
+
+    def record(self, succeeded: bool, now: float) -> str | None:
+        """Feed one attempt's outcome; returns the new state when it changed."""
+        if self.state == self.HALF_OPEN and self._probing:
+            self._probing = False
+            if succeeded:
+                return self._close()
+            self._cooldown = min(self._cooldown * 2, self._config.max_cooldown)
+            return self._open(now)
+        if self.state != self.CLOSED:
+            return None  # stragglers sent before the circuit opened do not move it
+        self._recent.append(not succeeded)
+        self._consecutive = 0 if succeeded else self._consecutive + 1
+        failures = sum(self._recent)
+        if self._consecutive >= self._config.failures or (
+                len(self._recent) == self._recent.maxlen and failures / len(self._recent) >= self._config.failure_rate):
+            return self._open(now)
+        return None
+
+    def _open(self, now: float) -> str:
+        self.state, self.opened_until = self.OPEN, now + self._cooldown
+        return self.state
+
+    def _close(self) -> str:
+        self.state, self._cooldown, self._consecutive = self.CLOSED, self._config.cooldown, 0
+        self._recent.clear()
+        return self.state
+
+
+class TokenBucket:
+    """At most `rate` starts per second on average, with bursts of up to one second's worth."""
+
+    def __init__(self, rate: float | None, burst: float = 1.0):
+        self._rate = rate
+        self._capacity = max(burst, rate or 0.0)
+        self._tokens = self._capacity
+        self._at = 0.0
+
+    def wait(self, now: float, tokens: float = 1.0) -> float:
+        """Seconds until `tokens` are available (0: now)."""
+        if self._rate is None:
+            return 0.0
+        self._refill(now)
+        return 0.0 if self._tokens >= tokens else (tokens - self._tokens) / self._rate
+
+    def take(self, now: float, tokens: float = 1.0) -> None:
+        if self._rate is not None:
+            self._refill(now)
+            self._tokens -= tokens
+
+    def _refill(self, now: float) -> None:
+        if self._at:
+            self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)  # type: ignore[operator]
+        self._at = now

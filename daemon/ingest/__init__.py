@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 from ..config import Integration
 from ..events import Event
+from ..formats import render_template
 from ..metrics import Metrics
-from ..store import Accepted, Store
+from ..store import Accepted, Route, Store
 
 _ROUTE_CACHE_LIMIT = 10_000  # distinct event types remembered; producers cannot grow it without bound
 
@@ -18,6 +19,19 @@ class Router:
     def __init__(self, integrations: Sequence[Integration]):
         self._integrations = tuple(i for i in integrations if i.enabled)
         self._cache: dict[str, tuple[str, ...]] = {}
+        # Integrations with per-resource ordering: the template of each job's ordering key.
+        self._ordering = {i.name: i.delivery.ordering_key for i in self._integrations
+                          if i.delivery.ordering == "per_resource"}
+
+    def routes(self, event: Event) -> list[Route]:
+        """(integration, ordering key) for every integration that observes the event."""
+        names = self.route(event.type)
+        if not self._ordering:
+            return [(name, None) for name in names]
+        fields = {"id": event.id, "type": event.type, "data": event.data, "included": event.included}
+        # A missing key field orders the job by the event id alone, i.e. it waits for nothing.
+        return [(name, render_template(self._ordering[name], fields) if name in self._ordering else None)
+                for name in names]
 
     def route(self, event_type: str) -> tuple[str, ...]:
         names = self._cache.get(event_type)
@@ -39,7 +53,7 @@ class Ingestor:
 
     async def accept(self, events: Sequence[Event], listener: str) -> list[Accepted]:
         router = self.router  # one routing table for the whole request, even if a reload swaps it meanwhile
-        accepted = await self.store.ingest(events, [router.route(e.type) for e in events])
+        accepted = await self.store.ingest(events, [router.routes(e) for e in events])
         if self._accepted is not None:
             for event, result in zip(events, accepted):
                 if not result.duplicate:

@@ -14,7 +14,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from ...config import Integration, SqsConfig
-from ...formats import CloudEvent, render_template
+from ...formats import CloudEvent, event_fields, render_template
 from ...jobs import Job, Outcome
 
 MAX_BATCH = 10  # SQS's limit of entries per SendMessageBatch
@@ -31,6 +31,9 @@ class SqsSender:
         self._timeout = integration.delivery.timeout
         self._concurrency = integration.delivery.concurrency
         self._cloudevent = CloudEvent(integration, source)
+        # With per-resource ordering the ordering key is the group: SQS then keeps the same order we do.
+        delivery = integration.delivery
+        self._group_template = delivery.ordering_key if delivery.ordering == "per_resource" else conf.message_group_id
         # SQS's limit for one message (body and attributes) holds for a whole batch too.
         self._max_bytes = conf.max_message_size
         self._stack = contextlib.AsyncExitStack()
@@ -81,7 +84,7 @@ class SqsSender:
                                f"(max_message_size) is {self._max_bytes}")
         entry: dict[str, Any] = {"Id": str(job.id), "MessageBody": body.decode(), "MessageAttributes": attributes}
         if self._conf.fifo:
-            entry["MessageGroupId"] = render_template(self._conf.message_group_id, job) or job.event_id
+            entry["MessageGroupId"] = render_template(self._group_template, event_fields(job)) or job.event_id
             # The same (event, integration) always gets the same id, so SQS drops the copy a retry after an
             # unknown outcome (a timeout) would otherwise deliver, within its five-minute window.
             entry["MessageDeduplicationId"] = hashlib.sha256(f"{job.event_id}\0{self._name}".encode()).hexdigest()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import time
 from collections.abc import Sequence
+from email.utils import parsedate_to_datetime
 
 import aiohttp
 
@@ -27,6 +31,9 @@ class WebhookSender:
         if conf.secret_key:
             self._headers["X-MOLTIN-SECRET-KEY"] = conf.secret_key
         self._concurrency = integration.delivery.concurrency
+        self._connect_timeout = integration.delivery.connect_timeout
+        # Standard Webhooks: the key is the base64 after `whsec_`; every configured secret signs (rotation).
+        self._signing_keys = [base64.b64decode(secret[6:]) for secret in conf.signing_secrets]
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -34,7 +41,7 @@ class WebhookSender:
         # connections are reused across deliveries and a slow target cannot take sockets from another.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._concurrency),
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._connect_timeout),
             # The envelope is already JSON text; keep aiohttp from touching cookies between deliveries.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -51,6 +58,8 @@ class WebhookSender:
         assert self._session is not None, "start() first"
         headers = {**self._headers, "X-MOLTIN-INTEGRATION-TRIGGER": job.event_type}
         body = self._envelope.encode(job)
+        if self._signing_keys:
+            headers.update(self._signature(job.event_id, body))
         started = time.monotonic()
         try:
             # Redirects are failures: following one would POST the event somewhere nobody configured.
@@ -58,6 +67,7 @@ class WebhookSender:
                 answer = await _read_prefix(resp.content, RESPONSE_BODY_LIMIT)
                 status = resp.status
                 location = resp.headers.get("Location")
+                retry_after = resp.headers.get("Retry-After")
         except asyncio.TimeoutError:
             return Outcome(job.id, False, time.monotonic() - started,
                            error=f"no complete answer within the timeout ({self._timeout:g}s)")
@@ -71,7 +81,30 @@ class WebhookSender:
             error = f"redirect ({status}) not followed: point the integration at {location or 'the new URL'}"
         else:
             error = f"Received a status code outside of 2xx range ({status})"
-        return Outcome(job.id, False, duration, status_code=status, error=error, body=text)
+        return Outcome(job.id, False, duration, status_code=status, error=error, body=text,
+                       retry_after=_retry_after(retry_after) if status in (429, 503) else None,
+                       slow_down=status in (429, 502, 504), gone=status == 410)
+
+    def _signature(self, message_id: str, body: bytes) -> dict[str, str]:
+        """Standard Webhooks headers: v1 = base64 HMAC-SHA256 of "{id}.{timestamp}.{body}"."""
+        timestamp = str(int(time.time()))
+        signed = f"{message_id}.{timestamp}.".encode() + body
+        signatures = " ".join("v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+                              for key in self._signing_keys)
+        return {"webhook-id": message_id, "webhook-timestamp": timestamp, "webhook-signature": signatures}
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 async def _read_prefix(stream: aiohttp.StreamReader, limit: int) -> bytes:
