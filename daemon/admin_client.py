@@ -439,6 +439,21 @@ async def _retry(client: _Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_enable(args: argparse.Namespace) -> int:
+    return _run(args, _enable)
+
+
+async def _enable(client: _Client, args: argparse.Namespace) -> int:
+    data = (await client.post(f"{_integration_path(args.integration)}/enable", {}))["data"]
+    if args.json:
+        _print_json(data)
+    elif data.get("was_disabled"):
+        print(f"{args.integration} enabled again: its pending jobs are being delivered")
+    else:
+        print(f"{args.integration} was not disabled: nothing to do")
+    return EXIT_OK
+
+
 # -- replay -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -606,6 +621,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     retry.add_argument("integration", help="its name, as in the config")
     retry.add_argument("job", help="the job's id, as `eventrelay jobs` lists it")
     retry.set_defaults(func=cmd_retry)
+
+    enable = subparsers.add_parser("enable", parents=[common],
+                                   help="turn an integration back on after its target answered 410 Gone")
+    enable.add_argument("integration", help="its name, as in the config")
+    enable.set_defaults(func=cmd_enable)
 
     replay = subparsers.add_parser(
         "replay", parents=[common], help="re-queue an integration's dead jobs, or its jobs of a time range",

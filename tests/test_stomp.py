@@ -166,3 +166,18 @@ async def test_a_silent_broker_is_noticed_by_heartbeats(start_daemon, activemq, 
     await wait_until(lambda: states(d) == {"delivered": 2}, timeout=40)
     ids = {b["id"] for _, b in await asyncio.to_thread(consume, activemq, dest, 2)}
     assert "k1" in ids
+
+
+async def test_a_dead_broker_is_a_few_failures_not_one_per_job(start_daemon, activemq) -> None:
+    dest = queue()
+    d = await start_daemon([stomp_integration("crm", activemq, dest)], delivery={
+        **FAST, "timeout": "1s", "concurrency": 4, "breaker": {"failures": 4, "cooldown": "1s"}})
+    await asyncio.to_thread(activemq.stop)
+    await d.post([{"id": f"x{i}", "type": "order.paid", "data": {}} for i in range(30)])
+    await asyncio.sleep(4)
+    attempts = d.rows("SELECT count(*) FROM attempts")[0][0]
+    # The circuit opens after 4 failures (4 were in flight together); then one probe per cool-down
+    # (1 s, 2 s): not 30 jobs retried every second.
+    assert 4 <= attempts <= 4 + 4, attempts
+    await asyncio.to_thread(activemq.start)
+    await wait_until(lambda: states(d) == {"delivered": 30}, timeout=40)
