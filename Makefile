@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config.example.yaml
 
-.PHONY: run test check-config bench clean
+.PHONY: run test services check-config bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "eventrelay needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
@@ -20,8 +20,13 @@ run: $(VENV)/.installed
 check-config: $(VENV)/.installed
 	$(VENV)/bin/eventrelay check-config --config $(CONFIG)
 
+# Debian's activemq and rabbitmq-server, which the tests start as real brokers (installed when root,
+# with their own services kept from starting; otherwise the script prints the command to run).
+services:
+	sh .ci/install-services.sh
+
 # pytest exits 5 when it collected no test: make treats any non-zero exit as failure, so that fails too.
-test: $(VENV)/.installed
+test: $(VENV)/.installed services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed

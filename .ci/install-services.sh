@@ -1,0 +1,52 @@
+#!/bin/sh
+# Installs the system packages that tests/services.py needs on Debian 12: ActiveMQ, RabbitMQ (with Erlang and
+# epmd) and a headless Java. Idempotent, and silent when everything is already there.
+#
+# The tests start their own brokers in temp dirs, so apt must NOT start the packages' own services: while apt
+# runs, /usr/sbin/policy-rc.d answers 101 ("action forbidden"), which invoke-rc.d and deb-systemd-invoke obey;
+# any pre-existing policy-rc.d is put back afterwards.
+#
+# Usage: .ci/install-services.sh   (as root; otherwise it prints the command to run and exits 1)
+set -eu
+
+missing=""
+[ -f /usr/share/activemq/bin/activemq.jar ] || missing="$missing activemq"
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
+command -v java >/dev/null 2>&1 || missing="$missing default-jre-headless"
+
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "The service tests need these Debian packages:$missing" >&2
+    echo "Install them (without starting their services) with:" >&2
+    echo "  sudo sh $0" >&2
+    exit 1
+fi
+
+policy=/usr/sbin/policy-rc.d
+backup=""
+if [ -e "$policy" ]; then
+    backup="$(mktemp)"
+    cp -p "$policy" "$backup"
+fi
+restore_policy() {
+    if [ -n "$backup" ]; then
+        mv -f "$backup" "$policy"
+    else
+        rm -f "$policy"
+    fi
+}
+trap restore_policy EXIT
+trap 'exit 130' INT TERM
+printf '#!/bin/sh\n# temporary, from %s: do not start services while installing\nexit 101\n' "$0" >"$policy"
+chmod 0755 "$policy"
+
+echo "Installing:$missing" >&2
+apt-get update -qq
+# shellcheck disable=SC2086 # word splitting of $missing is intended
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+
+# On a systemd machine, also keep them from starting at the next boot (the tests never use them).
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --quiet activemq.service rabbitmq-server.service epmd.socket epmd.service 2>/dev/null || true
+fi
