@@ -11,7 +11,9 @@ from typing import Any
 # resource.action, lower case; resources such as `account-member` or `stock-transaction` carry dashes.
 EVENT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
 _PATTERN = re.compile(r"\*|[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)*\.\*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Ids travel in headers (webhook-id, STOMP `id`, SQS attributes): printable ASCII, no surrounding spaces,
+# or HTTP would trim or re-encode them and receivers could not match signatures or de-duplicate.
+_EVENT_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 MAX_ID_LENGTH = 128
 EVENT_FIELDS = frozenset({"id", "type", "data", "included"})
@@ -56,8 +58,8 @@ def parse_event(obj: Any) -> Event:
         raise EventError(f"id: must be a string, got {_json_kind(eid)}")
     if not 1 <= len(eid) <= MAX_ID_LENGTH:
         raise EventError(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(eid)}")
-    if _CONTROL.search(eid):
-        raise EventError("id: must not contain control characters")
+    if not _EVENT_ID.fullmatch(eid):
+        raise EventError("id: must be printable ASCII without leading or trailing spaces (it is sent in headers)")
     return Event(eid, etype, data, included, id_given=True)
 
 

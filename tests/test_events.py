@@ -43,7 +43,9 @@ def test_generated_ids_are_time_ordered_uuids_and_given_ids_are_kept() -> None:
     ({"type": "order.paid", "data": {}, "id": 7}, "id: must be a string, got a number"),
     ({"type": "order.paid", "data": {}, "id": ""}, "id: must be 1 to 128 characters, got 0"),
     ({"type": "order.paid", "data": {}, "id": "x" * 129}, "id: must be 1 to 128 characters, got 129"),
-    ({"type": "order.paid", "data": {}, "id": "a\nb"}, "id: must not contain control characters"),
+    ({"type": "order.paid", "data": {}, "id": "a\nb"}, "id: must be printable ASCII"),
+    ({"type": "order.paid", "data": {}, "id": " evt-1 "}, "id: must be printable ASCII without leading or trailing"),
+    ({"type": "order.paid", "data": {}, "id": "évt-1"}, "id: must be printable ASCII"),
     ({"type": "order.paid", "data": {}, "tpye": "x"}, "tpye: unknown field"),
 ])
 def test_invalid_events_name_the_field(obj: object, message: str) -> None:
