@@ -24,14 +24,34 @@ def dumps(value: Any) -> str:
     return _ENCODER.encode(value)
 
 
-def loads(raw: bytes) -> Any:
-    """Strict JSON from UTF-8 bytes; every failure is a ValueError with a message for the producer."""
+def loads(raw: bytes, max_depth: int | None = None) -> Any:
+    """Strict JSON from UTF-8 bytes; every failure is a ValueError with a message for the producer.
+
+    `max_depth` bounds nesting (objects and arrays): deep documents cost stack and time all the way to the
+    receivers, and no event needs them.
+    """
     try:
         # Decode explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes; the contract is UTF-8.
-        return _DECODER.decode(raw.decode("utf-8"))
+        value = _DECODER.decode(raw.decode("utf-8"))
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"body is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    # Counting brackets is cheap and settles the common case without walking the document.
+    if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth and _depth(value) > max_depth:
+        raise ValueError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
+    return value
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest

@@ -156,7 +156,9 @@ class ListenConfig:
     socket: Path | None = None
     socket_mode: int = 0o660
     token: str | None = None
-    max_body_size: int = 1024 * 1024
+    max_body_size: int = 1024 * 1024  # HTTP body, and socket line
+    max_depth: int = 64  # JSON nesting
+    max_connections: int = 1024  # open connections on the Unix socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +324,8 @@ class _Parser:
             return default
 
     def listen(self, raw: Any) -> ListenConfig:
-        s = self.section(raw, "listen", ("http", "socket", "socket_mode", "token", "max_body_size"))
+        s = self.section(raw, "listen", ("http", "socket", "socket_mode", "token", "max_body_size", "max_depth",
+                                         "max_connections"))
         d = ListenConfig()
         http = self.value(s, "http", "listen", _host_port, d.http, nullable=True)
         sock = self.value(s, "socket", "listen", self.path, None, nullable=True)
@@ -333,6 +336,8 @@ class _Parser:
             http=http, socket=sock, token=token,
             socket_mode=self.value(s, "socket_mode", "listen", _file_mode, d.socket_mode),
             max_body_size=self.value(s, "max_body_size", "listen", _size, d.max_body_size),
+            max_depth=self.value(s, "max_depth", "listen", _int_range(2, 10_000), d.max_depth),
+            max_connections=self.value(s, "max_connections", "listen", _int_range(1, 1_000_000), d.max_connections),
         )
 
     def storage(self, raw: Any) -> StorageConfig:

@@ -173,9 +173,9 @@ class Service:
         listen = config.listen
         assert self._ingestor is not None
         if listen.socket is not None:
-            self._socket = SocketIngest(self._ingestor, listen.socket, listen.socket_mode, listen.max_body_size)
+            self._socket = SocketIngest(self._ingestor, listen)
             await self._socket.start()
-        self._http = HttpIngest(self._ingestor, listen.token, listen.max_body_size, self.is_ready)
+        self._http = HttpIngest(self._ingestor, listen, self.is_ready)
         self._http_runner = web.AppRunner(self._http.app(AdminApi(self).add_routes), access_log=None,
                                           shutdown_timeout=_INGEST_DRAIN)
         await self._http_runner.setup()
@@ -291,7 +291,7 @@ class Service:
     async def _apply_listen(self, old: Config, new: Config, changes: list[str]) -> None:
         o, n = old.listen, new.listen
         assert self._http is not None and self._ingestor is not None
-        self._http.update(n.token, n.max_body_size)
+        self._http.update(n)
         if n.http != o.http:
             if n.http is None:
                 if self._http_site is not None:
@@ -304,14 +304,14 @@ class Service:
             # Bind the new socket before closing the old one: producers always have somewhere to send.
             fresh = None
             if n.socket is not None:
-                fresh = SocketIngest(self._ingestor, n.socket, n.socket_mode, n.max_body_size)
+                fresh = SocketIngest(self._ingestor, n)
                 await fresh.start()
             if self._socket is not None:
                 await self._socket.stop(_INGEST_DRAIN)
             self._socket = fresh
             changes.append(f"socket listener {n.socket or 'off'}")
         elif self._socket is not None:
-            self._socket.max_line = n.max_body_size
+            self._socket.update(n)
             if n.socket_mode != o.socket_mode and n.socket is not None:
                 n.socket.chmod(n.socket_mode)
 

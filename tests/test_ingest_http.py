@@ -144,3 +144,19 @@ async def test_storage_failure_answers_503_and_acknowledges_nothing(start_daemon
         db.execute("DROP TRIGGER full")
     status, body = await d.post({"id": "lost?", "type": "order.paid", "data": {}})
     assert status == 202 and body["data"][0]["duplicate"] is False  # the failed attempt stored nothing
+
+
+async def test_nesting_depth_limit(start_daemon) -> None:
+    d = await start_daemon([], listen={"max_depth": 8})
+
+    def nested(levels: int) -> dict:
+        data: dict = {}
+        for _ in range(levels):
+            data = {"x": data}
+        return data
+
+    # The event object and `data` count as two levels.
+    assert (await d.post({"type": "order.paid", "data": nested(6)}))[0] == 202
+    status, body = await d.post({"type": "order.paid", "data": nested(7)})
+    assert status == 400 and body["errors"][0]["detail"] == "JSON nested deeper than listen.max_depth (8 levels)"
+    assert d.rows("SELECT count(*) FROM events") == [(1,)]

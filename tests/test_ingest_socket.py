@@ -80,3 +80,18 @@ async def test_socket_file_mode_and_stale_socket_replaced(start_daemon, tmp_path
     assert answers[0]["ok"] is True and answers[0]["jobs"] == 0
     await d.shutdown()
     assert not d.socket_path.exists()  # removed on a clean stop
+
+
+async def test_connections_beyond_the_limit_are_refused_with_a_reason(start_daemon) -> None:
+    d = await start_daemon([], listen={"max_connections": 2})
+    held = [await asyncio.open_unix_connection(str(d.socket_path)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    refusal = json.loads(await asyncio.wait_for(reader.readline(), 5))
+    assert refusal == {"ok": False, "error": "too many connections (listen.max_connections = 2); try again later"}
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # and closed
+    for _, w in held:
+        w.close()
+    await asyncio.sleep(0.05)
+    answers = await talk(d.socket_path, b'{"type": "order.paid", "data": {}}\n', 1)  # room again
+    assert answers[0]["ok"] is True

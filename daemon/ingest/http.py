@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 
 from .. import codec
+from ..config import ListenConfig
 from ..events import EventError, parse_event
 from ..store import StoreError
 from . import Ingestor
@@ -31,16 +32,16 @@ def error_response(status: int, detail: str | list[str], headers: dict[str, str]
 
 
 class HttpIngest:
-    def __init__(self, ingestor: Ingestor, token: str | None, max_body_size: int,
-                 ready: Callable[[], Awaitable[bool]]):
+    def __init__(self, ingestor: Ingestor, listen: ListenConfig, ready: Callable[[], Awaitable[bool]]):
         self._ingestor = ingestor
         self._ready = ready
-        self.update(token, max_body_size)
+        self.update(listen)
 
-    def update(self, token: str | None, max_body_size: int) -> None:
+    def update(self, listen: ListenConfig) -> None:
         """Apply a reloaded listen section without rebinding the socket."""
-        self._token = token.encode() if token else None
-        self._max_body_size = max_body_size
+        self._token = listen.token.encode() if listen.token else None
+        self._max_body_size = listen.max_body_size
+        self._max_depth = listen.max_depth
 
     def app(self, extra: Callable[[web.Application], None] = lambda app: None) -> web.Application:
         # The body limit is enforced while reading (see _read_body), so a reload can change it.
@@ -81,7 +82,7 @@ class HttpIngest:
         if raw is None:
             return self._too_large()
         try:
-            decoded = codec.loads(raw)
+            decoded = codec.loads(raw, self._max_depth)
         except ValueError as e:
             return error_response(400, str(e))
         items = decoded if isinstance(decoded, list) else [decoded]

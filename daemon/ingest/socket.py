@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from .. import codec
+from ..config import ListenConfig
 from ..events import Event, EventError, parse_event
 from ..store import StoreError
 from . import Ingestor
@@ -27,11 +28,18 @@ def _answer(payload: dict[str, object]) -> bytes:
 
 
 class SocketIngest:
-    def __init__(self, ingestor: Ingestor, path: Path, mode: int, max_line: int):
+    def __init__(self, ingestor: Ingestor, listen: ListenConfig):
+        assert listen.socket is not None
         self._ingestor = ingestor
-        self.path = path
-        self._mode = mode
-        self.max_line = max_line  # a reload may change it
+        self.path = listen.socket
+        self._mode = listen.socket_mode
+        self.update(listen)
+
+    def update(self, listen: ListenConfig) -> None:
+        """Apply a reloaded listen section to this open socket."""
+        self.max_line = listen.max_body_size
+        self._max_depth = listen.max_depth
+        self._max_connections = listen.max_connections
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -59,6 +67,14 @@ class SocketIngest:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self._max_connections:
+            # Refuse with a reason rather than a silent close: the producer's operator sees what to change.
+            writer.write(_answer({"ok": False, "error": f"too many connections (listen.max_connections = "
+                                                        f"{self._max_connections}); try again later"}))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+            return
         self._connections.add(task)
         answers: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(_PIPELINE_DEPTH)
         responder = asyncio.create_task(self._respond(answers, writer))
@@ -122,7 +138,7 @@ class SocketIngest:
                 answers.append(_answer({"ok": False, "error": item}))
                 continue
             try:
-                events.append(parse_event(codec.loads(item)))
+                events.append(parse_event(codec.loads(item, self._max_depth)))
                 answers.append(None)  # filled in once stored
             except (ValueError, EventError) as e:
                 answers.append(_answer({"ok": False, "error": str(e)}))
