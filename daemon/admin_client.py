@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import yaml
@@ -149,13 +149,9 @@ def _normalise_url(url: str) -> str:
     if "://" not in url:
         url = f"http://{url}"  # `--url 127.0.0.1:8787` is what people type
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        return config_module.http_url(url)
     except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--url {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8787)")
-    return url
+        raise UsageError(f"--url {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8787)") from None
 
 
 def _bracket(host: str) -> str:

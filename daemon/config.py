@@ -463,7 +463,7 @@ class _Parser:
             self.error(path, "required for a webhook: at least url")
             return None
         s = self.section(raw, path, ("url", "secret_key", "signing_secret"))
-        url = self.value(s, "url", path, _http_url, None)
+        url = self.value(s, "url", path, http_url, None)
         if "url" not in s:
             self.error(f"{path}.url", "required")
         secret = self.value(s, "secret_key", path, _str, None) or None
@@ -478,8 +478,8 @@ class _Parser:
                                      "message_group_id", "max_message_size"))
         if "url" not in s:
             self.error(f"{path}.url", "required: the queue URL")
-        url = self.value(s, "url", path, _http_url, None)
-        endpoint = self.value(s, "endpoint_url", path, _http_url, None, nullable=True)
+        url = self.value(s, "url", path, http_url, None)
+        endpoint = self.value(s, "endpoint_url", path, http_url, None, nullable=True)
         key_id = self.value(s, "aws_access_key_id", path, _str, None, nullable=True) or None
         secret = self.value(s, "aws_secret_access_key", path, _str, None, nullable=True) or None
         if (key_id is None) != (secret is None):
@@ -696,7 +696,8 @@ def _stomp_address(value: Any) -> StompAddress:
     return StompAddress(parts.hostname, port, STOMP_SCHEMES[parts.scheme])
 
 
-def _http_url(value: Any) -> str:
+def http_url(value: Any) -> str:
+    """The value if it is an http(s) URL with a host (and a valid port), else ValueError."""
     text = value if isinstance(value, str) else ""
     try:
         parts = urlsplit(text)
