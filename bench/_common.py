@@ -523,12 +523,16 @@ def daemon_problems(d: Daemon) -> list[str]:
             notes.append(f"did not exit within the SIGTERM grace period ({info.stop_seconds:.1f}s); killed")
         elif info.exit_code not in (0, None):
             notes.append(f"exit code {info.exit_code} after SIGTERM")
-    tail = d.log_tail(200)
-    for marker in ("Traceback", "ERROR", "error", "Exception"):
-        if marker in tail:
-            lines = [ln for ln in tail.splitlines() if marker in ln][:5]
-            notes.append("log mentions " + repr(marker) + ": " + " | ".join(lines)[:600])
-            break
+        elif info.stop_seconds > 5:
+            notes.append(f"took {info.stop_seconds:.1f}s to exit after SIGTERM")
+    # The daemon runs with log.level: warning, so every line it wrote is worth a look.
+    try:
+        lines = [ln for ln in d.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        lines = []
+    if lines:
+        first = " | ".join(ln[:300] for ln in lines[:2])
+        notes.append(f"{len(lines)} log line(s) at warning or above, first: {first}")
     return notes
 
 

@@ -14,10 +14,18 @@ storing anything: the floor cost of "an asyncio JSON API" on this machine.  It i
 by the same load generator with the same settings, in the same invocation, so the
 ratio is meaningful even though absolute numbers vary between machines.
 
-Each daemon scenario gets a fresh daemon (fresh database) so one scenario's database
-growth does not slow the next.
+Each daemon scenario gets a fresh daemon (fresh database, integrations: [] unless
+--with-hook) so one scenario's database growth does not slow the next; baseline and
+daemon runs alternate per scenario so drifting background load hits both alike.
 
-    .venv/bin/python bench/ingest.py [--seconds 8] [--synchronous full|normal] [--json]
+A second table shows where the CPU went (server, load generator, everything else): a
+load generator near 100% means the run measured the client, and "other" above 25%
+means something outside the benchmark competed for the two cores.  With the default
+aiohttp client, scenario (a)'s bare baseline is usually client-bound on 2 cores;
+--client raw swaps in a minimal HTTP/1.1 client that is not.
+
+    .venv/bin/python bench/ingest.py [--seconds 8] [--synchronous full|normal]
+                                     [--client aiohttp|raw] [--scenarios abc] [--json]
 """
 
 from __future__ import annotations
