@@ -46,12 +46,9 @@ def loads(raw: bytes, max_depth: int | None = None) -> Any:
 
 
 def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
+    """Nesting depth of objects and arrays, level by level (a list comprehension per level, no recursion)."""
+    depth, level = 0, [value]
+    while containers := [node for node in level if type(node) in (dict, list)]:
+        depth += 1
+        level = [child for node in containers for child in (node.values() if type(node) is dict else node)]
+    return depth
