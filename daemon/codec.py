@@ -8,6 +8,7 @@ json.dumps/json.loads with non-default arguments build a new one per call, which
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
@@ -15,7 +16,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        # 1e400 is JSON, but as a float it is infinite, and re-encoded it would be `Infinity`: not JSON.
+        raise ValueError(f"number {text[:40]} is out of range for a double")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+# A \uD800-\uDFFF escape that is not half of a pair decodes to a lone surrogate: not Unicode, cannot be stored.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
@@ -39,6 +50,12 @@ def loads(raw: bytes, max_depth: int | None = None) -> Any:
         raise ValueError(f"body is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            _ENCODER.encode(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("JSON contains a lone surrogate escape (\\ud800-\\udfff not in a pair): "
+                             "not valid Unicode") from None
     # Counting brackets is cheap and settles the common case without walking the document.
     if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth and _depth(value) > max_depth:
         raise ValueError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")

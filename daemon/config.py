@@ -214,10 +214,19 @@ def parse(text: str, source: Path | None = None, environ: Mapping[str, str] | No
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(name, [_yaml_message(e)]) from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        # PyYAML's constructors let these out for bad tagged scalars (!!int abc, 2001-13-45) and deep nesting.
+        raise ConfigError(name, [f"invalid YAML: a value cannot be read ({type(e).__name__}: {_short(e)})"]) from None
     errors: list[str] = []
-    raw = _expand_env(raw, "", environ or {}, errors)
     base = source.parent if source else Path.cwd()
-    config = _Parser(errors, base).config(raw)
+    try:
+        raw = _expand_env(raw, "", environ or {}, errors)
+        config = _Parser(errors, base).config(raw)
+    except (RecursionError, ValueError, TypeError, OverflowError) as e:
+        # What no check above names (a list that contains itself, a key too large to print): still an error
+        # for the operator, never a traceback.
+        raise ConfigError(name, errors + [f"the configuration cannot be read: {type(e).__name__}: {_short(e)}"]
+                          ) from None
     if errors or config is None:
         raise ConfigError(name, errors)
     return replace(config, source=source)
@@ -227,9 +236,16 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys: YAML would silently keep the last, hiding a typo."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            return super().construct_mapping(node, deep=deep)  # raises PyYAML's own "expected a mapping" error
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a list or mapping cannot be a key", key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -319,8 +335,8 @@ class _Parser:
             return None if nullable else default
         try:
             return convert(section[key])
-        except ValueError as e:
-            self.error(_join(path, key), str(e))
+        except (ValueError, OverflowError) as e:
+            self.error(_join(path, key), str(e) if isinstance(e, ValueError) else f"{_short(section[key])} is too large")
             return default
 
     def listen(self, raw: Any) -> ListenConfig:
@@ -434,7 +450,7 @@ class _Parser:
         elif not isinstance(name, str) or not _NAME.fullmatch(name):
             self.error(f"{path}.name", f"{name!r} must be 1-64 letters, digits, - or _")
         itype = s.get("integration_type")
-        if itype not in INTEGRATION_TYPES:
+        if not isinstance(itype, str) or itype not in INTEGRATION_TYPES:
             self.error(f"{path}.integration_type",
                        "required" if itype is None else f"{itype!r} is not one of {', '.join(INTEGRATION_TYPES)}")
         observes = self.observes(s.get("observes"), f"{path}.observes")
@@ -537,8 +553,19 @@ class _Parser:
     def path(self, value: Any) -> Path:
         if not isinstance(value, str) or not value:
             raise ValueError("must be a file path")
-        p = Path(value).expanduser()
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError as e:  # ~user of an unknown user
+            raise ValueError(f"{value!r}: {e}") from None
         return p if p.is_absolute() else (self.base / p)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value) if not isinstance(value, BaseException) else str(value)
+    except ValueError:  # an int too long to print
+        return "<too large to show>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _closest(key: str, allowed: tuple[str, ...]) -> str | None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import pytest
 
-from .conftest import Receiver, wait_until, webhook
+from .conftest import Receiver, webhook
 
 
 def count(d, table: str) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.http_exceptions import ContentEncodingError
 
 from .. import codec
 from ..config import ListenConfig
@@ -29,6 +30,10 @@ def error_response(status: int, detail: str | list[str], headers: dict[str, str]
     title = HTTPStatus(status).phrase
     return web.json_response({"errors": [{"status": str(status), "title": title, "detail": d} for d in details]},
                              status=status, headers=headers)
+
+
+class _UnreadableBody(Exception):
+    pass
 
 
 class HttpIngest:
@@ -78,7 +83,10 @@ class HttpIngest:
     async def post_events(self, request: web.Request) -> web.Response:
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
             return error_response(415, f"Content-Type must be application/json, got {request.content_type!r}")
-        raw = await self._read_body(request)
+        try:
+            raw = await self._read_body(request)
+        except _UnreadableBody as e:
+            return error_response(400, str(e))
         if raw is None:
             return self._too_large()
         try:
@@ -115,11 +123,16 @@ class HttpIngest:
         if request.content_length is not None and request.content_length > limit:
             return None
         chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
+        try:
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+        except (RequestPayloadError, ContentEncodingError):
+            # e.g. a Content-Encoding: gzip body that does not decompress, or a broken chunked encoding
+            raise _UnreadableBody("the body cannot be read: its Content-Encoding or chunked framing is corrupt") \
+                from None
         return b"".join(chunks)
 
     def _too_large(self) -> web.Response:

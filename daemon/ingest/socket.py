@@ -33,6 +33,8 @@ class SocketIngest:
         self._ingestor = ingestor
         self.path = listen.socket
         self._mode = listen.socket_mode
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
         self.update(listen)
 
     def update(self, listen: ListenConfig) -> None:
@@ -40,8 +42,6 @@ class SocketIngest:
         self.max_line = listen.max_body_size
         self._max_depth = listen.max_depth
         self._max_connections = listen.max_connections
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
 
     def _too_long(self) -> str:
         return f"line longer than listen.max_body_size ({self.max_line} bytes)"
