@@ -193,13 +193,16 @@ class Service:
         self.http_address = (bound[0], bound[1])
 
     async def _stop_listening(self) -> None:
-        # Requests already inside get to finish (their events may be committing right now); new ones are refused.
+        # Both listeners stop accepting at once; requests already inside get to finish (their events may be
+        # committing right now) while new ones are refused.
+        stopping = []
         if self._socket is not None:
             socket, self._socket = self._socket, None
-            await socket.stop(_INGEST_DRAIN)
+            stopping.append(socket.stop(_INGEST_DRAIN))
         if self._http_runner is not None:
             runner, self._http_runner, self._http_site = self._http_runner, None, None
-            await runner.cleanup()
+            stopping.append(runner.cleanup())
+        await asyncio.gather(*stopping)
 
     # -- reload --------------------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ class SocketIngest:
         self._mode = listen.socket_mode
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._reading: dict[asyncio.Task[None], asyncio.Task[None]] = {}  # connection → its input reader
         self.update(listen)
 
     def update(self, listen: ListenConfig) -> None:
@@ -51,10 +52,12 @@ class SocketIngest:
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting; give open connections `grace` seconds to finish the lines they have sent."""
+        """Stop accepting: no new connections, no new lines on open ones; answer what was read, for `grace` s."""
         if self._server is None:
             return
         self._server.close()
+        for reading in self._reading.values():
+            reading.cancel()
         if self._connections:
             _, pending = await asyncio.wait(self._connections, timeout=grace)
             for task in pending:
@@ -78,11 +81,16 @@ class SocketIngest:
         self._connections.add(task)
         answers: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(_PIPELINE_DEPTH)
         responder = asyncio.create_task(self._respond(answers, writer))
+        # Reading is a task of its own so that stop() can end it (no new lines) while answers still go out.
+        reading = self._reading[task] = asyncio.create_task(self._read(reader, answers))
         try:
-            await self._read(reader, answers)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            await asyncio.wait([reading])
+            if not reading.cancelled() and reading.exception() is not None and not isinstance(
+                    reading.exception(), (ConnectionError, asyncio.IncompleteReadError)):
+                log.error("socket connection failed", error=repr(reading.exception()))
         finally:
+            reading.cancel()
+            self._reading.pop(task, None)
             await answers.put(None)
             await responder
             writer.close()

@@ -123,4 +123,15 @@ def _describe(e: aiohttp.ClientError) -> str:
         return f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e.os_error}"
     if isinstance(e, aiohttp.ServerDisconnectedError):
         return "the server closed the connection before answering"
-    return f"{type(e).__name__}: {e}"
+    # aiohttp reports its own parse errors with the code 400, which would read as if the receiver had
+    # answered 400: say what happened instead, without echoing the junk at length.
+    if isinstance(e, aiohttp.ClientResponseError) and not isinstance(e, aiohttp.ContentTypeError):
+        return f"the answer is not valid HTTP ({_first_line(e.message)})"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "the answer's body was cut short or malformed (the connection closed before its end)"
+    return f"{type(e).__name__}: {_first_line(str(e))}"
+
+
+def _first_line(text: str, limit: int = 120) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."

@@ -1,0 +1,1 @@
+"""Fault injection: crashes, misbehaving receivers and brokers, a full disk, signals under load."""
