@@ -38,6 +38,7 @@ from _common import (
     BUSY_OTHER_PCT,
     CpuMeter,
     Daemon,
+    preload,
     Receiver,
     daemon_problems,
     environment,
@@ -122,44 +123,6 @@ async def _webhook_baseline(hook_url: str, n: int, concurrency: int, timeout: fl
     }
 
 
-def preload(events_url: str, n: int, batch: int, timeout: float) -> dict[str, Any]:
-    """Child entry: post `n` events (no ids: the daemon assigns them) in batches."""
-    return asyncio.run(_preload(events_url, n, batch, timeout))
-
-
-async def _preload(events_url: str, n: int, batch: int, timeout: float) -> dict[str, Any]:
-    import aiohttp
-
-    out: dict[str, Any] = {"accepted": 0, "jobs": 0, "duplicates": 0, "errors": [], "t_first_accept": None}
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        out["t_first_send"] = time.monotonic()
-        sent = 0
-        while sent < n and time.monotonic() < deadline:
-            size = min(batch, n - sent)
-            body = json.dumps([event_obj(sent + k) for k in range(size)]).encode()
-            sent += size
-            try:
-                async with session.post(events_url, data=body, headers={"Content-Type": "application/json"}) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-            except Exception as exc:  # noqa: BLE001
-                out["errors"].append(repr(exc))
-                continue
-            now = time.monotonic()
-            if status != 202:
-                out["errors"].append(f"HTTP {status}: {raw[:200]!r}")
-                continue
-            if out["t_first_accept"] is None:
-                out["t_first_accept"] = now
-            out["t_last_accept"] = now
-            for item in json.loads(raw)["data"]:
-                out["accepted"] += 1
-                out["jobs"] += int(item.get("jobs", 0))
-                out["duplicates"] += bool(item.get("duplicate"))
-    out["errors"] = out["errors"][:5] + ([f"... {len(out['errors']) - 5} more"] if len(out["errors"]) > 5 else [])
-    out["client_cpu_s"] = time.process_time()
-    return out
 
 
 def paced(events_url: str, rate: float, warmup: float, seconds: float, max_inflight: int) -> dict[str, Any]:
