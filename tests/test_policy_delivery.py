@@ -223,3 +223,33 @@ async def test_dead_jobs_go_to_the_dead_letter_integration(start_daemon, receive
     assert data["event"] == {"id": "lost-order", "type": "order.paid", "data": {"id": "o9"},
                              "included": {"items": []}}
     assert dict(d.rows("SELECT integration, state FROM jobs")) == {"erp": "dead", "ops": "delivered"}
+
+
+async def test_connect_timeout_is_separate_from_the_total(start_daemon) -> None:
+    import socket
+
+    # A listener whose accept queue is full and never drained: the kernel drops further SYNs, so a connect
+    # hangs, as with a host that is down, without leaving 127.0.0.1.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        d = await start_daemon([webhook("erp", f"http://127.0.0.1:{port}/hook", delivery={
+            "timeout": "5s", "connect_timeout": "300ms",
+            "retry": {"initial": "10s", "max_interval": "10s", "max_age": "1h"}})])
+        await d.post({"id": "c1", "type": "order.paid", "data": {}})
+        await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(1,)], timeout=10)
+        ((error, duration),) = d.rows("SELECT error_detail, duration FROM attempts")
+        assert error == "no connection within connect_timeout (0.3s)", error
+        assert 0.25 < duration < 3.0  # the connect timeout, not the 5 s total
+    finally:
+        for s in fillers:
+            s.close()
+        server.close()

@@ -68,6 +68,9 @@ class WebhookSender:
                 status = resp.status
                 location = resp.headers.get("Location")
                 retry_after = resp.headers.get("Retry-After")
+        except aiohttp.ConnectionTimeoutError:
+            return Outcome(job.id, False, time.monotonic() - started,
+                           error=f"no connection within connect_timeout ({self._connect_timeout:g}s)")
         except asyncio.TimeoutError:
             return Outcome(job.id, False, time.monotonic() - started,
                            error=f"no complete answer within the timeout ({self._timeout:g}s)")
