@@ -271,6 +271,13 @@ def _session_service(factory: Callable[[], Any]) -> Any:
     return service
 
 
+def _running(service: Any) -> Any:
+    """The session's service, started again if a test stopped or killed it and did not restart it."""
+    if not service.running:
+        service.start()
+    return service
+
+
 @pytest.fixture(scope="session")
 def _moto_session() -> Any:
     from .services import MotoServer
@@ -282,9 +289,7 @@ def _moto_session() -> Any:
 
 @pytest.fixture
 def moto_server(_moto_session: Any) -> Any:
-    if not _moto_session.running:  # a test that restarts it must not break the next one
-        _moto_session.start()
-    return _moto_session
+    return _running(_moto_session)
 
 
 @pytest.fixture(scope="session")
@@ -298,9 +303,7 @@ def _activemq_session() -> Any:
 
 @pytest.fixture
 def activemq(_activemq_session: Any) -> Any:
-    if not _activemq_session.running:
-        _activemq_session.start()
-    return _activemq_session
+    return _running(_activemq_session)
 
 
 @pytest.fixture(scope="session")
