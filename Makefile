@@ -32,6 +32,7 @@ test: $(VENV)/.installed services
 bench: $(VENV)/.installed
 	$(PY) bench/ingest.py
 	$(PY) bench/deliver.py
+	$(PY) bench/fanout.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache *.egg-info
