@@ -1,0 +1,100 @@
+"""daemon/codec.py: orjson in front, the standard library as the reference behind it.
+
+The fast path must accept exactly what the strict standard decoder accepts and decode it to the same value
+(same types too: an int stays an int of any size, floats round the same way), and encode what it decodes
+back to text that the standard library reads as the same value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from daemon import codec
+
+# JSON values as the standard library would decode them: any int, finite floats, any text without lone
+# surrogates (those are not Unicode, and both paths reject their escapes).
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _text
+values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_text, inner, max_size=5),
+                      max_leaves=30)
+
+
+def reference(raw: bytes) -> Any:
+    return codec._loads_exactly(raw)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, with equal types all the way down (1 == 1.0 == True in Python, not in JSON)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return a == b
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(values, st.booleans())
+@example(2**64, False)
+@example(-(2**63) - 1, False)
+@example(12345678901234567890123, True)
+@example([1e16, 1e-7, 5e-324, 1.7976931348623157e308, -0.0], False)
+def test_decodes_like_the_standard_library(value: Any, ascii_only: bool) -> None:
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode()
+    decoded = codec.loads(raw, max_depth=1000)
+    assert same(decoded, reference(raw))
+    assert same(json.loads(codec.dumps(decoded)), decoded)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"amount": 1e400}', b"NaN", b"[Infinity]", b'"\\ud800"', b'{"\\udfff": 1}', b'"a\x00"', b"\xef\xbb\xbf{}",
+    b"{'a': 1}", b"[1,]", b"", b"\xff", b"[" * 2000 + b"]" * 2000,
+])
+def test_rejects_what_the_standard_library_rejects_with_its_message(raw: bytes) -> None:
+    with pytest.raises(ValueError) as fast:
+        codec.loads(raw)
+    with pytest.raises(ValueError) as slow:
+        reference(raw)
+    assert str(fast.value) == str(slow.value)
+
+
+@given(st.binary(max_size=40) | st.text(max_size=40).map(str.encode))
+def test_any_bytes_either_decode_like_the_reference_or_fail_with_its_message(raw: bytes) -> None:
+    try:
+        expected: Any = reference(raw)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=None) as got:
+            codec.loads(raw)
+        assert str(got.value) == str(e)
+    else:
+        assert same(codec.loads(raw), expected)
+
+
+def test_big_integers_are_kept_exactly_even_next_to_small_ones() -> None:
+    raw = b'{"order": 123456789012345678901234567890, "qty": 2, "price": 9.99}'
+    decoded = codec.loads(raw)
+    assert decoded == {"order": 123456789012345678901234567890, "qty": 2, "price": 9.99}
+    assert codec.dumps(decoded) == '{"order":123456789012345678901234567890,"qty":2,"price":9.99}'
+
+
+@pytest.mark.parametrize("depth", [1, 5, 63, 64, 65, 200])
+def test_max_depth(depth: int) -> None:
+    raw = b'{"a":' * (depth - 1) + b"[1]" + b"}" * (depth - 1)
+    if depth <= 64:
+        assert codec._depth(codec.loads(raw, 64)) == depth
+    else:
+        with pytest.raises(ValueError, match="deeper than listen.max_depth"):
+            codec.loads(raw, 64)
+
+
+def test_depth_of_scalars_and_empty_containers() -> None:
+    assert [codec._depth(v) for v in (1, "x", None, [], {}, [[]], [{}, [[1]]])] == [0, 0, 0, 1, 1, 2, 3]
