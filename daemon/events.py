@@ -16,6 +16,9 @@ _PATTERN = re.compile(r"\*|[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)*\.\*")
 _EVENT_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 MAX_ID_LENGTH = 128
+# UUIDv7 layout: 48 bits of milliseconds, version nibble 7 at bits 76-79, variant 0b10 at bits 62-63.
+_VERSION_VARIANT = 0x7 << 76 | 0x2 << 62
+_KEEP = (1 << 128) - 1 ^ (0xF << 76 | 0x3 << 62)
 EVENT_FIELDS = frozenset({"id", "type", "data", "included"})
 
 
@@ -36,14 +39,17 @@ def parse_event(obj: Any) -> Event:
     """Validate one decoded JSON value as an event. Raises EventError naming the offending field."""
     if not isinstance(obj, dict):
         raise EventError(f"must be a JSON object, got {_json_kind(obj)}")
-    unknown = sorted(set(obj) - EVENT_FIELDS)
-    if unknown:
+    if not EVENT_FIELDS.issuperset(obj):
+        unknown = sorted(set(obj) - EVENT_FIELDS)
         raise EventError(f"{unknown[0]}: unknown field (allowed: id, type, data, included)")
     etype = obj.get("type")
     if etype is None:
         raise EventError("type: required (an event key such as order.paid)")
-    if not isinstance(etype, str) or len(etype) > 200 or not EVENT_KEY.fullmatch(etype):
-        raise EventError(f"type: {_short(etype)} is not an event key (resource.action, lower case, e.g. order.paid)")
+    if etype not in _known_types:
+        if not isinstance(etype, str) or len(etype) > 200 or not EVENT_KEY.fullmatch(etype):
+            raise EventError(f"type: {_short(etype)} is not an event key (resource.action, lower case, "
+                             "e.g. order.paid)")
+        _remember_type(etype)
     data = obj.get("data")
     if not isinstance(data, dict):
         raise EventError("data: required, must be a JSON object" if data is None else
@@ -63,6 +69,18 @@ def parse_event(obj: Any) -> Event:
     return Event(eid, etype, data, included, id_given=True)
 
 
+# Event types already validated: a store has a few dozen, and the regular expression cost more than the
+# rest of validating an event. Bounded, so producers sending random types cannot grow it.
+_known_types: set[str] = set()
+_KNOWN_TYPES_LIMIT = 10_000
+
+
+def _remember_type(etype: str) -> None:
+    if len(_known_types) >= _KNOWN_TYPES_LIMIT:
+        _known_types.clear()
+    _known_types.add(etype)
+
+
 def new_event_id() -> str:
     """A UUIDv7 (RFC 9562): time-ordered, so ids sort by acceptance and index inserts stay at the b-tree's end.
 
@@ -71,10 +89,8 @@ def new_event_id() -> str:
     """
     # 74 random bits per millisecond from the (non-cryptographic) module generator: ids need to be unique,
     # not unguessable, and os.urandom is a system call per event.
-    raw = bytearray(((time.time_ns() // 1_000_000) << 80 | random.getrandbits(80)).to_bytes(16, "big"))
-    raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
-    raw[8] = 0x80 | (raw[8] & 0x3F)  # RFC 4122 variant
-    h = raw.hex()
+    bits = (time.time_ns() // 1_000_000) << 80 | random.getrandbits(80)
+    h = f"{bits & _KEEP | _VERSION_VARIANT:032x}"  # version 7, RFC 4122 variant
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 

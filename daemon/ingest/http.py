@@ -115,7 +115,8 @@ class HttpIngest:
         except StoreError as e:
             return error_response(503, f"the event was not stored: {e}", headers={"Retry-After": "5"})
         return web.json_response(
-            {"data": [{"id": a.id, "jobs": a.jobs, "duplicate": a.duplicate} for a in accepted]}, status=202)
+            {"data": [{"id": a.id, "jobs": a.jobs, "duplicate": a.duplicate} for a in accepted]}, status=202,
+            dumps=codec.dumps)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         """The body, or None as soon as it is larger than the limit (without reading the rest into memory)."""
