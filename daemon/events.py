@@ -45,7 +45,7 @@ def parse_event(obj: Any) -> Event:
     etype = obj.get("type")
     if etype is None:
         raise EventError("type: required (an event key such as order.paid)")
-    if etype not in _known_types:
+    if type(etype) is not str or etype not in _known_types:  # (a dict would not even hash)
         if not isinstance(etype, str) or len(etype) > 200 or not EVENT_KEY.fullmatch(etype):
             raise EventError(f"type: {_short(etype)} is not an event key (resource.action, lower case, "
                              "e.g. order.paid)")

@@ -68,3 +68,10 @@ def test_observes_matching() -> None:
                                         ("ORDER.paid", False), ("order", False)])
 def test_observe_patterns(pattern: str, ok: bool) -> None:
     assert is_observe_pattern(pattern) is ok
+
+
+@pytest.mark.parametrize("etype", [{"a": 1}, ["order.paid"], 1, True])
+def test_a_type_that_is_not_a_string_is_refused_even_after_valid_types(etype: object) -> None:
+    parse_event({"type": "order.paid", "data": {}})  # remembered as valid
+    with pytest.raises(EventError, match="type: .* is not an event key"):
+        parse_event({"type": etype, "data": {}})
