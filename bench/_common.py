@@ -38,9 +38,14 @@ import urllib.request
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the daemon package, for its loop choice
+from daemon.cli import event_loop_factory  # noqa: E402
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -65,6 +70,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "sqlite": sqlite3.sqlite_version,
         "aiohttp": _version("aiohttp"),
+        "loop": "uvloop" if event_loop_factory() else "asyncio",
         "commit": _git_commit(),
         # Other work on the box (a test suite, a build) skews every number below.
         "loadavg_1m": round(os.getloadavg()[0], 2),
@@ -98,11 +104,18 @@ def print_header(title: str, env: dict[str, Any], settings: dict[str, Any]) -> N
     print(f"== {title} ==")
     print(
         f"date {env['date']} | python {env['python']} ({env['implementation']}) | "
-        f"cpus {env['cpu_count']} | sqlite {env['sqlite']} | aiohttp {env['aiohttp']}"
+        f"cpus {env['cpu_count']} | sqlite {env['sqlite']} | aiohttp {env['aiohttp']} | loop {env['loop']}"
     )
     print(f"platform {env['platform']} | commit {env['commit']} | loadavg(1m) at start {env['loadavg_1m']}")
     print("settings " + " ".join(f"{k}={v}" for k, v in settings.items()))
     print(flush=True)
+
+
+def run_on_daemon_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run a baseline on the event loop the daemon uses (uvloop when installed): a ratio between the two
+    then measures eventrelay's own work, not a difference of loops."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(main)
 
 
 def log(msg: str) -> None:

@@ -33,6 +33,7 @@ import uuid
 from typing import Any
 
 from _common import (
+    run_on_daemon_loop,
     TRIGGER_HEADER,
     ChildCall,
     BUSY_OTHER_PCT,
@@ -76,7 +77,7 @@ def envelope_template() -> tuple[bytes, bytes]:
 
 def webhook_baseline(hook_url: str, n: int, concurrency: int, timeout: float) -> dict[str, Any]:
     """Child entry: post `n` envelopes with `concurrency` workers on one ClientSession."""
-    return asyncio.run(_webhook_baseline(hook_url, n, concurrency, timeout))
+    return run_on_daemon_loop(_webhook_baseline(hook_url, n, concurrency, timeout))
 
 
 async def _webhook_baseline(hook_url: str, n: int, concurrency: int, timeout: float) -> dict[str, Any]:

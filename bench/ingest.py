@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from _common import (
+    run_on_daemon_loop,
     BUSY_OTHER_PCT,
     Daemon,
     HttpLoadSpec,
@@ -97,7 +98,7 @@ SCENARIOS = (
 
 def serve_bare(port: int, socket_path: str) -> None:
     """Child entry: the bare baseline (HTTP on `port`, NDJSON on `socket_path`)."""
-    asyncio.run(_serve_bare(port, socket_path))
+    run_on_daemon_loop(_serve_bare(port, socket_path))
 
 
 async def _serve_bare(port: int, socket_path: str) -> None:

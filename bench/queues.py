@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
+    run_on_daemon_loop,
     BUSY_OTHER_PCT,
     ChildCall,
     CpuMeter,
@@ -116,7 +117,7 @@ def message_id(i: int) -> str:
 def sqs_baseline(endpoint: str, queue_url: str, warmup_url: str, n: int, warmup: int, concurrency: int,
                  timeout: float) -> dict[str, Any]:
     """Child entry: warm moto up (own client, own queue), then send `n` messages to `queue_url`."""
-    return asyncio.run(_sqs_baseline(endpoint, queue_url, warmup_url, n, warmup, concurrency, timeout))
+    return run_on_daemon_loop(_sqs_baseline(endpoint, queue_url, warmup_url, n, warmup, concurrency, timeout))
 
 
 async def _sqs_send_loop(client: Any, queue_url: str, n: int, concurrency: int, deadline: float,
@@ -211,7 +212,7 @@ def _loop_result(state: dict[str, Any], n: int, t_start: float, t_done: float, c
 def stomp_baseline(port: int, destination: str, warmup_destination: str, n: int, warmup: int, window: int,
                    timeout: float) -> dict[str, Any]:
     """Child entry: warm the broker up (own connection), then send `n` persistent messages with receipts."""
-    return asyncio.run(_stomp_baseline(port, destination, warmup_destination, n, warmup, window, timeout))
+    return run_on_daemon_loop(_stomp_baseline(port, destination, warmup_destination, n, warmup, window, timeout))
 
 
 def _stomp_client(port: int) -> Any:
