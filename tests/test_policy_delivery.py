@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from email.utils import formatdate
 
@@ -113,8 +114,15 @@ async def test_retry_after_and_429_pause_the_whole_integration(start_daemon, rec
 
 
 async def test_retry_after_as_an_http_date(start_daemon, receiver: Receiver) -> None:
-    answers = iter([web.Response(status=503, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)})])
-    receiver.respond = lambda r: next(answers, web.Response(status=204))
+    calls = itertools.count()
+
+    def respond(r: web.Request) -> web.Response:
+        # The date is made when the answer is, not when the test starts (the daemon takes a while to start).
+        if next(calls) == 0:
+            return web.Response(status=503, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)})
+        return web.Response(status=204)
+
+    receiver.respond = respond
     d = await start_daemon([webhook("erp", receiver.url, delivery={"retry": {
         "initial": "50ms", "max_interval": "10s", "max_age": "1h"}})])
     await d.post({"id": "x", "type": "order.paid", "data": {}})

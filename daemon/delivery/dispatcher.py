@@ -19,6 +19,11 @@ from .senders import Sender
 
 _IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
 _STORE_ERROR_PAUSE = 1.0
+# Outcomes are written behind: a slot is free once the target answers. With room for only 2 × concurrency
+# unwritten outcomes, the slots waited for the writer most of the time (webhook delivery 2,800/s); with 8 ×,
+# a commit carries more outcomes and the slots stay busy (3,800/s, bench/deliver.py). It is also the most
+# deliveries a kill -9 can repeat per integration.
+UNRECORDED_FACTOR = 8
 
 
 class Dispatcher:
@@ -50,14 +55,16 @@ class Dispatcher:
         self._ready: collections.deque[Job] = collections.deque()
         self._claimed: set[int] = set()  # ready, in flight, or outcome not yet committed
         self._running = 0  # deliver() calls in flight
-        # Answered but outcome not yet committed. Bounded by `concurrency` too, since a crash delivers these
-        # again: at most 2 × concurrency duplicates per integration per crash.
+        # Answered but outcome not yet committed. Bounded, since a crash delivers these again: in flight plus
+        # unrecorded stay under UNRECORDED_FACTOR × concurrency, the most a crash can duplicate per integration.
         self._recording = 0
+        self._unrecorded_limit = UNRECORDED_FACTOR * self._slots
         self.breaker = CircuitBreaker(delivery.breaker)
         self._bucket = TokenBucket(delivery.rate_limit, burst=self._batch)
         self.paused_until = 0.0  # wall time before which nothing starts (the target asked us to slow down)
         self.disabled = disabled  # (when, why) while the target says it is gone
         self._wake = asyncio.Event()
+        self._deliveries: asyncio.TaskGroup | None = None  # set while `run` runs
         self._stopping = False
         self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
         self._metrics = metrics
@@ -93,6 +100,7 @@ class Dispatcher:
             return
         try:
             async with asyncio.TaskGroup() as deliveries:
+                self._deliveries = deliveries
                 while not self._stopping:
                     self._wake.clear()
                     try:
@@ -147,7 +155,7 @@ class Dispatcher:
 
     def _start_ready(self, deliveries: asyncio.TaskGroup) -> float | None:
         """Start what the slots and the gate allow; returns the gate's wait (0 open, None until woken)."""
-        while self._ready and self._running < self._slots and self._running + self._recording < 2 * self._slots:
+        while self._ready and self._running < self._slots and self._running + self._recording < self._unrecorded_limit:
             now = time.time()
             size = min(self._batch, len(self._ready))
             gate = self._gate(now, size)
@@ -159,6 +167,15 @@ class Dispatcher:
             self._running += 1
             deliveries.create_task(self._deliver(chunk), name=f"deliver:{self.name}")
         return 0.0
+
+    def _start_next(self) -> None:
+        """A slot freed: start the next ready job now, and let `_fill` claim more or re-arm its timers.
+
+        Starting here, not only in `_fill`, keeps the slots busy while `_fill` awaits a claim.
+        """
+        if self._deliveries is not None and not self._stopping:
+            self._start_ready(self._deliveries)
+        self._wake.set()
 
     def _gate(self, now: float, size: int) -> float | None:
         if self.disabled is not None:
@@ -189,6 +206,7 @@ class Dispatcher:
             records = [self._policy.decide(job, by_id.get(job.id) or _missing(job), started_at, now)
                        for job in jobs]
             await self._react(records, now)
+            self._start_next()  # only now: a 410, a slow-down or an opened circuit holds back what comes next
             try:
                 await self._store.record(records)
             except StoreError as e:
@@ -201,7 +219,7 @@ class Dispatcher:
         finally:
             self._recording -= 1
             self._claimed.difference_update(job.id for job in jobs)
-            self._wake.set()  # a retry may now be the earliest due job, or a send was waiting for this
+            self._start_next()  # a send may have waited for this; a retry may now be the earliest due job
 
     async def _react(self, records: list[AttemptRecord], now: float) -> None:
         """What this batch's outcomes mean for the whole integration: breaker, slow-down, gone."""

@@ -2,7 +2,7 @@
 
 The README: "`kill -9` at any moment loses nothing: after a restart, every job not recorded as delivered is due
 again. Deliveries in flight at the moment of a crash may be delivered twice". The dispatcher bounds what is in
-flight (sent, outcome not yet committed) to 2 × concurrency deliveries per integration; a delivery is one job
+flight (sent, outcome not yet committed) to UNRECORDED_FACTOR × concurrency deliveries per integration; a delivery is one job
 for webhooks and STOMP, and a SendMessageBatch of up to 10 jobs for SQS.
 """
 
@@ -18,6 +18,8 @@ import aiohttp
 import boto3
 import pytest
 from aiohttp import web
+
+from daemon.delivery.dispatcher import UNRECORDED_FACTOR
 
 from ..conftest import Receiver, wait_until, webhook
 from ..test_sqs import CREDS, sqs_integration
@@ -107,7 +109,7 @@ async def test_kill_9_at_random_moments_loses_nothing_acknowledged(daemon_proces
     for name in OBSERVES:
         dup = duplicates(received[name])
         # A failed attempt whose message did arrive (a timeout, say) is retried too: one more copy each.
-        bound = kills * 2 * CONCURRENCY * BATCH[name] + failed_attempts.get(name, 0)
+        bound = kills * UNRECORDED_FACTOR * CONCURRENCY * BATCH[name] + failed_attempts.get(name, 0)
         report[name] = (len(expected[name]), len(received[name]), sum(dup.values()), len(dup), bound)
         print(f"  {name:7s} expected {len(expected[name]):5d}  received {len(received[name]):5d}  "
               f"duplicates {sum(dup.values()):4d} ({len(dup)} events; bound {bound})  "
