@@ -68,9 +68,25 @@ def loads(raw: bytes, max_depth: int | None = None) -> Any:
         except orjson.JSONDecodeError:
             value = _loads_exactly(raw)  # raises with the standard library's message (or accepts what it does)
     # Counting brackets is cheap and settles the common case without walking the document.
-    if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth and _depth(value) > max_depth:
+    if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth and _too_deep(value, max_depth):
         raise ValueError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
     return value
+
+
+def _too_deep(value: Any, max_depth: int) -> bool:
+    if type(value) is not list:
+        return _depth(value) > max_depth
+    # A batch of events: the brackets of each, counted in its compact encoding (orjson, C speed), clear
+    # almost every item without a walk. Brackets inside strings only over-count, so a low count is proof.
+    for item in value:
+        if type(item) in _CONTAINERS:
+            try:
+                text = orjson.dumps(item)
+            except orjson.JSONEncodeError:  # an integer beyond 64 bits: walk this one
+                text = b"[" * max_depth
+            if text.count(b"[") + text.count(b"{") >= max_depth and 1 + _depth(item) > max_depth:
+                return True
+    return False
 
 
 def _loads_exactly(raw: bytes) -> Any:

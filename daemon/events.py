@@ -6,7 +6,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # resource.action, lower case; resources such as `account-member` or `stock-transaction` carry dashes.
 EVENT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
@@ -26,8 +26,11 @@ class EventError(ValueError):
     """An event a producer sent that cannot be accepted; the message names the field."""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """One accepted event. A named tuple, not a frozen dataclass: as immutable and typed, and made in a
+    third of the time (a frozen dataclass sets each field through object.__setattr__), which showed at
+    tens of thousands of events a second."""
+
     id: str
     type: str
     data: dict[str, Any]

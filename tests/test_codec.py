@@ -98,3 +98,17 @@ def test_max_depth(depth: int) -> None:
 
 def test_depth_of_scalars_and_empty_containers() -> None:
     assert [codec._depth(v) for v in (1, "x", None, [], {}, [[]], [{}, [[1]]])] == [0, 0, 0, 1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_max_depth_of_one_item_in_a_batch(big: bool) -> None:
+    leaf = b"123456789012345678901234567890" if big else b"1"
+    shallow = b'{"type": "order.paid", "data": {"a": [1, {"b": "[[[[[[[[[[[[[[[["}]}}'
+    for depth in (63, 64, 65):  # of the whole body: the batch's array is one level
+        deep = b'{"a":' * (depth - 2) + b"[" + leaf + b"]" + b"}" * (depth - 2)
+        raw = b"[" + b",".join([shallow] * 30 + [deep] + [shallow] * 5) + b"]"
+        if depth <= 64:
+            assert codec._depth(codec.loads(raw, 64)) == depth
+        else:
+            with pytest.raises(ValueError, match="deeper than listen.max_depth"):
+                codec.loads(raw, 64)
