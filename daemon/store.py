@@ -233,7 +233,13 @@ class Store:
 
     async def record(self, records: Sequence[AttemptRecord]) -> None:
         """Write delivery outcomes: the job's new state and one attempt-log row each."""
-        await self._submit(_Op("record", records))
+        await self.record_later(records)
+
+    def record_later(self, records: Sequence[AttemptRecord]) -> asyncio.Future[None]:
+        """Queue delivery outcomes for the writer's next transaction; the future resolves once committed."""
+        op = _Op("record", records)
+        self._queue.put_nowait(op)
+        return op.future
 
     async def _call(self, fn: Callable[[sqlite3.Connection, float], Any]) -> Any:
         """Run `fn(writer_connection, now)` inside the writer's next transaction (in its thread); returns its

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
-from collections.abc import Sequence
 
 import structlog
 
@@ -65,6 +65,8 @@ class Dispatcher:
         self.disabled = disabled  # (when, why) while the target says it is gone
         self._wake = asyncio.Event()
         self._deliveries: asyncio.TaskGroup | None = None  # set while `run` runs
+        self._all_recorded = asyncio.Event()  # no outcome waiting for the writer
+        self._all_recorded.set()
         self._stopping = False
         self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
         self._metrics = metrics
@@ -114,6 +116,8 @@ class Dispatcher:
                         await asyncio.wait_for(self._wake.wait(), timeout)
                     except TimeoutError:
                         pass
+            # Deliveries have ended; their outcomes may still be on their way to the database.
+            await self._all_recorded.wait()
         finally:
             await self._sender.close()
 
@@ -155,18 +159,28 @@ class Dispatcher:
 
     def _start_ready(self, deliveries: asyncio.TaskGroup) -> float | None:
         """Start what the slots and the gate allow; returns the gate's wait (0 open, None until woken)."""
-        while self._ready and self._running < self._slots and self._running + self._recording < self._unrecorded_limit:
-            now = time.time()
-            size = min(self._batch, len(self._ready))
-            gate = self._gate(now, size)
-            if gate != 0.0:
-                return gate
-            chunk = [self._ready.popleft() for _ in range(size)]
-            self._bucket.take(now, size)
-            self.breaker.started()
-            self._running += 1
+        while True:
+            chunk = self._take()
+            if not isinstance(chunk, list):
+                return chunk
             deliveries.create_task(self._deliver(chunk), name=f"deliver:{self.name}")
-        return 0.0
+
+    def _take(self) -> list[Job] | float | None:
+        """The next jobs to send, taking a slot, if the slots, the write-behind window and the gate allow;
+        else the gate's wait (0.0: nothing ready or no slot free, None: until woken)."""
+        if not (self._ready and self._running < self._slots and not self._stopping
+                and self._running + self._recording < self._unrecorded_limit):
+            return 0.0
+        now = time.time()
+        size = min(self._batch, len(self._ready))
+        gate = self._gate(now, size)
+        if gate != 0.0:
+            return gate
+        chunk = [self._ready.popleft() for _ in range(size)]
+        self._bucket.take(now, size)
+        self.breaker.started()
+        self._running += 1
+        return chunk
 
     def _start_next(self) -> None:
         """A slot freed: start the next ready job now, and let `_fill` claim more or re-arm its timers.
@@ -187,7 +201,17 @@ class Dispatcher:
             return breaker
         return self._bucket.wait(now, size)
 
-    async def _deliver(self, jobs: Sequence[Job]) -> None:
+    async def _deliver(self, jobs: list[Job]) -> None:
+        """Send a chunk, then the next ones while work is ready and the gate allows, in this same task: the
+        next request starts the moment an answer is in, not one event-loop turn later in a new task."""
+        chunk: list[Job] | float | None = jobs
+        while isinstance(chunk, list):
+            self._write_behind(chunk, await self._attempt(chunk))
+            chunk = self._take()
+        self._wake.set()  # `_fill` claims more, or re-arms its timer for the gate
+
+    async def _attempt(self, jobs: list[Job]) -> list[AttemptRecord]:
+        """One attempt at a chunk: send, decide each job's fate, react as an integration; the records."""
         started_at = time.time()
         try:
             try:
@@ -199,27 +223,41 @@ class Dispatcher:
         finally:
             self._running -= 1
             self._recording += 1
-            self._wake.set()
+            self._all_recorded.clear()
         try:
             now = time.time()
             by_id = {o.job_id: o for o in outcomes}
             records = [self._policy.decide(job, by_id.get(job.id) or _missing(job), started_at, now)
                        for job in jobs]
+            # Before anything else starts: a 410, a slow-down or an opened circuit holds back what comes next.
             await self._react(records, now)
-            self._start_next()  # only now: a 410, a slow-down or an opened circuit holds back what comes next
-            try:
-                await self._store.record(records)
-            except StoreError as e:
-                # The jobs stay pending in the database and will be delivered again: at least once.
-                self._log.error("cannot record delivery outcomes; they will be retried", error=str(e))
-                await asyncio.sleep(_STORE_ERROR_PAUSE)
-                return
+        except BaseException:
+            self._release(jobs)
+            raise
+        return records
+
+    def _write_behind(self, jobs: list[Job], records: list[AttemptRecord]) -> None:
+        """Queue the outcomes for the writer; the jobs stay claimed until they are committed."""
+        self._store.record_later(records).add_done_callback(functools.partial(self._recorded, jobs, records))
+
+    def _recorded(self, jobs: list[Job], records: list[AttemptRecord], written: asyncio.Future[None]) -> None:
+        error = written.exception() if not written.cancelled() else StoreError("the writer stopped")
+        if error is None:
             for record in records:
                 self._log_outcome(record)
-        finally:
-            self._recording -= 1
-            self._claimed.difference_update(job.id for job in jobs)
-            self._start_next()  # a send may have waited for this; a retry may now be the earliest due job
+            self._release(jobs)
+            return
+        # The jobs stay pending in the database and will be delivered again: at least once. Claiming them
+        # again at once would spin on a failing disk.
+        self._log.error("cannot record delivery outcomes; they will be retried", error=str(error))
+        asyncio.get_running_loop().call_later(_STORE_ERROR_PAUSE, self._release, jobs)
+
+    def _release(self, jobs: list[Job]) -> None:
+        self._recording -= 1
+        self._claimed.difference_update(job.id for job in jobs)
+        if self._recording == 0:
+            self._all_recorded.set()
+        self._start_next()  # a send may have waited for this; a retry may now be the earliest due job
 
     async def _react(self, records: list[AttemptRecord], now: float) -> None:
         """What this batch's outcomes mean for the whole integration: breaker, slow-down, gone."""
