@@ -435,7 +435,7 @@ class Store:
         `ordered`: only the head of each ordering key, i.e. no earlier job of the same key is still pending
         (in flight, waiting for a retry, or not yet tried): a key's jobs go one at a time, in order.
         """
-        excluded = list(exclude)
+        excluded = _padded(exclude)
         heads_only = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
                       "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
                       "AND k.id < j.id)) ") if ordered else ""
@@ -451,7 +451,7 @@ class Store:
 
     async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
         """When the earliest pending job of an integration (not in flight) falls due, or None."""
-        excluded = list(exclude)
+        excluded = _padded(exclude)
         return await self._scalar(
             self._reader,
             "SELECT next_at FROM jobs WHERE integration = ? AND state = 'pending' "
@@ -656,6 +656,16 @@ def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
 
 def _not_in(column: str, values: list[int]) -> str:
     return f"AND {column} NOT IN ({','.join('?' * len(values))})" if values else ""
+
+
+def _padded(ids: Iterable[int]) -> list[int]:
+    """Ids to exclude, padded with -1 (never a job id) to a power of two: a handful of distinct statement
+    texts, which the sqlite3 module's statement cache keeps prepared (a claim excludes a different number of
+    jobs each time, and preparing the statement anew cost more than running it)."""
+    values = list(ids)
+    if values:
+        values += [-1] * ((1 << (len(values) - 1).bit_length()) - len(values))
+    return values
 
 
 def _lock(path: Path) -> int:

@@ -51,7 +51,7 @@ class Dispatcher:
         self._ordered = delivery.ordering == "per_resource"
         self._slots = delivery.concurrency
         self._batch = sender.max_batch
-        self._page = 2 * self._slots * self._batch  # jobs held ready at most
+        self._page = 4 * self._slots * self._batch  # jobs held ready at most
         self._ready: collections.deque[Job] = collections.deque()
         self._claimed: set[int] = set()  # ready, in flight, or outcome not yet committed
         self._running = 0  # deliver() calls in flight
