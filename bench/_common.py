@@ -1095,12 +1095,18 @@ async def _serve_receiver(port: int, hang: float) -> None:
         return st
 
     async def hook(request: web.Request) -> web.Response:
+        """POST /hook counts distinct ids overall (and their first arrival, for /arrivals); POST /hook/NAME
+        counts them per path as well (the envelope id is the event's, the same for every integration)."""
         now = time.monotonic()
         raw = await request.read()
         stats["posts"] += 1
         stats["bytes"] += len(raw)
         if TRIGGER_HEADER not in request.headers:
             stats["missing_header"] += 1
+        pst = path_stats(request.path) if request.path != "/hook" else None
+        if pst is not None:
+            pst["posts"] += 1
+            pst["t_last"] = now
         try:
             env = json.loads(raw)
             eid = str(env["id"])
@@ -1108,53 +1114,28 @@ async def _serve_receiver(port: int, hang: float) -> None:
         except Exception:  # noqa: BLE001 - count it; answering 204 avoids retry storms
             stats["bad"] += 1
             return web.Response(status=204)
-        if isinstance(attempt, int) and attempt > 1:
-            stats["retries"] += 1
+        retry = isinstance(attempt, int) and attempt > 1
+        stats["retries"] += retry
         if stats["t_first"] is None:
             stats["t_first"] = now
-        if eid in arrivals:
-            stats["duplicates"] += 1
+        if pst is None:
+            seen, counters = arrivals, (stats,)
         else:
+            seen, counters = path_ids[request.path], (stats, pst)
+            pst["retries"] += retry
+            if pst["t_first"] is None:
+                pst["t_first"] = now
+        if eid in seen:
+            for c in counters:
+                c["duplicates"] += 1
+            return web.Response(status=204)
+        if pst is None:
             arrivals[eid] = now
-            stats["unique"] += 1
-            stats["t_last_new"] = now
-        return web.Response(status=204)
-
-    async def named_hook(request: web.Request) -> web.Response:
-        """POST /hook/NAME: like /hook, with the counting done per path (distinct ids per path)."""
-        now = time.monotonic()
-        raw = await request.read()
-        stats["posts"] += 1
-        stats["bytes"] += len(raw)
-        if TRIGGER_HEADER not in request.headers:
-            stats["missing_header"] += 1
-        pst = path_stats(request.path)
-        pst["posts"] += 1
-        pst["t_last"] = now
-        try:
-            env = json.loads(raw)
-            eid = str(env["id"])
-            attempt = env.get("attempt", 1)
-        except Exception:  # noqa: BLE001 - count it; answering 204 avoids retry storms
-            stats["bad"] += 1
-            return web.Response(status=204)
-        if isinstance(attempt, int) and attempt > 1:
-            stats["retries"] += 1
-            pst["retries"] += 1
-        if stats["t_first"] is None:
-            stats["t_first"] = now
-        if pst["t_first"] is None:
-            pst["t_first"] = now
-        ids = path_ids[request.path]
-        if eid in ids:
-            stats["duplicates"] += 1
-            pst["duplicates"] += 1
         else:
-            ids.add(eid)
-            stats["unique"] += 1
-            stats["t_last_new"] = now
-            pst["unique"] += 1
-            pst["t_last_new"] = now
+            path_ids[request.path].add(eid)
+        for c in counters:
+            c["unique"] += 1
+            c["t_last_new"] = now
         return web.Response(status=204)
 
     def failing(status: int, delay: float) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -1194,7 +1175,7 @@ async def _serve_receiver(port: int, hang: float) -> None:
 
     app = web.Application(client_max_size=16 << 20)
     app.router.add_post("/hook", hook)
-    app.router.add_post("/hook/{name}", named_hook)
+    app.router.add_post("/hook/{name}", hook)
     app.router.add_post("/fail500/{name}", failing(500, 0.0))
     app.router.add_post("/hang/{name}", failing(204, hang))
     app.router.add_get("/stats", get_stats)
