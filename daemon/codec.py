@@ -53,11 +53,12 @@ def dumps(value: Any) -> str:
         return _ENCODER.encode(value)  # integers beyond 64 bits (or a TypeError worth its own message)
 
 
-def loads(raw: bytes, max_depth: int | None = None) -> Any:
+def loads(raw: bytes, max_depth: int | None = None, objects_in_array: bool = True) -> Any:
     """Strict JSON from UTF-8 bytes; every failure is a ValueError with a message for the producer.
 
     `max_depth` bounds nesting (objects and arrays): deep documents cost stack and time all the way to the
-    receivers, and no event needs them.
+    receivers, and no event needs them. `objects_in_array=False` leaves the objects of a top-level array to
+    the caller (ingest checks each event's depth on its encoded payload, which it makes anyway).
     """
     value: Any
     if _LONG_RUN in raw.translate(_DIGITS):
@@ -68,25 +69,23 @@ def loads(raw: bytes, max_depth: int | None = None) -> Any:
         except orjson.JSONDecodeError:
             value = _loads_exactly(raw)  # raises with the standard library's message (or accepts what it does)
     # Counting brackets is cheap and settles the common case without walking the document.
-    if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth and _too_deep(value, max_depth):
+    if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth and \
+            _too_deep(value, max_depth, objects_in_array):
         raise ValueError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
     return value
 
 
-def _too_deep(value: Any, max_depth: int) -> bool:
+def _too_deep(value: Any, max_depth: int, objects_in_array: bool) -> bool:
     if type(value) is not list:
         return _depth(value) > max_depth
-    # A batch of events: the brackets of each, counted in its compact encoding (orjson, C speed), clear
-    # almost every item without a walk. Brackets inside strings only over-count, so a low count is proof.
-    for item in value:
-        if type(item) in _CONTAINERS:
-            try:
-                text = orjson.dumps(item)
-            except orjson.JSONEncodeError:  # an integer beyond 64 bits: walk this one
-                text = b"[" * max_depth
-            if text.count(b"[") + text.count(b"{") >= max_depth and 1 + _depth(item) > max_depth:
-                return True
-    return False
+    # An array of events: each item is one level down.
+    return any(1 + _depth(item) > max_depth for item in value
+               if type(item) is list or (objects_in_array and type(item) is dict))
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of objects and arrays (0 for a scalar)."""
+    return _depth(value)
 
 
 def _loads_exactly(raw: bytes) -> Any:

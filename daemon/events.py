@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from . import codec
+
 # resource.action, lower case; resources such as `account-member` or `stock-transaction` carry dashes.
 EVENT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
 _PATTERN = re.compile(r"\*|[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)*\.\*")
@@ -36,10 +38,15 @@ class Event(NamedTuple):
     data: dict[str, Any]
     included: dict[str, Any] | None
     id_given: bool  # False when the daemon made the id: such an event can never be a duplicate
+    payload: str  # {"data": …, "included": …} as stored and sent: encoded once, here
 
 
-def parse_event(obj: Any) -> Event:
-    """Validate one decoded JSON value as an event. Raises EventError naming the offending field."""
+def parse_event(obj: Any, max_depth: int | None = None, outer_levels: int = 0) -> Event:
+    """Validate one decoded JSON value as an event. Raises EventError naming the offending field.
+
+    `max_depth` bounds the nesting of the document the event sits in, `outer_levels` deep (1 in a batch's
+    array); the caller checks it instead when it passes None.
+    """
     if not isinstance(obj, dict):
         raise EventError(f"must be a JSON object, got {_json_kind(obj)}")
     if not EVENT_FIELDS.issuperset(obj):
@@ -60,16 +67,29 @@ def parse_event(obj: Any) -> Event:
     included = obj.get("included")
     if included is not None and not isinstance(included, dict):
         raise EventError(f"included: must be a JSON object, got {_json_kind(included)}")
+    payload = _payload(data, included, max_depth, outer_levels)
     eid = obj.get("id")
     if eid is None:
-        return Event(new_event_id(), etype, data, included, id_given=False)
+        return Event(new_event_id(), etype, data, included, False, payload)
     if not isinstance(eid, str):
         raise EventError(f"id: must be a string, got {_json_kind(eid)}")
     if not 1 <= len(eid) <= MAX_ID_LENGTH:
         raise EventError(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(eid)}")
     if not _EVENT_ID.fullmatch(eid):
         raise EventError("id: must be printable ASCII without leading or trailing spaces (it is sent in headers)")
-    return Event(eid, etype, data, included, id_given=True)
+    return Event(eid, etype, data, included, True, payload)
+
+
+def _payload(data: dict[str, Any], included: dict[str, Any] | None, max_depth: int | None,
+             outer_levels: int) -> str:
+    """The stored payload, and the depth check on it: the event nests exactly as deep as its payload (its
+    other fields are strings), and brackets in the compact text only over-count (some sit in strings), so
+    a low count settles it without walking the values."""
+    payload = codec.dumps({"data": data} if included is None else {"data": data, "included": included})
+    if max_depth is not None and outer_levels + payload.count("{") + payload.count("[") > max_depth and \
+            outer_levels + codec.depth({"data": data, "included": included}) > max_depth:
+        raise EventError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
+    return payload
 
 
 # Event types already validated: a store has a few dozen, and the regular expression cost more than the

@@ -366,10 +366,7 @@ class Store:
                 continue
             seq = self._next_event_seq
             self._next_event_seq += 1
-            payload = {"data": event.data}
-            if event.included is not None:
-                payload["included"] = event.included
-            event_rows.append((seq, event.id, event.type, codec.dumps(payload), now))
+            event_rows.append((seq, event.id, event.type, event.payload, now))
             for name, ordering_key in integrations:
                 job_rows.append((self._next_job_id, seq, name, now, now, now, ordering_key))
                 self._next_job_id += 1

@@ -168,3 +168,23 @@ async def test_nesting_depth_limit(start_daemon) -> None:
     status, body = await d.post({"type": "order.paid", "data": nested(7)})
     assert status == 400 and body["errors"][0]["detail"] == "JSON nested deeper than listen.max_depth (8 levels)"
     assert d.rows("SELECT count(*) FROM events") == [(1,)]
+
+
+async def test_max_depth_counts_the_batch_array_and_each_event(start_daemon) -> None:
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])], listen={"max_depth": 5})
+
+    def event(levels: int, brackets_in_strings: bool = False) -> dict:
+        data: dict = {"note": "[[[[{{{{" if brackets_in_strings else "x"}
+        for _ in range(levels - 2):  # the event and its data are two levels
+            data = {"n": data}
+        return {"type": "order.paid", "data": data}
+
+    status, body = await d.post([event(4, brackets_in_strings=True), event(4)])  # 1 + 4 = 5 levels
+    assert status == 202, body
+    status, body = await d.post([event(4), event(5)])  # 1 + 5 = 6
+    assert status == 400 and body["errors"][0]["detail"] == "[1].JSON nested deeper than listen.max_depth (5 levels)"
+    status, body = await d.post(event(5))  # alone, 5 levels
+    assert status == 202, body
+    status, body = await d.post([[[[[[1]]]]]])  # not events at all, and too deep
+    assert status == 400 and "listen.max_depth" in body["errors"][0]["detail"]
+    assert count(d, "events") == 3

@@ -88,7 +88,8 @@ class HttpIngest:
         if raw is None:
             return self._too_large()
         try:
-            decoded = codec.loads(raw, self._max_depth)
+            # The events of a batch are depth-checked one by one, as they are parsed.
+            decoded = codec.loads(raw, self._max_depth, objects_in_array=False)
         except ValueError as e:
             return error_response(400, str(e))
         items = decoded if isinstance(decoded, list) else [decoded]
@@ -99,7 +100,8 @@ class HttpIngest:
         events, errors = [], []
         for i, item in enumerate(items):
             try:
-                events.append(parse_event(item))
+                events.append(parse_event(item, self._max_depth, 1) if isinstance(decoded, list) else
+                              parse_event(item))
             except EventError as e:
                 errors.append(f"[{i}].{e}" if isinstance(decoded, list) else str(e))
         if errors:
