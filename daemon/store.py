@@ -117,7 +117,9 @@ class Accepted:
 
 @dataclass(slots=True)
 class _Op:
-    kind: str  # "ingest" | "record" | "call" (an admin write: a function run inside the transaction)
+    # "ingest" | "record" | "call" (an admin write: a function run inside the transaction) | "after" (a
+    # function run once the transaction has committed, outside any: what SQLite will not do inside one)
+    kind: str
     items: Any
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -323,7 +325,7 @@ class Store:
                     results.append(self._plan_ingest(*op.items, now, known, event_rows, job_rows, woken))
                 elif op.kind == "call":
                     results.append(op.items(self._db, now))
-                else:
+                else:  # "record" (written below, together) or "after" (run once committed)
                     results.append(None)
             _many(self._db, "INSERT INTO events (seq, id, type, payload, accepted_at) VALUES {rows}", event_rows, 5)
             _many(self._db, "INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at, "
@@ -342,6 +344,13 @@ class Store:
             except sqlite3.Error:
                 pass  # SQLite already rolled back (e.g. on SQLITE_FULL); the transaction is gone either way
             raise
+        for op in batch:
+            if op.kind == "after":
+                # The transaction is committed: a failure here must not fail (and so repeat) its operations.
+                try:
+                    op.items(self._db)
+                except sqlite3.Error as e:
+                    log.warning("housekeeping after a commit failed", error=str(e))
         return results, woken
 
     def _known_events(self, ids: Iterable[str]) -> dict[str, int]:
@@ -590,7 +599,7 @@ class Store:
 
         deleted = await self._call(run)
         if deleted:
-            await self._call(_incremental_vacuum)
+            await self._submit(_Op("after", _incremental_vacuum))
         return deleted
 
     async def ping(self) -> bool:
@@ -620,8 +629,11 @@ def _job_row(r: tuple[Any, ...]) -> dict[str, Any]:
             "next_attempt_at": r[8] if r[4] == JobState.PENDING else None, "last_error": r[9]}
 
 
-def _incremental_vacuum(db: sqlite3.Connection, now: float) -> None:
-    db.execute("PRAGMA incremental_vacuum(2000)").fetchall()  # it frees pages as its rows are stepped through
+def _incremental_vacuum(db: sqlite3.Connection) -> None:
+    # The pragma frees one page per step, and the sqlite3 module's execute() steps a statement that returns
+    # no columns only once: one page per call. executescript() steps it to the end, but commits whatever
+    # transaction is open first, hence an "after" operation.
+    db.executescript("PRAGMA incremental_vacuum(2000);")
 
 
 def _value(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.events import parse_event
+from daemon.events import Event, parse_event
 from daemon.jobs import AttemptRecord, JobState, Outcome
 from daemon.store import MIGRATIONS, Store, StoreError
 
@@ -199,3 +199,19 @@ async def test_a_replay_in_batches_skips_what_it_already_requeued(store: Store) 
     assert await store.replay("a", since=0, until=10**10, not_requeued_since=started, limit=3) == 2
     await finish(store, JobState.DELIVERED, 2)
     assert await store.replay("a", since=0, until=10**10, not_requeued_since=started, limit=3) == 0
+
+
+async def test_pruning_gives_the_freed_pages_back_to_the_file_system(store: Store) -> None:
+    big = [Event(f"big-{i}", "order.paid", {"blob": "x" * 4000}, None, True, '{"data":{"blob":"' + "x" * 4000 + '"}}')
+           for i in range(600)]
+    await store.ingest(big, [R()] * len(big))  # observed by nobody: pruned by age alone
+    with sqlite3.connect(store.path) as db:
+        pages_before = db.execute("PRAGMA page_count").fetchone()[0]
+    while await store.prune(delivered_before=10**10, dead_before=10**10, batch=1000) > 0:
+        pass
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+        pages_after = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    # 600 events of 4 KB took some 600+ pages; the file shrinks back rather than keeping them on a free list.
+    assert pages_before > 600 and pages_after < 100 and free < 50, (pages_before, pages_after, free)
