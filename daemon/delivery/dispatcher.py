@@ -7,6 +7,7 @@ import collections
 import contextlib
 import functools
 import time
+from typing import Any
 
 import structlog
 
@@ -70,6 +71,8 @@ class Dispatcher:
         self._stopping = False
         self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
         self._metrics = metrics
+        self._result_counters: dict[JobState, Any] = {}  # metric children by outcome, made on first use
+        self._seconds: Any = None
         self._delivered_by_minute: collections.deque[list[int]] = collections.deque(maxlen=61)  # [minute, n]
         self._report_breaker()
 
@@ -183,13 +186,17 @@ class Dispatcher:
         return chunk
 
     def _start_next(self) -> None:
-        """A slot freed: start the next ready job now, and let `_fill` claim more or re-arm its timers.
+        """A slot freed: start the next ready job now, and wake `_fill` if it has work: claiming more, or
+        re-arming its timer for a closed gate or the next retry.
 
-        Starting here, not only in `_fill`, keeps the slots busy while `_fill` awaits a claim.
+        Starting here, not only in `_fill`, keeps the slots busy while `_fill` awaits a claim; waking it only
+        when needed spares a turn of its loop per delivery.
         """
+        gate = 0.0
         if self._deliveries is not None and not self._stopping:
-            self._start_ready(self._deliveries)
-        self._wake.set()
+            gate = self._start_ready(self._deliveries)
+        if gate != 0.0 or len(self._ready) < self._page // 2 or self._stopping:
+            self._wake.set()
 
     def _gate(self, now: float, size: int) -> float | None:
         if self.disabled is not None:
@@ -315,8 +322,14 @@ class Dispatcher:
         fields = dict(event_id=job.event_id, event_type=job.event_type, job_id=job.id, attempt=job.attempt,
                       status=o.status_code, duration_ms=round(o.duration * 1000, 1))
         if self._metrics is not None:
-            self._metrics.deliveries.labels(self.name, _RESULT[record.state]).inc()
-            self._metrics.delivery_seconds.labels(self.name).observe(o.duration)
+            # labels() looks the child up under a lock each time: keep ours.
+            counter = self._result_counters.get(record.state)
+            if counter is None:
+                counter = self._result_counters[record.state] = self._metrics.deliveries.labels(
+                    self.name, _RESULT[record.state])
+                self._seconds = self._metrics.delivery_seconds.labels(self.name)
+            counter.inc()
+            self._seconds.observe(o.duration)
         if record.state is JobState.DELIVERED:
             self._count_delivered()
             self._log.info("delivered", **fields)
