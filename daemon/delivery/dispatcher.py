@@ -30,9 +30,10 @@ UNRECORDED_FACTOR = 8
 class Dispatcher:
     """Keeps up to `concurrency` deliveries in flight for one integration.
 
-    Memory is only a window on the database: a small buffer of claimed jobs (`_ready`, two pages of
-    `concurrency` deliveries) and those in flight, so a backlog of millions costs disk, not RAM, and a freed
-    slot starts its next job without waiting for a query. A job stays in `_claimed` from its claim until its
+    Memory is only a window on the database: a small buffer of claimed jobs (`_ready`, 4 × `concurrency`
+    deliveries: enough to last through a claim), those in flight and those whose outcome is being written,
+    so a backlog of millions costs disk, not RAM, and a freed slot starts its next job without waiting for
+    a query. A job stays in `_claimed` from its claim until its
     outcome is committed, so no claim can hand it out twice. A slot is freed as soon as the target answers;
     the outcome is written in the background, batched with others by the store's writer.
 
