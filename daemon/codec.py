@@ -77,15 +77,10 @@ def loads(raw: bytes, max_depth: int | None = None, objects_in_array: bool = Tru
 
 def _too_deep(value: Any, max_depth: int, objects_in_array: bool) -> bool:
     if type(value) is not list:
-        return _depth(value) > max_depth
+        return depth(value) > max_depth
     # An array of events: each item is one level down.
-    return any(1 + _depth(item) > max_depth for item in value
+    return any(1 + depth(item) > max_depth for item in value
                if type(item) is list or (objects_in_array and type(item) is dict))
-
-
-def depth(value: Any) -> int:
-    """Nesting depth of objects and arrays (0 for a scalar)."""
-    return _depth(value)
 
 
 def _loads_exactly(raw: bytes) -> Any:
@@ -107,11 +102,12 @@ def _loads_exactly(raw: bytes) -> Any:
     return value
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of objects and arrays, level by level (one list comprehension per level, no recursion)."""
-    depth, level = 0, [value] if type(value) in _CONTAINERS else []
+def depth(value: Any) -> int:
+    """Nesting depth of objects and arrays (0 for a scalar), level by level: one list comprehension per
+    level, no recursion."""
+    levels, level = 0, [value] if type(value) in _CONTAINERS else []
     while level:
-        depth += 1
+        levels += 1
         level = [child for node in level for child in (node.values() if type(node) is dict else node)
                  if type(child) in _CONTAINERS]
-    return depth
+    return levels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import time
@@ -55,11 +56,8 @@ def parse_event(obj: Any, max_depth: int | None = None, outer_levels: int = 0) -
     etype = obj.get("type")
     if etype is None:
         raise EventError("type: required (an event key such as order.paid)")
-    if type(etype) is not str or etype not in _known_types:  # (a dict would not even hash)
-        if not isinstance(etype, str) or len(etype) > 200 or not EVENT_KEY.fullmatch(etype):
-            raise EventError(f"type: {_short(etype)} is not an event key (resource.action, lower case, "
-                             "e.g. order.paid)")
-        _remember_type(etype)
+    if type(etype) is not str or not _is_event_key(etype):
+        raise EventError(f"type: {_short(etype)} is not an event key (resource.action, lower case, e.g. order.paid)")
     data = obj.get("data")
     if not isinstance(data, dict):
         raise EventError("data: required, must be a JSON object" if data is None else
@@ -85,23 +83,19 @@ def _payload(data: dict[str, Any], included: dict[str, Any] | None, max_depth: i
     """The stored payload, and the depth check on it: the event nests exactly as deep as its payload (its
     other fields are strings), and brackets in the compact text only over-count (some sit in strings), so
     a low count settles it without walking the values."""
-    payload = codec.dumps({"data": data} if included is None else {"data": data, "included": included})
+    document = {"data": data} if included is None else {"data": data, "included": included}
+    payload = codec.dumps(document)
     if max_depth is not None and outer_levels + payload.count("{") + payload.count("[") > max_depth and \
-            outer_levels + codec.depth({"data": data, "included": included}) > max_depth:
+            outer_levels + codec.depth(document) > max_depth:
         raise EventError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
     return payload
 
 
-# Event types already validated: a store has a few dozen, and the regular expression cost more than the
-# rest of validating an event. Bounded, so producers sending random types cannot grow it.
-_known_types: set[str] = set()
-_KNOWN_TYPES_LIMIT = 10_000
-
-
-def _remember_type(etype: str) -> None:
-    if len(_known_types) >= _KNOWN_TYPES_LIMIT:
-        _known_types.clear()
-    _known_types.add(etype)
+# Memoised: a store has a few dozen event types, and the regular expression cost more than the rest of
+# validating an event. Bounded, so producers sending random types cannot grow it.
+@functools.lru_cache(maxsize=1024)
+def _is_event_key(text: str) -> bool:
+    return len(text) <= 200 and EVENT_KEY.fullmatch(text) is not None
 
 
 def new_event_id() -> str:

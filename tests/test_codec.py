@@ -90,14 +90,14 @@ def test_big_integers_are_kept_exactly_even_next_to_small_ones() -> None:
 def test_max_depth(depth: int) -> None:
     raw = b'{"a":' * (depth - 1) + b"[1]" + b"}" * (depth - 1)
     if depth <= 64:
-        assert codec._depth(codec.loads(raw, 64)) == depth
+        assert codec.depth(codec.loads(raw, 64)) == depth
     else:
         with pytest.raises(ValueError, match="deeper than listen.max_depth"):
             codec.loads(raw, 64)
 
 
 def test_depth_of_scalars_and_empty_containers() -> None:
-    assert [codec._depth(v) for v in (1, "x", None, [], {}, [[]], [{}, [[1]]])] == [0, 0, 0, 1, 1, 2, 3]
+    assert [codec.depth(v) for v in (1, "x", None, [], {}, [[]], [{}, [[1]]])] == [0, 0, 0, 1, 1, 2, 3]
 
 
 @pytest.mark.parametrize("big", [False, True])
@@ -108,7 +108,7 @@ def test_max_depth_of_one_item_in_a_batch(big: bool) -> None:
         deep = b'{"a":' * (depth - 2) + b"[" + leaf + b"]" + b"}" * (depth - 2)
         raw = b"[" + b",".join([shallow] * 30 + [deep] + [shallow] * 5) + b"]"
         if depth <= 64:
-            assert codec._depth(codec.loads(raw, 64)) == depth
+            assert codec.depth(codec.loads(raw, 64)) == depth
         else:
             with pytest.raises(ValueError, match="deeper than listen.max_depth"):
                 codec.loads(raw, 64)
