@@ -13,6 +13,8 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.events_accepted = Counter("eventrelay_events_accepted", "Events accepted (stored and acknowledged)",
                                        ["type", "listener"], registry=r)
+        self.connections_refused = Counter("eventrelay_connections_refused", "Connections turned away at "
+                                           "listen.max_connections", ["listener"], registry=r)
         self.deliveries = Counter("eventrelay_delivery_attempts", "Delivery attempts by result: delivered, "
                                   "failed (will retry) or dead (final)", ["integration", "result"], registry=r)
         self.delivery_seconds = Histogram("eventrelay_delivery_duration_seconds", "Time one attempt took",

@@ -19,7 +19,7 @@ from .config import Config, Integration
 from .delivery.dispatcher import Dispatcher
 from .delivery.senders import make_sender
 from .ingest import Ingestor, Router
-from .ingest.http import HttpIngest
+from .ingest.http import ConnectionCap, HttpIngest
 from .ingest.socket import SocketIngest
 from .jobs import JobState
 from .metrics import Metrics
@@ -58,7 +58,8 @@ class Service:
         self._ingestor: Ingestor | None = None
         self._http: HttpIngest | None = None
         self._http_runner: web.AppRunner | None = None
-        self._http_site: web.TCPSite | None = None
+        self._http_server: asyncio.Server | None = None  # the listening socket; aiohttp serves what it accepts
+        self._http_cap: ConnectionCap | None = None
         self._socket: SocketIngest | None = None
         self._disabled: dict[str, tuple[float, str]] = {}  # integrations a 410 disabled, as stored
         self._reload_lock = asyncio.Lock()
@@ -176,20 +177,26 @@ class Service:
             self._socket = SocketIngest(self._ingestor, listen)
             await self._socket.start()
         self._http = HttpIngest(self._ingestor, listen, self.is_ready)
+        # aiohttp's keep-alive timeout also closes a connection that never sends a request.
         self._http_runner = web.AppRunner(self._http.app(AdminApi(self).add_routes), access_log=None,
-                                          shutdown_timeout=_INGEST_DRAIN)
+                                          shutdown_timeout=_INGEST_DRAIN, keepalive_timeout=listen.idle_timeout)
         await self._http_runner.setup()
+        assert self._http_runner.server is not None
+        ingestor = self._ingestor
+        self._http_cap = ConnectionCap(self._http_runner.server, listen.max_connections,
+                                       lambda: ingestor.refused_connection("http"))
         if listen.http is not None:
             await self._bind_http(listen.http)
 
     async def _bind_http(self, address: tuple[str, int]) -> None:
-        assert self._http_runner is not None
-        site = web.TCPSite(self._http_runner, *address)
-        await site.start()
-        old, self._http_site = self._http_site, site
+        # aiohttp's Server is the protocol factory, as its low-level server docs show; a site would not let
+        # the connection cap stand in front of it.
+        assert self._http_cap is not None
+        server = await asyncio.get_running_loop().create_server(self._http_cap, *address, backlog=128)
+        old, self._http_server = self._http_server, server
         if old is not None:
-            await old.stop()  # stops accepting there; requests already inside are answered
-        bound = self._http_runner.addresses[0]  # the one site left; port 0 became a real port
+            old.close()  # stops accepting there; requests already inside are answered
+        bound = server.sockets[0].getsockname()  # port 0 became a real port
         self.http_address = (bound[0], bound[1])
 
     async def _stop_listening(self) -> None:
@@ -199,8 +206,11 @@ class Service:
         if self._socket is not None:
             socket, self._socket = self._socket, None
             stopping.append(socket.stop(_INGEST_DRAIN))
+        if self._http_server is not None:
+            self._http_server.close()
+            self._http_server = None
         if self._http_runner is not None:
-            runner, self._http_runner, self._http_site = self._http_runner, None, None
+            runner, self._http_runner = self._http_runner, None
             stopping.append(runner.cleanup())
         await asyncio.gather(*stopping)
 
@@ -261,6 +271,8 @@ class Service:
         changes: list[str] = []
         if new.storage.path != old.storage.path or new.storage.synchronous != old.storage.synchronous:
             log.warning("storage.path and storage.synchronous take effect at the next restart")
+        if new.listen.idle_timeout != old.listen.idle_timeout:
+            log.warning("listen.idle_timeout takes effect at the next restart")
             new = replace(new, storage=replace(new.storage, path=old.storage.path,
                                                synchronous=old.storage.synchronous))
         await self._apply_listen(old, new, changes)
@@ -295,11 +307,13 @@ class Service:
         o, n = old.listen, new.listen
         assert self._http is not None and self._ingestor is not None
         self._http.update(n)
+        if self._http_cap is not None:
+            self._http_cap.limit = n.max_connections
         if n.http != o.http:
             if n.http is None:
-                if self._http_site is not None:
-                    await self._http_site.stop()
-                self._http_site, self.http_address = None, None
+                if self._http_server is not None:
+                    self._http_server.close()
+                self._http_server, self.http_address = None, None
             else:
                 await self._bind_http(n.http)
             changes.append(f"http listener {_fmt_addr(n.http) or 'off'}")

@@ -225,6 +225,14 @@ def test_socket_mode_and_sizes() -> None:
     assert any("is not a size" in e for e in errors_of("listen: {max_body_size: lots}"))
 
 
+def test_connection_limits() -> None:
+    config = cfg.parse("listen: {max_connections: 50, idle_timeout: 30s}")
+    assert config.listen.max_connections == 50 and config.listen.idle_timeout == 30.0
+    assert cfg.parse("{}").listen.idle_timeout == 75.0
+    assert errors_of("listen: {idle_timeout: 0s}") == ["listen.idle_timeout: '0s' must be greater than zero"]
+    assert errors_of("listen: {max_connections: 0}") == ["listen.max_connections: 0 must be a whole number from 1 to 1000000"]
+
+
 def test_secrets_are_masked_when_shown() -> None:
     config = cfg.parse(MINIMAL.replace('{url: "https://erp.example.com/hook"}',
                                        '{url: "https://erp.example.com/hook", secret_key: "s3cr3t-PSYQ"}'))

@@ -761,17 +761,23 @@ async def test_thousands_of_idle_connections(receiver: Receiver, daemon_process)
         await post_timed("warm-up")
         rss_before = vm_rss_kib(pid)
         tcp = await _open_many(lambda: asyncio.open_connection("127.0.0.1", d.port), idle)
-        # Idle HTTP connections hold up neither listener.
-        assert await post_timed("beside idle tcp") < 2.0
-        assert await socket_accepts()
-        unix = await _open_many(lambda: open_unix(socket_path), idle)
 
-        # Refused Unix connections get one line saying why, then the end of the stream; the rest stay silent.
+        # Refused connections get an answer saying why, then the end of the stream; the rest stay silent.
         async def first_line(reader: asyncio.StreamReader) -> bytes | None:
             try:
                 return await asyncio.wait_for(reader.readline(), 3)
             except TimeoutError:
                 return None
+
+        # HTTP: past the cap, a 503 (the warm-up request's keep-alive connection holds one slot).
+        http_lines = await asyncio.gather(*(first_line(r) for r, _ in tcp))
+        refused_http = [line for line in http_lines if line]
+        assert set(refused_http) <= {b"HTTP/1.1 503 Service Unavailable\r\n"}, set(refused_http)
+        assert len(refused_http) == max(0, idle - (MAX_CONNECTIONS - 1)), len(refused_http)
+        # Idle HTTP connections hold up neither the client already connected nor the other listener.
+        assert await post_timed("beside idle tcp") < 2.0
+        assert await socket_accepts()
+        unix = await _open_many(lambda: open_unix(socket_path), idle)
 
         lines = await asyncio.gather(*(first_line(r) for r, _ in unix))
         refused = [json.loads(line) for line in lines if line]
@@ -831,7 +837,7 @@ def run_yaml_property(prop: Callable[[], None], name: str) -> None:
 
 
 KNOWN_KEYS = ["listen", "storage", "delivery", "integrations", "shutdown_grace", "log", "event_source", "http",
-              "socket", "socket_mode", "token", "max_body_size", "max_depth", "max_connections", "path",
+              "socket", "socket_mode", "token", "max_body_size", "max_depth", "max_connections", "idle_timeout", "path",
               "synchronous", "retention", "dead_retention", "prune_interval", "level", "format", "timeout",
               "connect_timeout", "concurrency", "retry", "breaker", "rate_limit", "ordering", "ordering_key",
               "dead_letter", "initial", "max_interval", "max_age", "max_attempts", "failures", "failure_rate",
@@ -1086,8 +1092,70 @@ async def test_max_connections_refuses_with_one_line_and_frees_slots(start_daemo
         return ok is True
 
     await wait_until(accepted, timeout=5)
+    # Three refusals above, and maybe more while the freed slot was being released.
+    assert await refused_connections(d, "socket") >= 3
     for _, writer in held[1:]:
         writer.close()
+
+
+async def refused_connections(d: Any, listener: str) -> float:
+    """eventrelay_connections_refused_total for one listener, from /metrics."""
+    metrics = await (await d.http.get(f"{d.url}/metrics")).text()
+    prefix = f'eventrelay_connections_refused_total{{listener="{listener}"}} '
+    counts = [float(ln[len(prefix):]) for ln in metrics.splitlines() if ln.startswith(prefix)]
+    assert len(counts) == 1, metrics
+    return counts[0]
+
+
+async def test_http_max_connections_answers_503_and_frees_slots(start_daemon) -> None:
+    d = await start_daemon([], listen={"max_connections": 3})
+    host, port = d.service.http_address
+    held = [await asyncio.open_connection(host, port) for _ in range(3)]
+    await asyncio.sleep(0.1)  # the three are inside (their handlers registered) before the next knocks
+
+    async def refused(send: bytes) -> None:
+        """Each extra connection: a complete 503 that names the setting, then the end of the stream."""
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(send)
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 503 Service Unavailable", raw
+        assert "Retry-After: 1" in lines and "Connection: close" in lines, raw
+        assert json.loads(body) == {"errors": [{
+            "status": "503", "title": "Service Unavailable",
+            "detail": "too many connections (listen.max_connections = 3); try again later"}]}
+
+    await refused(b"")  # a client that waits for the server to speak first
+    # A client that sends its request first reads the same answer: the request is drained, not reset.
+    await refused(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 34\r\n\r\n{\"type\": \"order.paid\", \"data\": {}}")
+    assert d.rows("SELECT count(*) FROM events") == [(0,)], "a refused request must store nothing"
+
+    held[0][1].close()
+    await held[0][1].wait_closed()
+
+    async def accepted() -> bool:
+        async with aiohttp.ClientSession() as fresh:
+            async with fresh.post(f"{d.url}/v1/events", json={"type": "order.paid", "data": {}}) as resp:
+                return resp.status == 202
+
+    await wait_until(accepted, timeout=5)
+    # Two refusals above, and maybe more while the freed slot was being released.
+    assert await refused_connections(d, "http") >= 2
+    for _, writer in held[1:]:
+        writer.close()
+
+
+async def test_http_idle_connection_is_closed_after_idle_timeout(start_daemon) -> None:
+    d = await start_daemon([], listen={"idle_timeout": "300ms"})
+    host, port = d.service.http_address
+    reader, writer = await asyncio.open_connection(host, port)  # connects, never sends a request
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert 0.2 < time.monotonic() - started < 3.0
+    writer.close()
 
 
 # -- known bugs: minimal reproductions ----------------------------------------------------------------------------

@@ -174,3 +174,29 @@ async def test_sd_notify_messages_in_order(daemon_process, tmp_path: Path) -> No
     assert (await asyncio.to_thread(receive)) == "STOPPING=1"
     assert await asyncio.to_thread(d.wait) == 0
     notify.close()
+
+
+async def test_reload_changes_the_http_connection_cap(start_daemon, tmp_path: Path) -> None:
+    d = await start_daemon([], listen={"max_connections": 2})
+    host, port = d.service.http_address
+
+    async def answers_503() -> bool:
+        """A fresh connection is refused at once (the cap is full)."""
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            return (await asyncio.wait_for(reader.readline(), 0.5)).startswith(b"HTTP/1.1 503")
+        except TimeoutError:
+            return False  # accepted: aiohttp waits for a request
+        finally:
+            writer.close()
+
+    held = [await asyncio.open_connection(host, port) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    assert await answers_503()
+
+    rewrite(tmp_path / "config.yaml", lambda raw: raw["listen"].update(max_connections=4))
+    result = await d.service.reload()
+    assert result.ok, result
+    assert not await answers_503()  # room now for a third (closed again at once) and a fourth
+    for _, writer in held:
+        writer.close()

@@ -51,6 +51,12 @@ class Ingestor:
         self.store = store
         self.router = router  # replaced whole by a reload
         self._accepted = metrics.events_accepted if metrics else None
+        self._refused = metrics.connections_refused if metrics else None
+
+    def refused_connection(self, listener: str) -> None:
+        """A listener turned a connection away at listen.max_connections."""
+        if self._refused is not None:
+            self._refused.labels(listener).inc()
 
     async def accept(self, events: Sequence[Event], listener: str) -> list[Accepted]:
         router = self.router  # one routing table for the whole request, even if a reload swaps it meanwhile

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import structlog
 from aiohttp import web
@@ -30,6 +32,75 @@ def error_response(status: int, detail: str | list[str], headers: dict[str, str]
     title = HTTPStatus(status).phrase
     return web.json_response({"errors": [{"status": str(status), "title": title, "detail": d} for d in details]},
                              status=status, headers=headers)
+
+
+class ConnectionCap:
+    """aiohttp's protocol factory behind a cap on open connections, which aiohttp itself does not have.
+
+    Past `limit`, a client gets a 503 that says which setting to raise, then the connection closes: better
+    than a silent reset, and the cap keeps a flood of idle clients from taking every file descriptor (the
+    database and the Unix socket need some too). `limit` may change on reload.
+    """
+
+    def __init__(self, server: web.Server, limit: int, on_refused: Callable[[], None] = lambda: None):
+        self._server = server
+        self.limit = limit
+        self._on_refused = on_refused
+        # Connections accepted in this turn of the loop. The loop accepts a burst of connections, making their
+        # protocols, before it runs their connection_made (where aiohttp counts a connection), so a count of
+        # aiohttp's alone would let a burst overshoot. Those calls and the reset below are scheduled in the same
+        # turn, so all have run before the loop accepts again.
+        self._burst = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        # `connections` copies a list: a few microseconds per accept at the default cap, and accepts are rare
+        # next to requests, which reuse their connection.
+        if len(self._server.connections) + self._burst < self.limit:
+            if not self._burst:
+                asyncio.get_running_loop().call_soon(self._end_burst)
+            self._burst += 1
+            return self._server()
+        self._on_refused()
+        return _Refusal(self.limit)
+
+    def _end_burst(self) -> None:
+        self._burst = 0
+
+
+class _Refusal(asyncio.Protocol):
+    """Answers 503 at once, whatever the client sends, and closes."""
+
+    LINGER = 1.0  # seconds to wait for the client to finish sending before the close
+
+    def __init__(self, limit: int):
+        body = codec.dumps({"errors": [{"status": "503", "title": "Service Unavailable", "detail":
+                                        f"too many connections (listen.max_connections = {limit}); try again later"}]})
+        self._answer = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                        ).encode() + body.encode()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance check.
+        transport = cast(asyncio.Transport, transport)
+        transport.write(self._answer)
+        # Closing with the client's request still unread would reset the connection, and a reset can discard
+        # the answer before the client reads it: half-close, read and drop what comes, then close.
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(self.LINGER, transport.close)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        self._transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _UnreadableBody(Exception):

@@ -71,6 +71,7 @@ class SocketIngest:
         task = asyncio.current_task()
         assert task is not None
         if len(self._connections) >= self._max_connections:
+            self._ingestor.refused_connection("socket")
             # Refuse with a reason rather than a silent close: the producer's operator sees what to change.
             writer.write(_answer({"ok": False, "error": f"too many connections (listen.max_connections = "
                                                         f"{self._max_connections}); try again later"}))
