@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from . import __version__, admin_client
 from . import config as config_module
 from . import log as log_setup
+from .limits import ensure_descriptors
 from .store import StoreError
 
 EX_CONFIG = 78  # sysexits.h: the unit file tells systemd not to restart-loop on a bad config
@@ -72,6 +73,7 @@ def run_daemon(path: str) -> int:
         return EX_CONFIG
     log_setup.setup(config.log)
     _tune_gc()
+    ensure_descriptors(config)
     from .notify import Notifier
     from .service import Service  # imported late: check-config stays fast and needs no event loop
 

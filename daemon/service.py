@@ -22,6 +22,7 @@ from .ingest import Ingestor, Router
 from .ingest.http import ConnectionCap, HttpIngest
 from .ingest.socket import SocketIngest
 from .jobs import JobState
+from .limits import ensure_descriptors
 from .metrics import Metrics
 from .notify import Notifier, watchdog_loop
 from .store import Store, StoreError
@@ -259,6 +260,7 @@ class Service:
                 log.error("reload refused: invalid configuration; still running the previous one", error=error)
             return ReloadResult(time.time(), False, tuple(e.errors))
         try:
+            ensure_descriptors(new)  # before binding anything the new configuration allows
             changes = await self._apply(new)
         except OSError as e:  # e.g. a new listen address already in use
             log.error("reload failed; still running the previous configuration where it could", error=str(e))

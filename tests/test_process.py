@@ -12,6 +12,7 @@ import sys
 import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from daemon.delivery.dispatcher import UNRECORDED_FACTOR
@@ -168,3 +169,39 @@ async def test_logs_are_json_and_never_show_secrets(daemon_process, receiver: Re
     assert outcomes == [("delivery failed; will retry", 1, 500), ("delivered", 2, 204)]
     text = d.log_path.read_text()
     assert "SECRET" not in text and "hunter2" not in text
+
+
+async def test_a_low_open_file_limit_is_raised_for_the_listeners(daemon_process) -> None:
+    import resource
+
+    from daemon import config as config_module
+    from daemon.limits import descriptors_needed
+
+    d = daemon_process([webhook("erp", "http://127.0.0.1:9/hook")])
+    need = descriptors_needed(config_module.load(d.config))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard open-file limit {hard} is below the {need} the default config needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # as systemd's 1024, only lower: the child inherits
+    try:
+        d.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = open(f"/proc/{d.proc.pid}/limits").read()
+    (line,) = [ln for ln in limits.splitlines() if ln.startswith("Max open files")]
+    assert int(line.split()[3]) == need > 2 * 1024, line  # both listeners full, and more
+
+
+def test_an_open_file_limit_too_low_to_raise_is_a_warning_that_says_what_to_do(tmp_path) -> None:
+    script = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))\n"
+        "from daemon import config, log\n"
+        "from daemon.limits import ensure_descriptors\n"
+        "c = config.parse('listen: {max_connections: 500}')\n"
+        "log.setup(c.log)\n"
+        "print('limit', ensure_descriptors(c), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "limit 300 300" in out.stdout, out.stdout
+    assert "raise LimitNOFILE=" in out.stdout and '"needed": 564' in out.stdout, out.stdout
