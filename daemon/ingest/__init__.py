@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from ..config import Integration
 from ..events import Event
@@ -51,6 +51,9 @@ class Ingestor:
         self.store = store
         self.router = router  # replaced whole by a reload
         self._accepted = metrics.events_accepted if metrics else None
+        # labels() looks its child up under a lock and builds a key each time: keep the children, as many as
+        # the router remembers event types.
+        self._accepted_children: dict[tuple[str, str], Any] = {}
         self._refused = metrics.connections_refused if metrics else None
 
     def refused_connection(self, listener: str) -> None:
@@ -62,8 +65,21 @@ class Ingestor:
         router = self.router  # one routing table for the whole request, even if a reload swaps it meanwhile
         accepted = await self.store.ingest(events, [router.routes(e) for e in events])
         if self._accepted is not None:
-            # One labelled increment per event type, not per event: labels() costs more than storing one.
-            counts = Counter(event.type for event, result in zip(events, accepted) if not result.duplicate)
+            # One increment per event type, not per event: a batch is mostly of one type.
+            counts: dict[str, int] = {}
+            for event, result in zip(events, accepted):
+                if not result.duplicate:
+                    counts[event.type] = counts.get(event.type, 0) + 1
             for event_type, n in counts.items():
-                self._accepted.labels(event_type, listener).inc(n)
+                self._accepted_child(event_type, listener).inc(n)
         return accepted
+
+    def _accepted_child(self, event_type: str, listener: str) -> Any:
+        key = (event_type, listener)
+        child = self._accepted_children.get(key)
+        if child is None:
+            if len(self._accepted_children) >= _ROUTE_CACHE_LIMIT:
+                self._accepted_children.clear()
+            assert self._accepted is not None
+            child = self._accepted_children[key] = self._accepted.labels(event_type, listener)
+        return child
