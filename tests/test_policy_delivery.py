@@ -230,7 +230,9 @@ async def test_dead_jobs_go_to_the_dead_letter_integration(start_daemon, receive
     assert data["error"] == "Received a status code outside of 2xx range (500)"
     assert data["event"] == {"id": "lost-order", "type": "order.paid", "data": {"id": "o9"},
                              "included": {"items": []}}
-    assert dict(d.rows("SELECT integration, state FROM jobs")) == {"erp": "dead", "ops": "delivered"}
+    # Outcomes are written behind the answer: the database catches up with the receiver a moment later.
+    await wait_until(lambda: dict(d.rows("SELECT integration, state FROM jobs")) == {
+        "erp": "dead", "ops": "delivered"})
 
 
 async def test_connect_timeout_is_separate_from_the_total(start_daemon) -> None:
