@@ -21,6 +21,7 @@ import functools
 import os
 import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -105,9 +106,9 @@ _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one 
 # Outcomes wait for no one (they are written behind), so a small batch of them lingers up to 3 ms for more:
 # every transaction costs the event loop's thread GIL hand-overs, whatever its size. 3 ms was the best of
 # 0, 1, 3, 5 and 8 ms: webhook delivery 5,300 -> 6,000/s, STOMP 79 -> 95-99 % of the raw loop (median of 5
-# rounds); at 8 ms the dispatchers' write-behind windows filled. It looks every millisecond whether an
-# operation someone waits for (ingest, an admin write) has come, and then commits at once.
-_RECORD_LINGER_STEPS = 3  # of 1 ms
+# rounds); at 8 ms the dispatchers' write-behind windows filled. An operation someone waits for (ingest, an
+# admin write) ends the wait at once. (Waking every millisecond to look instead cost the whole gain.)
+_RECORD_LINGER = 0.003
 _RECORD_LINGER_BELOW = 64  # operations: a batch this large already shares its commit widely
 
 
@@ -155,6 +156,8 @@ class Store:
         # Fed by the event loop, drained by the writer thread (SimpleQueue: thread-safe, and put() never blocks).
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._writer_stopped = False
+        self._lingering = False  # the writer thread waits for more outcomes (see _RECORD_LINGER)
+        self._urgent = threading.Event()
         self._next_event_seq = 1
         self._next_job_id = 1
         self._ingest_sync = "FULL"
@@ -276,6 +279,8 @@ class Store:
             op.future.set_exception(StoreError("the store is closing; nothing more is written"))
         else:
             self._ops.put(op)
+            if self._lingering and op.kind != "record":
+                self._urgent.set()  # someone waits for this one: the writer stops lingering over outcomes
         return op.future
 
     async def run_writer(self) -> None:
@@ -298,6 +303,7 @@ class Store:
         if not self._writer_stopped:
             self._writer_stopped = True
             self._ops.put(None)
+            self._urgent.set()
 
     def _write_forever(self, loop: asyncio.AbstractEventLoop) -> None:
         """The writer thread: take all that is queued, commit it, hand the results to the event loop; again."""
@@ -307,11 +313,8 @@ class Store:
                 return
             batch = [op]
             stop = self._take_queued(batch)
-            for _ in range(_RECORD_LINGER_STEPS):
-                if stop or len(batch) >= _RECORD_LINGER_BELOW or any(o.kind != "record" for o in batch):
-                    break
-                time.sleep(0.001)  # releases the GIL: the event loop runs on meanwhile
-                stop = self._take_queued(batch)
+            if not stop and len(batch) < _RECORD_LINGER_BELOW and all(o.kind == "record" for o in batch):
+                stop = self._linger(batch)
             committed = self._commit(batch)
             try:
                 loop.call_soon_threadsafe(self._settle, committed)
@@ -319,6 +322,20 @@ class Store:
                 return
             if stop:
                 return
+
+    def _linger(self, batch: list[_Op]) -> bool:
+        """Wait up to _RECORD_LINGER for more outcomes, or less if an urgent operation comes; then take all
+        that is queued into `batch`. True if the stop marker came."""
+        self._urgent.clear()
+        self._lingering = True
+        try:
+            stop = self._take_queued(batch)  # one may have come before the flag was up
+            if not stop and all(o.kind == "record" for o in batch):
+                self._urgent.wait(_RECORD_LINGER)  # releases the GIL: the event loop runs on meanwhile
+                stop = self._take_queued(batch)
+        finally:
+            self._lingering = False
+        return stop
 
     def _take_queued(self, batch: list[_Op]) -> bool:
         """Add what is queued to `batch` (up to _WRITER_BATCH); True if the stop marker came."""
