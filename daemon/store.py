@@ -105,8 +105,8 @@ MIGRATIONS: tuple[str, ...] = (
 _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one commit can take
 # Outcomes wait for no one (they are written behind), so a small batch of them lingers up to 3 ms for more:
 # every transaction costs the event loop's thread GIL hand-overs, whatever its size. 3 ms was the best of
-# 0, 1, 3, 5 and 8 ms: webhook delivery 5,300 -> 6,000/s, STOMP 79 -> 95-99 % of the raw loop (median of 5
-# rounds); at 8 ms the dispatchers' write-behind windows filled. An operation someone waits for (ingest, an
+# 0, 1, 3, 5 and 8 ms: STOMP 79 -> 95-99 % of the raw loop (median of 5 rounds); at 8 ms the dispatchers'
+# write-behind windows filled. An operation someone waits for (ingest, an
 # admin write) ends the wait at once. (Waking every millisecond to look instead cost the whole gain.)
 _RECORD_LINGER = 0.003
 _RECORD_LINGER_BELOW = 64  # operations: a batch this large already shares its commit widely
