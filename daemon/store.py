@@ -256,7 +256,7 @@ class Store:
 
         `routes[i]` lists, for events[i], the integrations to queue it for with its ordering key (or None).
         """
-        return await self._submit(_Op("ingest", (events, routes)))
+        return await self._enqueue(_Op("ingest", (events, routes)))
 
     async def record(self, records: Sequence[AttemptRecord]) -> None:
         """Write delivery outcomes: the job's new state and one attempt-log row each."""
@@ -269,10 +269,7 @@ class Store:
     async def _call(self, fn: Callable[[sqlite3.Connection, float], Any]) -> Any:
         """Run `fn(writer_connection, now)` inside the writer's next transaction (in its thread); returns its
         result."""
-        return await self._submit(_Op("call", fn))
-
-    async def _submit(self, op: _Op) -> Any:
-        return await self._enqueue(op)
+        return await self._enqueue(_Op("call", fn))
 
     def _enqueue(self, op: _Op) -> asyncio.Future[Any]:
         if self._writer_stopped:
@@ -681,7 +678,7 @@ class Store:
 
         deleted = await self._call(run)
         if deleted:
-            await self._submit(_Op("after", _incremental_vacuum))
+            await self._enqueue(_Op("after", _incremental_vacuum))
         return deleted
 
     async def ping(self) -> bool:
