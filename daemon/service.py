@@ -273,10 +273,12 @@ class Service:
         changes: list[str] = []
         if new.storage.path != old.storage.path or new.storage.synchronous != old.storage.synchronous:
             log.warning("storage.path and storage.synchronous take effect at the next restart")
-        if new.listen.idle_timeout != old.listen.idle_timeout:
-            log.warning("listen.idle_timeout takes effect at the next restart")
             new = replace(new, storage=replace(new.storage, path=old.storage.path,
                                                synchronous=old.storage.synchronous))
+        if new.listen.idle_timeout != old.listen.idle_timeout:
+            # Like storage: the running value stays the one in force (and the one the status shows).
+            log.warning("listen.idle_timeout takes effect at the next restart")
+            new = replace(new, listen=replace(new.listen, idle_timeout=old.listen.idle_timeout))
         await self._apply_listen(old, new, changes)
         if new.log != old.log:
             log_setup.setup(new.log)

@@ -200,3 +200,20 @@ async def test_reload_changes_the_http_connection_cap(start_daemon, tmp_path: Pa
     assert not await answers_503()  # room now for a third (closed again at once) and a fourth
     for _, writer in held:
         writer.close()
+
+
+async def test_settings_that_need_a_restart_keep_their_running_values(start_daemon, tmp_path: Path) -> None:
+    d = await start_daemon([], listen={"idle_timeout": "30s"})
+    before = d.service.config
+
+    def change(raw: dict[str, Any]) -> None:
+        raw["storage"]["path"] = str(tmp_path / "elsewhere.db")
+        raw["listen"]["idle_timeout"] = "90s"
+
+    rewrite(tmp_path / "config.yaml", change)
+    result = await d.service.reload()
+    assert result.ok, result
+    # The database in use and the idle timeout aiohttp was started with are what the config now says runs.
+    assert d.service.config.storage.path == before.storage.path
+    assert d.service.config.listen.idle_timeout == 30.0
+    assert not (tmp_path / "elsewhere.db").exists()
