@@ -100,6 +100,21 @@ MIGRATIONS: tuple[str, ...] = (
         disabled_reason TEXT
     );
     """,
+    """
+    -- Ingest writes each event and its jobs through this view, so that a whole group commit of events is one
+    -- statement (Store._transaction says why). `routes` is a JSON array of [integration, ordering key]; the
+    -- jobs get the ids first_job, first_job + 1, ... in that order.
+    CREATE VIEW ingest (seq, id, type, payload, accepted_at, first_job, routes) AS
+        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
+    CREATE TRIGGER ingest_insert INSTEAD OF INSERT ON ingest BEGIN
+        INSERT INTO events (seq, id, type, payload, accepted_at)
+            VALUES (NEW.seq, NEW.id, NEW.type, NEW.payload, NEW.accepted_at);
+        INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at, ordering_key)
+            SELECT NEW.first_job + r.key, NEW.seq, json_extract(r.value, '$[0]'), NEW.accepted_at,
+                   NEW.accepted_at, NEW.accepted_at, json_extract(r.value, '$[1]')
+            FROM json_each(NEW.routes) r;
+    END;
+    """,
 )
 
 _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one commit can take
@@ -383,45 +398,54 @@ class Store:
             self._sync = mode
 
     def _transaction(self, batch: list[_Op]) -> tuple[list[Any], set[str]]:
-        """One group commit, in the writer's thread. Futures are left to the event loop."""
+        """One group commit, in the writer's thread. Futures are left to the event loop.
+
+        A batch of ingests alone is one INSERT statement, committed on its own (autocommit), not BEGIN,
+        INSERT events, INSERT jobs, COMMIT. The sqlite3 module lets go of the GIL around every step and
+        reset of a statement, and each time the event loop, busy with requests, may take it and keep it
+        for a whole turn: the writer's commit cycle was 2.3-2.7 ms of which SQLite needed 0.5 ms
+        (instrumented, single-event HTTP ingest, 32 connections). A statement is atomic: its rows are all
+        written, or none.
+        """
         seq0, job0 = self._next_event_seq, self._next_job_id
         # Only acknowledgements need the fsync. A transaction of delivery outcomes alone commits without it:
         # WAL keeps commits in order, so power loss can only forget the last outcomes, and a forgotten
         # "delivered" means one more delivery (at least once), never a lost event. The next ingest commit
         # syncs them along with itself.
         self._set_sync(self._ingest_sync if any(op.kind == "ingest" for op in batch) else "NORMAL")
-        self._db.execute("BEGIN IMMEDIATE")
+        now = time.time()
+        results: list[Any] = [None] * len(batch)
+        woken: set[str] = set()
+        rows: list[tuple[Any, ...]] = []
         try:
-            now = time.time()
-            results: list[Any] = []
-            woken: set[str] = set()
-            event_rows: list[tuple[Any, ...]] = []
-            job_rows: list[tuple[Any, ...]] = []
-            ingests = [op for op in batch if op.kind == "ingest"]
-            known = self._known_events(e.id for op in ingests for e in op.items[0] if e.id_given)
-            for op in batch:
+            # A read outside the transaction is safe: this connection is the database's only writer.
+            known = self._known_events(e.id for op in batch if op.kind == "ingest" for e in op.items[0]
+                                       if e.id_given)
+            for i, op in enumerate(batch):
                 if op.kind == "ingest":
-                    results.append(self._plan_ingest(*op.items, now, known, event_rows, job_rows, woken))
-                elif op.kind == "call":
-                    results.append(op.items(self._db, now))
-                else:  # "record" (written below, together) or "after" (run once committed)
-                    results.append(None)
-            _many(self._db, "INSERT INTO events (seq, id, type, payload, accepted_at) VALUES {rows}", event_rows, 5)
-            _many(self._db, "INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at, "
-                            "ordering_key) VALUES {rows}", job_rows, 7)
+                    results[i] = self._plan_ingest(*op.items, now, known, rows, woken)
+            if len(rows) <= _ROWS_PER_STATEMENT and all(op.kind == "ingest" for op in batch):
+                if rows:
+                    _many(self._db, _INGEST_SQL, rows, 7)
+                return results, woken
+            self._db.execute("BEGIN IMMEDIATE")
+            for i, op in enumerate(batch):
+                if op.kind == "call":
+                    results[i] = op.items(self._db, now)
+                    woken.update(getattr(results[i], "woken", ()))
+            _many(self._db, _INGEST_SQL, rows, 7)
             records = [r for op in batch if op.kind == "record" for r in op.items]
             if records:
                 self._write_records(records, now)
                 self._forward_dead(records, now, woken)
-            woken.update(name for op, result in zip(batch, results) if op.kind == "call"
-                         for name in getattr(result, "woken", ()))
             self._db.execute("COMMIT")
         except BaseException:
             self._next_event_seq, self._next_job_id = seq0, job0
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # SQLite already rolled back (e.g. on SQLITE_FULL); the transaction is gone either way
+            if self._db.in_transaction:  # a failed single statement has rolled itself back
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (e.g. on SQLITE_FULL); the transaction is gone either way
             raise
         for op in batch:
             if op.kind == "after":
@@ -445,20 +469,18 @@ class Store:
         return known
 
     def _plan_ingest(self, events: Sequence[Event], routes: Sequence[Sequence[Route]], now: float,
-                     known: dict[str, int], event_rows: list[tuple[Any, ...]], job_rows: list[tuple[Any, ...]],
-                     woken: set[str]) -> list[Accepted]:
+                     known: dict[str, int], rows: list[tuple[Any, ...]], woken: set[str]) -> list[Accepted]:
+        """Rows for the `ingest` view: the event, and its jobs as a JSON array of routes."""
         accepted = []
         for event, integrations in zip(events, routes):
             if event.id in known:
                 accepted.append(Accepted(event.id, known[event.id], duplicate=True))
                 continue
-            seq = self._next_event_seq
+            rows.append((self._next_event_seq, event.id, event.type, event.payload, now, self._next_job_id,
+                         codec.dumps(integrations) if integrations else "[]"))
             self._next_event_seq += 1
-            event_rows.append((seq, event.id, event.type, event.payload, now))
-            for name, ordering_key in integrations:
-                job_rows.append((self._next_job_id, seq, name, now, now, now, ordering_key))
-                self._next_job_id += 1
-                woken.add(name)
+            self._next_job_id += len(integrations)
+            woken.update(name for name, _ in integrations)
             known[event.id] = len(integrations)  # a repeat later in the same transaction is a duplicate too
             accepted.append(Accepted(event.id, len(integrations), duplicate=False))
         return accepted
@@ -688,6 +710,7 @@ class Store:
             return False
 
 
+_INGEST_SQL = "INSERT INTO ingest (seq, id, type, payload, accepted_at, first_job, routes) VALUES {rows}"
 Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key
 DEAD_LETTER_TYPE = "eventrelay.dead_letter"
 
