@@ -24,7 +24,7 @@ means something outside the benchmark competed for the two cores.  With the defa
 aiohttp client, scenario (a)'s bare baseline is usually client-bound on 2 cores;
 --client raw swaps in a minimal HTTP/1.1 client that is not.
 
-    .venv/bin/python bench/ingest.py [--seconds 8] [--synchronous full|normal]
+    .venv/bin/python bench/ingest.py [--seconds 8] [--synchronous full|normal] [--rounds 1]
                                      [--client aiohttp|raw] [--scenarios abc] [--json]
 """
 
@@ -329,6 +329,43 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             )
 
 
+def _rate(r: LoadResult | str | None) -> float | None:
+    return r.events_per_s if isinstance(r, LoadResult) else None
+
+
+def round_summary(b: LoadResult | str, d: LoadResult | str | None) -> dict[str, Any]:
+    rb, rd = _rate(b), _rate(d)
+    return {"bare_events_per_s": rb, "events_per_s": rd, "ratio": rd / rb if rb and rd is not None else None}
+
+
+def median_round(pairs: list[tuple[LoadResult | str, LoadResult | str | None]]
+                 ) -> tuple[LoadResult | str, LoadResult | str | None]:
+    """The round whose ratio (or, without a daemon run, whose baseline rate) is the median; a failed round
+    sorts lowest, so failures show when they are the majority."""
+    def key(pair: tuple[LoadResult | str, LoadResult | str | None]) -> float:
+        summary = round_summary(*pair)
+        value = summary["ratio"] if pair[1] is not None else summary["bare_events_per_s"]
+        return -1.0 if value is None else value
+
+    ranked = sorted(pairs, key=key)
+    return ranked[(len(ranked) - 1) // 2]  # the lower median of an even count
+
+
+def print_rounds(scenarios: list[Scenario], rounds: dict[str, list[tuple[LoadResult | str, LoadResult | str | None]]]
+                 ) -> None:
+    for sc in scenarios:
+        pairs = rounds.get(sc.key, [])
+        if len(pairs) < 2:
+            continue
+        parts = []
+        for b, d in pairs:
+            summary = round_summary(b, d)
+            ratio = f" {summary['ratio']:.0%}" if summary["ratio"] is not None else ""
+            parts.append(f"{fmt_rate(d)} / {fmt_rate(b)}{ratio}")
+        print(f"{sc.title}: {len(pairs)} rounds (eventrelay / bare ev/s, ratio): " + "; ".join(parts))
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="measured window per run (default 8)")
@@ -349,11 +386,18 @@ def main(argv: list[str] | None = None) -> int:
         "keep-alive client that needs far less CPU per request (use it when the table says the "
         "load generator was CPU-bound)",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="baseline/daemon pairs per scenario, alternating; the table shows the round with the median "
+        "ratio (or rate) and lists every round's: this machine's speed drifts by tens of percent within minutes",
+    )
     ap.add_argument("--baseline-only", action="store_true", help="run only the bare baseline")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     args = ap.parse_args(argv)
-    if not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 30:
-        ap.error("--seconds must be in (0, 60] and --warmup in [0, 30]")
+    if not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 30 or not 1 <= args.rounds <= 20:
+        ap.error("--seconds must be in (0, 60], --warmup in [0, 30] and --rounds in [1, 20]")
     unknown = set(args.scenarios) - {s.key for s in SCENARIOS}
     if unknown:
         ap.error(f"unknown scenario(s): {''.join(sorted(unknown))}")
@@ -365,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "synchronous": args.synchronous,
         "client": args.client,
+        "rounds": args.rounds,
         "integrations": "webhook->local receiver" if args.with_hook else "none",
     }
     if not args.json:
@@ -373,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     base: dict[str, LoadResult | str] = {}
     dmn: dict[str, LoadResult | str] = {}
     notes: dict[str, list[str]] = {}
+    rounds: dict[str, list[tuple[LoadResult | str, LoadResult | str | None]]] = {}
     receiver_stats: dict[str, Any] | None = None
     receiver = Receiver() if args.with_hook and not args.baseline_only else None
     try:
@@ -380,9 +426,17 @@ def main(argv: list[str] | None = None) -> int:
             # Baseline and daemon alternate per scenario, so a change in background load
             # during the run hits both sides of each ratio alike.
             for sc in scenarios:
-                base[sc.key] = run_baseline(sc, bare, args)
-                if not args.baseline_only:
-                    dmn[sc.key], notes[sc.key] = run_daemon(sc, args, receiver.hook_url if receiver else None)
+                pairs: list[tuple[LoadResult | str, LoadResult | str | None]] = []
+                for _ in range(args.rounds):
+                    b = run_baseline(sc, bare, args)
+                    d: LoadResult | str | None = None
+                    if not args.baseline_only:
+                        d, notes[sc.key] = run_daemon(sc, args, receiver.hook_url if receiver else None)
+                    pairs.append((b, d))
+                base[sc.key], median_d = median_round(pairs)
+                if median_d is not None:
+                    dmn[sc.key] = median_d
+                rounds[sc.key] = pairs
         receiver_stats = receiver.stats() if receiver else None
     finally:
         if receiver:
@@ -405,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                     "daemon": r["daemon"].to_dict() if isinstance(r["daemon"], LoadResult) else r["daemon"],
                     "baseline": r["baseline"].to_dict() if isinstance(r["baseline"], LoadResult) else r["baseline"],
                     "daemon_notes": notes.get(r["scenario"].key, []),
+                    "rounds": [round_summary(b, d) for b, d in rounds.get(r["scenario"].key, [])],
                 }
                 for r in rows
             ],
@@ -414,12 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         print()
     else:
         print_table(rows)
+        print_rounds(scenarios, rounds)
         for key, ns in notes.items():
             for n in ns:
                 print(f"daemon ({key}): {n}")
         if receiver_stats:
             print(f"receiver (--with-hook): {receiver_stats}")
-    failed = any(isinstance(v, str) for v in list(base.values()) + list(dmn.values()))
+    failed = any(isinstance(v, str) for pairs in rounds.values() for pair in pairs for v in pair)
     return 1 if failed else 0
 
 
