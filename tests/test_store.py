@@ -87,6 +87,25 @@ async def test_claim_pages_oldest_first_and_skips_in_flight(store: Store) -> Non
     assert await store.claim("a", 0, limit=4) == []  # nothing is due before it was accepted
 
 
+async def test_a_claimed_job_carries_what_was_stored_exactly(store: Store, tmp_path: Path) -> None:
+    # A claim reads its page as one JSON document: strings with quotes, escapes, NULs and non-ASCII, big
+    # integers, and the acceptance time must come back unchanged.
+    data = {"id": "1", "note": 'quote " backslash \\ nul \u0000 tab \t é 😀', "big": 2**70, "neg": -1.5e-300}
+    await store.ingest([parse_event({"id": "odd", "type": "order.paid", "data": data})], [R("a")])
+    await store.ingest([ev(2), ev(3)], [R("a"), R("a")])
+    raw = sqlite3.connect(tmp_path / "s.db")
+    stored = dict(raw.execute("SELECT id, accepted_at FROM events").fetchall())
+    payload = raw.execute("SELECT payload FROM events WHERE id = 'odd'").fetchone()[0]
+    raw.execute("UPDATE jobs SET next_at = next_at - 100 WHERE event_seq = (SELECT seq FROM events WHERE id = 'evt-3')")
+    raw.commit()
+    raw.close()
+    page = await store.claim("a", 10**10, limit=10)
+    assert [j.event_id for j in page] == ["evt-3", "odd", "evt-2"]  # due first, then by job id
+    odd = page[1]
+    assert odd.payload == payload and odd.event_type == "order.paid"
+    assert all(j.accepted_at == j.age_from == stored[j.event_id] for j in page)
+
+
 async def test_outcomes_move_jobs_and_log_attempts(store: Store) -> None:
     await store.ingest([ev(1), ev(2), ev(3)], [R("a")] * 3)
     j1, j2, j3 = await store.claim("a", 10**10, limit=3)
