@@ -26,7 +26,10 @@ def setup(config: LogConfig) -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
+        # A reload may change the level: a cached logger would keep the old one for good. Module loggers
+        # therefore read the configuration at each call (they log rarely); the per-delivery logger of a
+        # dispatcher is bound once and bound again after a reload (Dispatcher.refresh_logger).
+        cache_logger_on_first_use=False,
     )
     # Libraries (aiohttp, asyncio) log through the standard library: keep their warnings, on stderr.
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr,

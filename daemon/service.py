@@ -282,6 +282,8 @@ class Service:
         await self._apply_listen(old, new, changes)
         if new.log != old.log:
             log_setup.setup(new.log)
+            for dispatcher in self.dispatchers.values():
+                dispatcher.refresh_logger()
             changes.append("log settings")
 
         # Integrations, by name: unchanged ones keep running untouched.

@@ -217,3 +217,31 @@ async def test_settings_that_need_a_restart_keep_their_running_values(start_daem
     assert d.service.config.storage.path == before.storage.path
     assert d.service.config.listen.idle_timeout == 30.0
     assert not (tmp_path / "elsewhere.db").exists()
+
+
+async def test_a_reload_changes_the_log_level_of_running_components(daemon_process, receiver: Receiver) -> None:
+    """Raising log.level by SIGHUP must show at once, also from a dispatcher that kept running (it was
+    unchanged): loggers that cached their configuration kept the old level until a restart."""
+    d = daemon_process([webhook("erp", receiver.url)])
+    await asyncio.to_thread(d.start)
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in d.log_path.read_text().splitlines() if line.startswith("{")]
+
+    async with aiohttp.ClientSession() as session:
+        async def deliver(event_id: str) -> None:
+            async with session.post(f"{d.url}/v1/events", json={"id": event_id, "type": "order.paid",
+                                                                 "data": {}}) as r:
+                assert r.status == 202, await r.text()
+            await wait_until(lambda: any(r.json["id"] == event_id for r in receiver.requests))
+
+        await deliver("quiet")
+        await asyncio.sleep(0.3)  # the outcome is logged once its write commits
+        assert not [x for x in lines() if x.get("level") == "info"]  # level warning
+        rewrite(d.config, lambda raw: raw["log"].update(level="info"))
+        d.signal(signal.SIGHUP)
+        await wait_until(lambda: any(x.get("event") == "configuration reloaded" for x in lines()))
+        await deliver("loud")
+        await wait_until(lambda: any(x.get("event") == "delivered" and x.get("event_id") == "loud"
+                                     for x in lines()))
+    assert not any(x.get("event_id") == "quiet" for x in lines())

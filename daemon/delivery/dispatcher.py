@@ -70,12 +70,17 @@ class Dispatcher:
         self._all_recorded = asyncio.Event()  # no outcome waiting for the writer
         self._all_recorded.set()
         self._stopping = False
-        self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
+        self.refresh_logger()
         self._metrics = metrics
         self._result_counters: dict[JobState, Any] = {}  # metric children by outcome, made on first use
         self._seconds: Any = None
         self._delivered_by_minute: collections.deque[list[int]] = collections.deque(maxlen=61)  # [minute, n]
         self._report_breaker()
+
+    def refresh_logger(self) -> None:
+        """Bind this dispatcher's logger to the logging configuration in force (again after a reload that
+        changed it): a bound logger keeps the level it was made with, and one per delivery must be cheap."""
+        self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
 
     def wake(self) -> None:
         """New jobs were committed for this integration."""

@@ -43,7 +43,8 @@ class StompSender:
         self._last_error = "not connected yet"
         self._supervisor: asyncio.Task[None] | None = None
         self._name = integration.name
-        self._log = structlog.get_logger(component="stomp").bind(integration=integration.name)
+        # Not bound: a lazy logger reads the logging configuration at each call, so a reload's level applies.
+        self._log = structlog.get_logger(component="stomp", integration=integration.name)
 
     async def start(self) -> None:
         # Not awaited: a broker that is down must not hold up the daemon; sends wait for the connection.
