@@ -414,11 +414,11 @@ class Store:
         """One group commit, in the writer's thread. Futures are left to the event loop.
 
         A batch of ingests alone is one INSERT statement, committed on its own (autocommit), not BEGIN,
-        INSERT events, INSERT jobs, COMMIT; so is a batch of delivery outcomes alone. The sqlite3 module lets go of the GIL around every step and
-        reset of a statement, and each time the event loop, busy with requests, may take it and keep it
-        for a whole turn: the writer's commit cycle was 2.3-2.7 ms of which SQLite needed 0.5 ms
-        (instrumented, single-event HTTP ingest, 32 connections). A statement is atomic: its rows are all
-        written, or none.
+        INSERT events, INSERT jobs, COMMIT; so is a batch of delivery outcomes alone. The sqlite3 module
+        lets go of the GIL around every step and reset of a statement, and each time the event loop, busy
+        with requests, may take it and keep it for a whole turn: the writer's commit cycle was 2.3-2.7 ms
+        of which SQLite needed 0.5 ms (instrumented, single-event HTTP ingest, 32 connections). A statement
+        is atomic: its rows are all written, or none.
         """
         seq0, job0 = self._next_event_seq, self._next_job_id
         # Only acknowledgements need the fsync. A transaction of delivery outcomes alone commits without it:
