@@ -265,6 +265,13 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- real services: an SQS API (moto) and STOMP brokers, one of each per test session --------------------------
 
+def pytest_configure(config: pytest.Config) -> None:
+    # CI runners and timeouts stop a job with SIGTERM, whose default action ends pytest before any teardown:
+    # the session's moto and brokers then lived on as orphans and skewed what ran next. Taken like Ctrl-C,
+    # it lets pytest tear the session down, and the services stop with it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _session_service(factory: Callable[[], Any]) -> Any:
     service = factory()
     service.start()

@@ -244,3 +244,48 @@ def test_close_leaves_no_process_and_no_directory(cls) -> None:
     assert alive == []
     assert not service.workdir.exists()
     assert not service.running
+
+
+def test_a_sigterm_to_pytest_stops_the_session_services(tmp_path) -> None:
+    """A pytest run stopped with SIGTERM (a CI timeout) tears its session down: moto does not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    pid_file = tmp_path / "moto.pid"
+    probe = repo / "tests" / f"test_zz_sigterm_probe_{os.getpid()}.py"  # inside tests/: it needs the conftest
+    probe.write_text(
+        "import os, time\n"
+        "def test_wait(moto_server):\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(moto_server.pid))\n"
+        "    time.sleep(60)\n")
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(probe)],
+                               cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+                assert run.poll() is None, run.stdout.read().decode()
+                time.sleep(0.1)
+            moto = _process_tree(int(pid_file.read_text()))
+            assert moto
+            run.send_signal(signal.SIGTERM)
+            out, _ = run.communicate(timeout=30)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    finally:
+        probe.unlink()
+    deadline = time.monotonic() + WAIT
+    while True:
+        alive = [pid for pid, start in moto if (_proc_stat(pid) or (0, None))[1] == start]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for pid in alive:  # this test's failure must not leave an orphan behind either
+        os.kill(pid, signal.SIGKILL)
+    assert alive == [], out.decode()[-2000:]
