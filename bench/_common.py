@@ -107,6 +107,17 @@ def cpu_probe_ms() -> dict[str, float]:
     return probes
 
 
+def lower_median(items: list[T], key: Callable[[T], float | None]) -> T:
+    """The item at the (lower) median of `key`, for --rounds. A failed round (key None) sorts lowest, so
+    failures show when they are the majority."""
+    def rank(item: T) -> float:
+        value = key(item)
+        return -1.0 if value is None else value
+
+    ranked = sorted(items, key=rank)
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def _git_commit() -> str:
     """The daemon code being measured: short commit, '+dirty' if daemon/ has local edits."""
     try:

@@ -54,6 +54,7 @@ from _common import (
     event_obj,
     latency_summary_ms,
     log,
+    lower_median,
     order_data,
     other_cpu_pct,
     print_header,
@@ -338,14 +339,8 @@ def _ratio_text(base: dict[str, Any], run: dict[str, Any] | str | None) -> str:
 
 def median_round(rounds: list[tuple[dict[str, Any], dict[str, Any] | str | None]]
                  ) -> tuple[dict[str, Any], dict[str, Any] | str | None]:
-    """The round with the median ratio (without daemon runs: the median baseline rate); a failed round
-    sorts lowest."""
-    def key(pair: tuple[dict[str, Any], dict[str, Any] | str | None]) -> float:
-        value = _ratio(*pair) if pair[1] is not None else pair[0].get("rate")
-        return -1.0 if value is None else value
-
-    ranked = sorted(rounds, key=key)
-    return ranked[(len(ranked) - 1) // 2]
+    """The round with the median ratio (without daemon runs: the median baseline rate)."""
+    return lower_median(rounds, lambda pair: _ratio(*pair) if pair[1] is not None else pair[0].get("rate"))
 
 
 def print_report(

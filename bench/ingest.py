@@ -54,6 +54,7 @@ from _common import (
     http_load,
     install_stop_signals,
     log,
+    lower_median,
     print_header,
     run_in_child,
     socket_load,
@@ -340,15 +341,12 @@ def round_summary(b: LoadResult | str, d: LoadResult | str | None) -> dict[str, 
 
 def median_round(pairs: list[tuple[LoadResult | str, LoadResult | str | None]]
                  ) -> tuple[LoadResult | str, LoadResult | str | None]:
-    """The round whose ratio (or, without a daemon run, whose baseline rate) is the median; a failed round
-    sorts lowest, so failures show when they are the majority."""
-    def key(pair: tuple[LoadResult | str, LoadResult | str | None]) -> float:
+    """The round with the median ratio (without daemon runs: the median baseline rate)."""
+    def key(pair: tuple[LoadResult | str, LoadResult | str | None]) -> float | None:
         summary = round_summary(*pair)
-        value = summary["ratio"] if pair[1] is not None else summary["bare_events_per_s"]
-        return -1.0 if value is None else value
+        return summary["ratio"] if pair[1] is not None else summary["bare_events_per_s"]
 
-    ranked = sorted(pairs, key=key)
-    return ranked[(len(ranked) - 1) // 2]  # the lower median of an even count
+    return lower_median(pairs, key)
 
 
 def print_rounds(scenarios: list[Scenario], rounds: dict[str, list[tuple[LoadResult | str, LoadResult | str | None]]]
