@@ -225,6 +225,16 @@ def test_broker_tls_certificate_is_not_publicly_trusted(broker) -> None:
 # ------------------------------------------------------------------------------------------------------ no leftovers
 
 
+def survivors(tree: list[tuple[int, int]]) -> list[int]:
+    """The processes of `tree` (pid, start time) still alive after waiting up to WAIT for them to end."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        alive = [pid for pid, start in tree if (_proc_stat(pid) or (0, None))[1] == start]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("cls", [MotoServer, ActiveMQ, RabbitMQ], ids=lambda c: c.__name__)
 def test_close_leaves_no_process_and_no_directory(cls) -> None:
     service = cls()
@@ -235,13 +245,7 @@ def test_close_leaves_no_process_and_no_directory(cls) -> None:
         tree += _process_tree(service._epmd.pid)
     assert tree
     service.close()
-    deadline = time.monotonic() + WAIT
-    while True:
-        alive = [pid for pid, start in tree if (_proc_stat(pid) or (0, None))[1] == start]
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert alive == []
+    assert survivors(tree) == []
     assert not service.workdir.exists()
     assert not service.running
 
@@ -280,12 +284,7 @@ def test_a_sigterm_to_pytest_stops_the_session_services(tmp_path) -> None:
                 run.wait()
     finally:
         probe.unlink()
-    deadline = time.monotonic() + WAIT
-    while True:
-        alive = [pid for pid, start in moto if (_proc_stat(pid) or (0, None))[1] == start]
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    alive = survivors(moto)
     for pid in alive:  # this test's failure must not leave an orphan behind either
         os.kill(pid, signal.SIGKILL)
     assert alive == [], out.decode()[-2000:]
