@@ -234,6 +234,7 @@ class Store:
             self._ingest_sync = "FULL" if synchronous == "full" else "NORMAL"
             self._set_sync(self._ingest_sync)
             self._migrate()
+            self._check_statements()
             self._enable_incremental_vacuum()
             self._next_event_seq = _value(self._db, "SELECT coalesce(max(seq), 0) + 1 FROM events")
             self._next_job_id = _value(self._db, "SELECT coalesce(max(id), 0) + 1 FROM jobs")
@@ -250,6 +251,17 @@ class Store:
             self._db.executescript(
                 f"BEGIN IMMEDIATE;\n{MIGRATIONS[target - 1]}\nPRAGMA user_version={target};\nCOMMIT;")
             log.info("schema migrated", path=str(self.path), version=target)
+
+    def _check_statements(self) -> None:
+        """Compile the writer's one-statement commits now (EXPLAIN writes nothing): their triggers use SQLite's
+        JSON functions, and a library built without them must stop the start-up, not fail every event."""
+        for sql, width in ((_INGEST_SQL, 7), (_OUTCOME_SQL, 12)):
+            try:
+                self._db.execute("EXPLAIN " + sql.format(rows="(" + ",".join("?" * width) + ")"), [None] * width)
+            except sqlite3.OperationalError as e:
+                raise StoreError(f"this SQLite ({sqlite3.sqlite_version}) cannot run eventrelay's statements: {e}. "
+                                 "eventrelay needs SQLite's JSON functions (built in since 3.38; earlier "
+                                 "builds need JSON1 compiled in)") from e
 
     def _enable_incremental_vacuum(self) -> None:
         """Let pruning hand pages back to the file system, so the file stops growing under steady load."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,6 +48,22 @@ async def test_schema_is_versioned_and_reopening_is_harmless(tmp_path: Path) -> 
         db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     with pytest.raises(StoreError, match="newer than this eventrelay understands"):
         await Store.open(tmp_path / "v.db")
+
+
+async def test_statements_sqlite_cannot_compile_stop_the_start_up(tmp_path: Path) -> None:
+    # What a SQLite without the JSON functions sees (its trigger calls a function it does not have): the
+    # start-up must say so, not accept the first event and fail it.
+    s = await Store.open(tmp_path / "v.db")
+    await s.close()
+    with sqlite3.connect(tmp_path / "v.db") as db:
+        db.executescript("DROP TRIGGER ingest_insert; CREATE TRIGGER ingest_insert INSTEAD OF INSERT ON ingest "
+                         "BEGIN INSERT INTO events (id) SELECT no_such_function(NEW.routes); END;")
+    with pytest.raises(StoreError, match="cannot run eventrelay's statements: no such function: no_such_function"):
+        await Store.open(tmp_path / "v.db")
+    with sqlite3.connect(tmp_path / "v.db") as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    with open(tmp_path / "v.db.lock", "rb") as lock:  # the refused store let go of its lock
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 async def test_a_second_process_cannot_open_the_same_database(store: Store) -> None:
