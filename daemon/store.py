@@ -255,9 +255,9 @@ class Store:
     def _check_statements(self) -> None:
         """Compile the writer's one-statement commits now (EXPLAIN writes nothing): their triggers use SQLite's
         JSON functions, and a library built without them must stop the start-up, not fail every event."""
-        for sql, width in ((_INGEST_SQL, 7), (_OUTCOME_SQL, 12)):
+        for insert in (_INGEST, _OUTCOME):
             try:
-                self._db.execute("EXPLAIN " + sql.format(rows="(" + ",".join("?" * width) + ")"), [None] * width)
+                self._db.execute("EXPLAIN " + insert.statement(1), [None] * insert.width)
             except sqlite3.OperationalError as e:
                 raise StoreError(f"this SQLite ({sqlite3.sqlite_version}) cannot run eventrelay's statements: {e}. "
                                  "eventrelay needs SQLite's JSON functions (built in since 3.38; earlier "
@@ -453,7 +453,7 @@ class Store:
             kinds = {op.kind for op in batch}
             # One statement commits itself (autocommit).
             if kinds == {"ingest"} and len(rows) <= _ROWS_PER_STATEMENT:
-                _many(self._db, _INGEST_SQL, rows, 7)  # no rows at all if every event was a duplicate
+                _many(self._db, _INGEST, rows)  # no rows at all if every event was a duplicate
                 return results, woken
             if kinds == {"record"} and len(records) <= _ROWS_PER_STATEMENT and not _dead_letters(records):
                 self._write_records(records, now)
@@ -463,7 +463,7 @@ class Store:
                 if op.kind == "call":
                     results[i] = op.items(self._db, now)
                     woken.update(getattr(results[i], "woken", ()))
-            _many(self._db, _INGEST_SQL, rows, 7)
+            _many(self._db, _INGEST, rows)
             if records:
                 self._write_records(records, now)
                 self._forward_dead(records, now, woken)
@@ -515,10 +515,10 @@ class Store:
         return accepted
 
     def _write_records(self, records: Sequence[AttemptRecord], now: float) -> None:
-        _many(self._db, _OUTCOME_SQL,
+        _many(self._db, _OUTCOME,
               [(r.job.id, r.job.integration, r.state.value, r.job.attempt, r.next_at, r.outcome.error,
                 int(r.outcome.succeeded), r.started_at, r.outcome.duration, r.outcome.status_code, r.outcome.body,
-                now) for r in records], 12)
+                now) for r in records])
 
     def _forward_dead(self, records: Sequence[AttemptRecord], now: float, woken: set[str]) -> None:
         """A job that died here becomes an event for its dead-letter integration, in the same transaction."""
@@ -733,9 +733,22 @@ class Store:
             return False
 
 
-_INGEST_SQL = "INSERT INTO ingest (seq, id, type, payload, accepted_at, first_job, routes) VALUES {rows}"
-_OUTCOME_SQL = ("INSERT INTO outcome (job_id, integration, state, attempt, next_at, error, succeeded, started_at, "
-                "duration, status_code, body, updated_at) VALUES {rows}")
+class _Insert:
+    """A multi-row INSERT into one of the views: the same text for the same number of rows, so the sqlite3
+    module's statement cache keeps it prepared."""
+
+    def __init__(self, view: str, columns: tuple[str, ...]):
+        self.width = len(columns)
+        self._head = f"INSERT INTO {view} ({', '.join(columns)}) VALUES "
+        self._group = "(" + ",".join("?" * self.width) + ")"
+
+    def statement(self, rows: int) -> str:
+        return self._head + ",".join([self._group] * rows)
+
+
+_INGEST = _Insert("ingest", ("seq", "id", "type", "payload", "accepted_at", "first_job", "routes"))
+_OUTCOME = _Insert("outcome", ("job_id", "integration", "state", "attempt", "next_at", "error", "succeeded",
+                               "started_at", "duration", "status_code", "body", "updated_at"))
 Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key
 DEAD_LETTER_TYPE = "eventrelay.dead_letter"
 
@@ -773,21 +786,18 @@ def _value(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     return row[0] if row else None
 
 
-def _many(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]], width: int,
-          tail: tuple[Any, ...] = ()) -> None:
-    """Run `sql` with its `{rows}` replaced by up to _ROWS_PER_STATEMENT `(?, ...)` groups at a time.
+def _many(db: sqlite3.Connection, insert: _Insert, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert `rows`, up to _ROWS_PER_STATEMENT of them per statement.
 
     One statement for many rows, not executemany's one step per row: the sqlite3 module lets go of the GIL
     around every step, and taking it back from a busy event loop cost ~100 µs a row (measured: 17,000
     outcome UPDATEs took 1.7 s of the writer thread's time under delivery load).
     """
-    group = "(" + ",".join("?" * width) + ")"
     for chunk in _chunks(list(rows), _ROWS_PER_STATEMENT):
-        db.execute(sql.format(rows=",".join([group] * len(chunk))),
-                   [value for row in chunk for value in row] + list(tail))
+        db.execute(insert.statement(len(chunk)), [value for row in chunk for value in row])
 
 
-_ROWS_PER_STATEMENT = 500  # x at most 9 columns: well under SQLite's 32,766 bound parameters
+_ROWS_PER_STATEMENT = 500  # x at most 12 columns: well under SQLite's 32,766 bound parameters
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
