@@ -2,8 +2,9 @@
 
 All SQL lives in this module. One writer thread owns every write: ingest and outcome operations queue up
 while the previous transaction commits, and the next transaction takes all of them at once (group commit),
-so a thousand concurrent producers cost one fsync, not a thousand. Reads (claims, status) go through a
-second connection (aiosqlite), which WAL lets run beside the writer.
+so a thousand concurrent producers cost one fsync, not a thousand. Reads go through connections of their
+own, which WAL lets run beside the writer: the dispatchers' claims through one on the event loop's thread
+(see `claim`), everything else (status, the admin API) through aiosqlite's thread.
 
 The writer's connection lives in its own thread, which takes each batch from a thread-safe queue, runs the
 whole transaction as one function, and hands the results back to the event loop in one call. Issued
@@ -130,6 +131,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# The claims' connection runs on the event loop's thread, so how long a busy database may stall it is
+# bounded: a WAL reader waits only in rare moments (another connection recovering the WAL), and a claim
+# that times out is retried by its dispatcher a second later.
+_CLAIMS_BUSY_TIMEOUT_MS = 200
+
 _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one commit can take
 # Outcomes wait for no one (they are written behind), so a small batch of them lingers up to 3 ms for more:
 # every transaction costs the event loop's thread GIL hand-overs, whatever its size. 3 ms was the best of
@@ -175,11 +181,12 @@ class _Committed:
 
 class Store:
     def __init__(self, path: Path, writer: sqlite3.Connection, writer_thread: concurrent.futures.Executor,
-                 reader: aiosqlite.Connection, lock_fd: int):
+                 reader: aiosqlite.Connection, claims: sqlite3.Connection, lock_fd: int):
         self.path = path
         self._db = writer  # used only in writer_thread
         self._writer_thread = writer_thread
         self._reader = reader
+        self._claims = claims  # used only on the event loop's thread
         self._lock_fd = lock_fd
         # Fed by the event loop, drained by the writer thread (SimpleQueue: thread-safe, and put() never blocks).
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -208,14 +215,17 @@ class Store:
             writer = await loop.run_in_executor(writer_thread, functools.partial(
                 sqlite3.connect, path, isolation_level=None, check_same_thread=False))
             reader = await aiosqlite.connect(path, isolation_level=None)
+            claims = sqlite3.connect(path, isolation_level=None)
         except (sqlite3.Error, OSError) as e:
             writer_thread.shutdown(wait=False)
             os.close(lock_fd)
             raise StoreError(f"cannot open the database {path}: {e}") from e
-        store = cls(path, writer, writer_thread, reader, lock_fd)
+        store = cls(path, writer, writer_thread, reader, claims, lock_fd)
         try:
             await store._in_writer(store._prepare, synchronous)
             await reader.execute("PRAGMA busy_timeout=5000")
+            claims.execute(f"PRAGMA busy_timeout={_CLAIMS_BUSY_TIMEOUT_MS}")
+            claims.execute("PRAGMA query_only=ON")
         except BaseException:
             await store.close()
             raise
@@ -282,6 +292,7 @@ class Store:
             await self._reader.close()
         except Exception:  # noqa: BLE001
             pass
+        self._claims.close()
         os.close(self._lock_fd)
 
     @staticmethod
@@ -564,12 +575,18 @@ class Store:
 
         `ordered`: only the head of each ordering key, i.e. no earlier job of the same key is still pending
         (in flight, waiting for a retry, or not yet tried): a key's jobs go one at a time, in order.
+
+        Runs on the event loop's thread, not aiosqlite's: a claim is a walk of the `jobs_due` index bounded
+        by `limit` (a few hundred microseconds, flat up to a million pending jobs: bench/backlog.py), while
+        in another thread each fetched row cost a hand-over of the GIL, waiting for a turn of the busy
+        loop. Claims came so late that a dispatcher's buffer of ready jobs ran dry about once every two
+        deliveries (webhook, stored backlog); on this thread, about once every ten.
         """
         excluded = _padded(exclude)
         heads_only = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
                       "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
                       "AND k.id < j.id)) ") if ordered else ""
-        rows = await self._reader.execute_fetchall(
+        rows = self._read_claims(
             "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at, coalesce(j.requeued_at, e.accepted_at) "
             "FROM jobs j "
             "JOIN events e ON e.seq = j.event_seq "
@@ -580,12 +597,22 @@ class Store:
                     payload=r[4], accepted_at=r[5], age_from=r[6]) for r in rows]
 
     async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
-        """When the earliest pending job of an integration (not in flight) falls due, or None."""
+        """When the earliest pending job of an integration (not in flight) falls due, or None.
+
+        On the event loop's thread, as `claim`: one step down the `jobs_due` index."""
         excluded = _padded(exclude)
-        return await self._scalar(
-            self._reader,
+        rows = self._read_claims(
             "SELECT next_at FROM jobs WHERE integration = ? AND state = 'pending' "
             f"{_not_in('id', excluded)} ORDER BY next_at LIMIT 1", (integration, *excluded))
+        return rows[0][0] if rows else None
+
+    def _read_claims(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        # fetchall() steps the statement to its end, which resets it: no read transaction stays open to hold
+        # back the writer's checkpoints.
+        try:
+            return self._claims.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read due jobs from {self.path}: {e}") from e
 
     async def job_counts(self) -> dict[tuple[str, str], int]:
         """(integration, state) → number of jobs, for the states an operator watches (pending, dead)."""

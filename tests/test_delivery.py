@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from daemon.formats import integration_id
 
@@ -150,3 +152,25 @@ async def test_a_hanging_target_does_not_delay_another(start_daemon, receiver: R
     await d.post([{"type": "order.paid", "data": {"n": i}} for i in range(100)])
     await wait_until(lambda: sum(r.path.endswith("/ok") for r in receiver.requests) == 100, timeout=10)
     assert json.loads(d.rows("SELECT payload FROM events WHERE seq = 100")[0][0]) == {"data": {"n": 99}}
+
+
+async def test_a_failing_claim_pauses_the_dispatcher_until_the_database_answers(start_daemon, receiver) -> None:
+    # A claim that SQLite cannot run (here the jobs table is gone for a moment) must not end the dispatcher:
+    # it says why, tries again a second later, and delivers once the database answers.
+    answers = iter([web.Response(status=500)])
+    receiver.respond = lambda r: next(answers, web.Response(status=204))
+    retry = {"retry": {"initial": "1s", "max_interval": "1s", "max_age": "1h"}}
+    with capture_logs() as logs:
+        d = await start_daemon([webhook("erp", receiver.url, delivery=retry)])
+        await d.post({"id": "evt-c", "type": "order.paid", "data": {}})
+        await wait_until(lambda: d.rows("SELECT state, attempts FROM jobs") == [("pending", 1)])
+        with sqlite3.connect(d.db_path) as db:
+            db.execute("ALTER TABLE jobs RENAME TO jobs_away")
+        await wait_until(lambda: any(e["event"] == "cannot claim jobs" for e in logs), timeout=10)
+        failed = next(e for e in logs if e["event"] == "cannot claim jobs")
+        assert "no such table: jobs" in failed["error"] and failed["integration"] == "erp"
+        with sqlite3.connect(d.db_path) as db:
+            db.execute("ALTER TABLE jobs_away RENAME TO jobs")
+        await wait_until(lambda: states(d) == {"1": "delivered"}, timeout=10)
+    assert [r.json["attempt"] for r in receiver.requests] == [1, 2]
+    assert not d.task.done()

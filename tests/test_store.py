@@ -104,9 +104,28 @@ async def test_claim_pages_oldest_first_and_skips_in_flight(store: Store) -> Non
     assert await store.claim("a", 0, limit=4) == []  # nothing is due before it was accepted
 
 
+async def test_claims_hold_no_read_open_and_a_failed_one_says_why(store: Store, tmp_path: Path) -> None:
+    # Claims read through a connection of the event loop's own: a read left open there would hold back
+    # every checkpoint, and the write-ahead log would grow without end.
+    await store.ingest([ev(i) for i in range(10)], [R("a")] * 10)
+    assert len(await store.claim("a", 10**10, limit=4)) == 4  # fewer than are due
+    assert await store.next_due("a") is not None
+    raw = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    busy, _, _ = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0
+    # A read that fails must reach the dispatcher as a StoreError (it pauses and retries), not as whatever
+    # sqlite3 raised, which would end it.
+    raw.execute("ALTER TABLE jobs RENAME TO jobs_elsewhere")
+    raw.close()
+    with pytest.raises(StoreError, match=r"cannot read due jobs from .*s\.db: no such table: jobs"):
+        await store.claim("a", 10**10, limit=4)
+    with pytest.raises(StoreError, match="no such table: jobs"):
+        await store.next_due("a")
+
+
 async def test_a_claimed_job_carries_what_was_stored_exactly(store: Store, tmp_path: Path) -> None:
-    # A claim reads its page as one JSON document: strings with quotes, escapes, NULs and non-ASCII, big
-    # integers, and the acceptance time must come back unchanged.
+    # Strings with quotes, escapes, NULs and non-ASCII, big integers, and the acceptance time must come back
+    # from a claim unchanged.
     data = {"id": "1", "note": 'quote " backslash \\ nul \u0000 tab \t é 😀', "big": 2**70, "neg": -1.5e-300}
     await store.ingest([parse_event({"id": "odd", "type": "order.paid", "data": data})], [R("a")])
     await store.ingest([ev(2), ev(3)], [R("a"), R("a")])
