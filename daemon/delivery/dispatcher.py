@@ -186,6 +186,8 @@ class Dispatcher:
         if gate != 0.0:
             return gate
         chunk = [self._ready.popleft() for _ in range(size)]
+        if len(self._ready) < self._page // 2:
+            self._wake.set()  # `_fill` claims more while the rest of the buffer lasts
         self._bucket.take(now, size)
         self.breaker.started()
         self._running += 1
