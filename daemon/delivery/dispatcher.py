@@ -58,6 +58,7 @@ class Dispatcher:
         self._batch = sender.max_batch
         self._page = 4 * self._slots * self._batch  # jobs held ready at most
         self._ready: collections.deque[Job] = collections.deque()
+        self._more_due = False  # the last claim filled its page: more jobs may be due (a backlog)
         self._claimed: set[int] = set()  # ready, in flight, or outcome not yet committed
         self._running = 0  # deliver() calls in flight
         # Answered but outcome not yet committed. Bounded, since a crash delivers these again: in flight plus
@@ -160,6 +161,7 @@ class Dispatcher:
             if want < self._page // 2 or (gate != 0.0 and self._ready):
                 return gate or None  # enough held, or held back by the gate: sleep until it opens
             jobs = await self._store.claim(self.name, time.time(), want, self._claimed, self._ordered)
+            self._more_due = len(jobs) == want
             self._claimed.update(job.id for job in jobs)
             self._ready.extend(jobs)
             if not jobs:
@@ -189,8 +191,10 @@ class Dispatcher:
         if gate != 0.0:
             return gate
         chunk = [self._ready.popleft() for _ in range(size)]
-        if len(self._ready) < self._page // 2:
-            self._wake.set()  # `_fill` claims more while the rest of the buffer lasts
+        if self._more_due and len(self._ready) < self._page // 2:
+            # Through a backlog, `_fill` claims more while the rest of the buffer lasts. Otherwise new jobs
+            # and due retries wake it anyway, and a claim per take would find nothing.
+            self._wake.set()
         self._bucket.take(now, size)
         self.breaker.started()
         self._running += 1
