@@ -577,7 +577,7 @@ class Store:
         (in flight, waiting for a retry, or not yet tried): a key's jobs go one at a time, in order.
 
         Runs on the event loop's thread, not aiosqlite's: a claim is a walk of the `jobs_due` index bounded
-        by `limit` (a few hundred microseconds, flat up to a million pending jobs: bench/backlog.py), while
+        by `limit` (about 130 µs for 32 jobs, with a million pending as with a thousand: bench/backlog.py), while
         in another thread each fetched row cost a hand-over of the GIL, waiting for a turn of the busy
         loop. Claims came so late that a dispatcher's buffer of ready jobs ran dry about once every two
         deliveries (webhook, stored backlog); on this thread, about once every ten.
