@@ -1,149 +1,54 @@
-"""SQLite: the schema and its migrations, the group-commit writer, claims and outcomes.
+"""SQLite: the store the daemon talks to. Writes go to the writer process, reads are done here.
 
-All SQL lives in this module. One writer thread owns every write: ingest and outcome operations queue up
-while the previous transaction commits, and the next transaction takes all of them at once (group commit),
-so a thousand concurrent producers cost one fsync, not a thousand. Reads go through connections of their
-own, which WAL lets run beside the writer: the dispatchers' claims through one on the event loop's thread
-(see `claim`), everything else (status, the admin API) through aiosqlite's thread.
+One writer owns every write: ingest and outcome operations queue up while the previous transaction commits,
+and the next transaction takes all of them at once (group commit), so a thousand concurrent producers cost
+one fsync, not a thousand. The writer is a process of its own (daemon/writer.py says why, and holds the
+schema and every write statement). Operations queued in one turn of the event loop go to it as one line on
+a Unix socket pair, and its answers come back the same way, so the event loop never waits for the GIL of a
+thread that writes.
 
-The writer's connection lives in its own thread, which takes each batch from a thread-safe queue, runs the
-whole transaction as one function, and hands the results back to the event loop in one call. Issued
-statement by statement (as aiosqlite does), a transaction cost six hand-overs, each waiting for a turn of a
-busy event loop: outcome commits took 2.7 ms, of which SQLite needed 0.4, and the dispatchers' write-behind
-window was full most of the time.
+Reads go through connections of their own, which WAL lets run beside the writer: the dispatchers' claims
+through one on the event loop's thread (see `claim`), everything else (status, the admin API) through
+aiosqlite's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import fcntl
-import functools
 import os
-import queue
+import signal
+import socket
 import sqlite3
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import structlog
 
-from . import codec
-from .events import Event, new_event_id
+from .events import Event
 from .jobs import AttemptRecord, Job, JobState
+from .writer import DEAD_LETTER_TYPE, MIGRATIONS, wire_dumps, wire_loads
+
+__all__ = ["DEAD_LETTER_TYPE", "MIGRATIONS", "Accepted", "Route", "Store", "StoreError"]
 
 log = structlog.get_logger(component="store")
-
-# Each entry migrates the schema from version i to i+1; PRAGMA user_version records where a file stands.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE events (
-        seq         INTEGER PRIMARY KEY,
-        id          TEXT    NOT NULL UNIQUE,
-        type        TEXT    NOT NULL,
-        payload     TEXT    NOT NULL,
-        accepted_at REAL    NOT NULL
-    );
-    CREATE TABLE jobs (
-        id          INTEGER PRIMARY KEY,
-        event_seq   INTEGER NOT NULL REFERENCES events(seq),
-        integration TEXT    NOT NULL,
-        state       TEXT    NOT NULL DEFAULT 'pending',
-        attempts    INTEGER NOT NULL DEFAULT 0,
-        next_at     REAL    NOT NULL,
-        created_at  REAL    NOT NULL,
-        updated_at  REAL    NOT NULL,
-        last_error  TEXT
-    );
-    -- The dispatcher's claim walks this index from its start: cost depends on the page, not the backlog.
-    CREATE INDEX jobs_due ON jobs (integration, next_at, id) WHERE state = 'pending';
-    CREATE INDEX jobs_event ON jobs (event_seq);
-    CREATE TABLE attempts (
-        id           INTEGER PRIMARY KEY,
-        job_id       INTEGER NOT NULL REFERENCES jobs(id),
-        integration  TEXT    NOT NULL,
-        attempt      INTEGER NOT NULL,
-        succeeded    INTEGER NOT NULL,
-        created_at   REAL    NOT NULL,
-        duration     REAL    NOT NULL,
-        status_code  INTEGER,
-        error_detail TEXT,
-        body         TEXT
-    );
-    CREATE INDEX attempts_job ON attempts (job_id);
-    CREATE INDEX attempts_integration ON attempts (integration, id);
-    """,
-    """
-    -- A replayed job gets a new max_age window, counted from its re-queueing.
-    ALTER TABLE jobs ADD COLUMN requeued_at REAL;
-    -- Listing and counting one integration's jobs by state, newest first.
-    CREATE INDEX jobs_state ON jobs (integration, state, id);
-    -- Replay of a time range.
-    CREATE INDEX jobs_created ON jobs (integration, created_at);
-    -- Retention: finished jobs by age.
-    CREATE INDEX jobs_finished ON jobs (state, updated_at) WHERE state <> 'pending';
-    -- Last success and last failure of an integration.
-    CREATE INDEX attempts_outcome ON attempts (integration, succeeded, id);
-    """,
-    """
-    -- Per-resource ordering: jobs of one key go one at a time, in acceptance order.
-    ALTER TABLE jobs ADD COLUMN ordering_key TEXT;
-    CREATE INDEX jobs_ordered ON jobs (integration, ordering_key, id)
-        WHERE state = 'pending' AND ordering_key IS NOT NULL;
-    -- What outlives a restart about an integration itself: disabled by a 410 Gone, and why.
-    CREATE TABLE integration_state (
-        name            TEXT PRIMARY KEY,
-        disabled_at     REAL,
-        disabled_reason TEXT
-    );
-    """,
-    """
-    -- Ingest writes each event and its jobs through this view, so that a whole group commit of events is one
-    -- statement (Store._transaction says why). `routes` is a JSON array of [integration, ordering key]; the
-    -- jobs get the ids first_job, first_job + 1, ... in that order.
-    CREATE VIEW ingest (seq, id, type, payload, accepted_at, first_job, routes) AS
-        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
-    CREATE TRIGGER ingest_insert INSTEAD OF INSERT ON ingest BEGIN
-        INSERT INTO events (seq, id, type, payload, accepted_at)
-            VALUES (NEW.seq, NEW.id, NEW.type, NEW.payload, NEW.accepted_at);
-        INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at, ordering_key)
-            SELECT NEW.first_job + r.key, NEW.seq, json_extract(r.value, '$[0]'), NEW.accepted_at,
-                   NEW.accepted_at, NEW.accepted_at, json_extract(r.value, '$[1]')
-            FROM json_each(NEW.routes) r;
-    END;
-    -- Delivery outcomes likewise: each row is a job's new state and its line in the attempt log.
-    CREATE VIEW outcome (job_id, integration, state, attempt, next_at, error, succeeded, started_at, duration,
-                         status_code, body, updated_at) AS
-        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
-    CREATE TRIGGER outcome_insert INSTEAD OF INSERT ON outcome BEGIN
-        UPDATE jobs SET state = NEW.state, attempts = NEW.attempt, next_at = coalesce(NEW.next_at, next_at),
-                        updated_at = NEW.updated_at, last_error = NEW.error
-            WHERE id = NEW.job_id;
-        INSERT INTO attempts (job_id, integration, attempt, succeeded, created_at, duration, status_code,
-                              error_detail, body)
-            VALUES (NEW.job_id, NEW.integration, NEW.attempt, NEW.succeeded, NEW.started_at, NEW.duration,
-                    NEW.status_code, NEW.error, NEW.body);
-    END;
-    """,
-)
 
 # The claims' connection runs on the event loop's thread, so how long a busy database may stall it is
 # bounded: a WAL reader waits only in rare moments (another connection recovering the WAL), and a claim
 # that times out is retried by its dispatcher a second later.
 _CLAIMS_BUSY_TIMEOUT_MS = 200
+# At start-up the lock may still be held, for a moment, by the writer of a daemon that was just killed (the
+# kernel kills it with its parent, but not in the same instant).
+_LOCK_WAIT = 3.0
+_WRITER_EXIT_WAIT = 30.0  # seconds for the writer to commit what it has and exit, once asked to
 
-_WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one commit can take
-# Outcomes wait for no one (they are written behind), so a small batch of them lingers up to 3 ms for more:
-# every transaction costs the event loop's thread GIL hand-overs, whatever its size. 3 ms was the best of
-# 0, 1, 3, 5 and 8 ms: STOMP 79 -> 95-99 % of the raw loop (median of 5 rounds); at 8 ms the dispatchers'
-# write-behind windows filled. An operation someone waits for (ingest, an
-# admin write) ends the wait at once. (Waking every millisecond to look instead cost the whole gain.)
-_RECORD_LINGER = 0.003
-_RECORD_LINGER_BELOW = 64  # operations: a batch this large already shares its commit widely
+Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key
 
 
 class StoreError(Exception):
@@ -159,44 +64,42 @@ class Accepted:
     duplicate: bool
 
 
-@dataclass(slots=True)
-class _Op:
-    # "ingest" | "record" | "call" (an admin write: a function run inside the transaction) | "after" (a
-    # function run once the transaction has committed, outside any: what SQLite will not do inside one)
-    kind: str
-    items: Any
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+class _WriterProtocol(asyncio.Protocol):
+    """The daemon's end of the socket to the writer: one JSON line per message."""
 
+    def __init__(self, store: Store):
+        self._store = store
+        self._buffer = b""
 
-@dataclass(slots=True)
-class _Committed:
-    """What one transaction of the writer thread came to, for the event loop to settle."""
+    def data_received(self, data: bytes) -> None:
+        lines = (self._buffer + data).split(b"\n") if self._buffer else data.split(b"\n")
+        self._buffer = lines.pop()
+        for line in lines:
+            self._store._on_message(wire_loads(line))
 
-    ops: list[_Op]
-    results: list[Any] | None
-    woken: set[str]
-    seconds: float
-    error: Exception | None = None
+    def eof_received(self) -> bool:
+        return False  # close: the writer has said all it will
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._store._on_writer_gone()
 
 
 class Store:
-    def __init__(self, path: Path, writer: sqlite3.Connection, writer_thread: concurrent.futures.Executor,
-                 reader: aiosqlite.Connection, claims: sqlite3.Connection, lock_fd: int):
+    def __init__(self, path: Path, lock_fd: int, loop: asyncio.AbstractEventLoop):
         self.path = path
-        self._db = writer  # used only in writer_thread
-        self._writer_thread = writer_thread
-        self._reader = reader
-        self._claims = claims  # used only on the event loop's thread
         self._lock_fd = lock_fd
-        # Fed by the event loop, drained by the writer thread (SimpleQueue: thread-safe, and put() never blocks).
-        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._loop = loop
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._claims: sqlite3.Connection | None = None  # used only on the event loop's thread
+        # Operations queued in this turn of the event loop: they go to the writer in one line, at its end.
+        self._outbox: list[list[Any]] = []
+        self._waiting: dict[int, tuple[str, asyncio.Future[Any]]] = {}  # operation id -> (kind, future)
+        self._next_op = 1
         self._writer_stopped = False
-        self._lingering = False  # the writer thread waits for more outcomes (see _RECORD_LINGER)
-        self._urgent = threading.Event()
-        self._next_event_seq = 1
-        self._next_job_id = 1
-        self._ingest_sync = "FULL"
-        self._sync = ""  # the writer connection's current PRAGMA synchronous
+        self._started: asyncio.Future[None] = loop.create_future()
+        self._gone: asyncio.Future[None] = loop.create_future()  # the socket to the writer closed
         self.commits = 0  # transactions committed by the writer (tests check that commits are shared)
         # Called after each commit with the integrations that got new jobs, so their dispatchers wake at once.
         self.on_jobs_added: Callable[[set[str]], None] = lambda names: None
@@ -208,92 +111,72 @@ class Store:
     @classmethod
     async def open(cls, path: Path, synchronous: str = "full") -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(path)
-        writer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eventrelay-writer")
-        loop = asyncio.get_running_loop()
+        lock_fd = await _lock(path)
+        store = cls(path, lock_fd, asyncio.get_running_loop())
         try:
-            writer = await loop.run_in_executor(writer_thread, functools.partial(
-                sqlite3.connect, path, isolation_level=None, check_same_thread=False))
-            reader = await aiosqlite.connect(path, isolation_level=None)
-            claims = sqlite3.connect(path, isolation_level=None)
+            await store._start_writer(synchronous)
+            # The writer has set WAL mode and migrated the schema: the readers can open now.
+            store._reader = await aiosqlite.connect(path, isolation_level=None)
+            await store._reader.execute("PRAGMA busy_timeout=5000")
+            store._claims = sqlite3.connect(path, isolation_level=None)
+            store._claims.execute(f"PRAGMA busy_timeout={_CLAIMS_BUSY_TIMEOUT_MS}")
+            store._claims.execute("PRAGMA query_only=ON")
         except (sqlite3.Error, OSError) as e:
-            writer_thread.shutdown(wait=False)
-            os.close(lock_fd)
+            await store.close()
             raise StoreError(f"cannot open the database {path}: {e}") from e
-        store = cls(path, writer, writer_thread, reader, claims, lock_fd)
-        try:
-            await store._in_writer(store._prepare, synchronous)
-            await reader.execute("PRAGMA busy_timeout=5000")
-            claims.execute(f"PRAGMA busy_timeout={_CLAIMS_BUSY_TIMEOUT_MS}")
-            claims.execute("PRAGMA query_only=ON")
         except BaseException:
             await store.close()
             raise
         return store
 
-    async def _in_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(*args)` in the writer's thread, where its connection lives."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, fn, *args)
-
-    def _prepare(self, synchronous: str) -> None:
+    async def _start_writer(self, synchronous: str) -> None:
+        ours, theirs = socket.socketpair()
+        # The package may run from a source tree that is not installed: the writer imports it from there too.
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
         try:
-            mode = _value(self._db, "PRAGMA journal_mode=WAL")
-            if mode != "wal":
-                raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); is it on a network filesystem?")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._ingest_sync = "FULL" if synchronous == "full" else "NORMAL"
-            self._set_sync(self._ingest_sync)
-            self._migrate()
-            self._check_statements()
-            self._enable_incremental_vacuum()
-            self._next_event_seq = _value(self._db, "SELECT coalesce(max(seq), 0) + 1 FROM events")
-            self._next_job_id = _value(self._db, "SELECT coalesce(max(id), 0) + 1 FROM jobs")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot use the database {self.path}: {e}") from e
-
-    def _migrate(self) -> None:
-        version = _value(self._db, "PRAGMA user_version")
-        if version > len(MIGRATIONS):
-            raise StoreError(f"{self.path} has schema version {version}, newer than this eventrelay "
-                             f"understands ({len(MIGRATIONS)}): upgrade eventrelay or use another file")
-        for target in range(version + 1, len(MIGRATIONS) + 1):
-            # executescript commits on its own; user_version is set inside the same script to stay atomic.
-            self._db.executescript(
-                f"BEGIN IMMEDIATE;\n{MIGRATIONS[target - 1]}\nPRAGMA user_version={target};\nCOMMIT;")
-            log.info("schema migrated", path=str(self.path), version=target)
-
-    def _check_statements(self) -> None:
-        """Compile the writer's one-statement commits now (EXPLAIN writes nothing): their triggers use SQLite's
-        JSON functions, and a library built without them must stop the start-up, not fail every event."""
-        for insert in (_INGEST, _OUTCOME):
-            try:
-                self._db.execute("EXPLAIN " + insert.statement(1), [None] * insert.width)
-            except sqlite3.OperationalError as e:
-                raise StoreError(f"this SQLite ({sqlite3.sqlite_version}) cannot run eventrelay's statements: {e}. "
-                                 "eventrelay needs SQLite's JSON functions (built in since 3.38; earlier "
-                                 "builds need JSON1 compiled in)") from e
-
-    def _enable_incremental_vacuum(self) -> None:
-        """Let pruning hand pages back to the file system, so the file stops growing under steady load."""
-        if _value(self._db, "PRAGMA auto_vacuum") == 2:
-            return
-        # Only VACUUM can change auto_vacuum on a database that has tables: a one-time rewrite.
-        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        self._db.execute("VACUUM")
-        log.info("database set to incremental vacuum", path=str(self.path))
+            # The lock's descriptor goes along: the lock is held until the writer is gone too.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", f"{__package__}.writer", "--socket-fd", str(theirs.fileno()),
+                 "--parent", str(os.getpid()), "--synchronous", synchronous, str(self.path)],
+                pass_fds=(theirs.fileno(), self._lock_fd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                env=env)
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._transport, _ = await self._loop.connect_accepted_socket(lambda: _WriterProtocol(self), ours)
+        await self._started
 
     async def close(self) -> None:
-        try:
-            await self._in_writer(self._db.close)
-        except Exception:  # noqa: BLE001 - closing what may be half-open; nothing to do about it
-            pass
-        self._writer_thread.shutdown(wait=True)
-        try:
-            await self._reader.close()
-        except Exception:  # noqa: BLE001
-            pass
-        self._claims.close()
+        if self._transport is not None:
+            self.stop_writer()
+        if self._proc is not None:
+            await self._wait_for_writer(_WRITER_EXIT_WAIT)
+        if self._transport is not None:
+            self._transport.close()
+        if self._reader is not None:
+            try:
+                await self._reader.close()
+            except Exception:  # noqa: BLE001 - closing what may be half-open; nothing to do about it
+                pass
+        if self._claims is not None:
+            self._claims.close()
         os.close(self._lock_fd)
+
+    async def _wait_for_writer(self, timeout: float) -> int:
+        """The writer's exit code, once it has exited; killed if it takes longer than `timeout`."""
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        while (code := self._proc.poll()) is None:
+            if time.monotonic() > deadline:
+                log.error("the database writer did not exit in time; killing it", pid=self._proc.pid,
+                          waited_s=timeout)
+                self._proc.kill()
+                return self._proc.wait()
+            await asyncio.sleep(0.01)
+        return code
 
     @staticmethod
     async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -307,7 +190,8 @@ class Store:
 
         `routes[i]` lists, for events[i], the integrations to queue it for with its ordering key (or None).
         """
-        return await self._enqueue(_Op("ingest", (events, routes)))
+        return await self._enqueue("ingest", [[e.id, e.type, e.payload, e.id_given, r]
+                                              for e, r in zip(events, routes)])
 
     async def record(self, records: Sequence[AttemptRecord]) -> None:
         """Write delivery outcomes: the job's new state and one attempt-log row each."""
@@ -315,257 +199,119 @@ class Store:
 
     def record_later(self, records: Sequence[AttemptRecord]) -> asyncio.Future[None]:
         """Queue delivery outcomes for the writer's next transaction; the future resolves once committed."""
-        return self._enqueue(_Op("record", records))
+        # In the order of writer.RECORD_FIELDS.
+        return self._enqueue("record", [
+            [r.job.id, r.job.integration, r.state.value, r.job.attempt, r.next_at, r.outcome.error,
+             int(r.outcome.succeeded), r.started_at, r.outcome.duration, r.outcome.status_code, r.outcome.body,
+             r.dead_letter, r.job.event_id, r.job.event_type] for r in records])
 
-    async def _call(self, fn: Callable[[sqlite3.Connection, float], Any]) -> Any:
-        """Run `fn(writer_connection, now)` inside the writer's next transaction (in its thread); returns its
-        result."""
-        return await self._enqueue(_Op("call", fn))
+    async def _call(self, name: str, *args: Any) -> Any:
+        """Run the admin write `name` (a method of writer.Writer) inside the writer's next transaction."""
+        return await self._enqueue("call", [name, args])
 
-    def _enqueue(self, op: _Op) -> asyncio.Future[Any]:
-        if self._writer_stopped:
-            op.future.set_exception(StoreError("the store is closing; nothing more is written"))
-        else:
-            self._ops.put(op)
-            if self._lingering and op.kind != "record":
-                self._urgent.set()  # someone waits for this one: the writer stops lingering over outcomes
-        return op.future
+    def _enqueue(self, kind: str, items: Any) -> asyncio.Future[Any]:
+        future = self._loop.create_future()
+        if self._writer_stopped or self._gone.done():
+            future.set_exception(StoreError("the store is closing; nothing more is written" if self._writer_stopped
+                                            else "the database writer process has ended; nothing more is written"))
+            return future
+        op_id = self._next_op
+        self._next_op += 1
+        self._waiting[op_id] = (kind, future)
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append([op_id, kind, items])
+        return future
+
+    def _flush(self) -> None:
+        if self._outbox and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(wire_dumps(self._outbox))
+        self._outbox = []
 
     async def run_writer(self) -> None:
-        """Commit queued operations in shared transactions until `stop_writer`; then finish the queue.
+        """Wait until the writer has exited: after `stop_writer`, once it has committed everything queued.
 
-        The loop runs in the writer's thread, which takes the next batch itself the moment a commit ends.
-        Driven from the event loop, each commit first waited for a turn of a busy loop to hand over the next
-        batch: between two commits the writer sat idle 1.2 ms, longer than the 0.9 ms a commit took
-        (single-event HTTP ingest, 32 connections).
+        If the writer dies on its own (killed, out of memory), this raises StoreError, which stops the
+        daemon (its service manager restarts it): every operation still unanswered failed, so nothing
+        unacknowledged is lost, and nothing more can be stored.
         """
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.shield(loop.run_in_executor(self._writer_thread, self._write_forever, loop))
+            await asyncio.shield(self._gone)
         except asyncio.CancelledError:
-            self.stop_writer()  # the thread commits what is queued, then ends: close() can run after it
+            self.stop_writer()  # the writer commits what is queued, then exits: close() waits for it
             raise
+        assert self._proc is not None
+        code = await self._wait_for_writer(_WRITER_EXIT_WAIT)
+        if not self._writer_stopped or code != 0:
+            raise StoreError(f"the database writer process (pid {self._proc.pid}) {_exit_text(code)}; "
+                             "events not yet answered were not stored. Restart eventrelay (systemd does)")
 
     def stop_writer(self) -> None:
         """Ask the writer to exit once everything queued so far is committed."""
         if not self._writer_stopped:
             self._writer_stopped = True
-            self._ops.put(None)
-            self._urgent.set()
+            self._flush()
+            if self._transport is not None and not self._transport.is_closing() and self._transport.can_write_eof():
+                self._transport.write_eof()
 
-    def _write_forever(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The writer thread: take all that is queued, commit it, hand the results to the event loop; again."""
-        while True:
-            op = self._ops.get()
-            if op is None:
-                return
-            batch = [op]
-            stop = self._take_queued(batch)
-            if not stop and len(batch) < _RECORD_LINGER_BELOW and all(o.kind == "record" for o in batch):
-                stop = self._linger(batch)
-            committed = self._commit(batch)
-            try:
-                loop.call_soon_threadsafe(self._settle, committed)
-            except RuntimeError:  # the event loop is closed: nobody is waiting for these answers any more
-                return
-            if stop:
-                return
+    def _on_message(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "done":
+            self._settle(*message[1:])
+        elif kind == "log":
+            _, level, event, fields = message
+            getattr(log, level)(event, **fields)
+        elif kind == "ready":
+            self._started.set_result(None)
+        elif kind == "failed":
+            self._started.set_exception(StoreError(message[1]))
 
-    def _linger(self, batch: list[_Op]) -> bool:
-        """Wait up to _RECORD_LINGER for more outcomes, or less if an urgent operation comes; then take all
-        that is queued into `batch`. True if the stop marker came."""
-        self._urgent.clear()
-        self._lingering = True
-        try:
-            stop = self._take_queued(batch)  # one may have come before the flag was up
-            if not stop and all(o.kind == "record" for o in batch):
-                self._urgent.wait(_RECORD_LINGER)  # releases the GIL: the event loop runs on meanwhile
-                stop = self._take_queued(batch)
-        finally:
-            self._lingering = False
-        return stop
+    def _settle(self, ids: list[int], results: list[Any] | None, woken: list[str], seconds: float,
+                error: str | None, detail: str | None) -> None:
+        """Answer the producers of what one transaction of the writer committed (or failed to)."""
+        waiting = self._waiting
+        if error is not None:
+            failure = StoreError(error)
+            log.error("write failed; nothing from this transaction was stored", error=detail, operations=len(ids))
+            for op_id in ids:
+                _, future = waiting.pop(op_id)
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        self.commits += 1
+        self.on_commit(len(ids), seconds)
+        for op_id, result in zip(ids, results or ()):
+            kind, future = waiting.pop(op_id)
+            if not future.done():
+                future.set_result([Accepted(*a) for a in result] if kind == "ingest" else result)
+        if woken:
+            self.on_jobs_added(set(woken))
 
-    def _take_queued(self, batch: list[_Op]) -> bool:
-        """Add what is queued to `batch` (up to _WRITER_BATCH); True if the stop marker came."""
-        while len(batch) < _WRITER_BATCH:
-            try:
-                nxt = self._ops.get_nowait()
-            except queue.Empty:
-                return False
-            if nxt is None:
-                return True
-            batch.append(nxt)
-        return False
-
-    def _commit(self, batch: list[_Op]) -> list[_Committed]:
-        """One transaction for the batch, or, if one operation in it is bad, one each (in the writer thread)."""
-        started = time.monotonic()
-        try:
-            results, woken = self._transaction(batch)
-        except Exception as e:  # noqa: BLE001 - every failure must reach the waiting producers
-            if len(batch) > 1 and not _is_storage_failure(e):
-                # One bad operation must not fail its neighbours: retry them one transaction each.
-                return [done for op in batch for done in self._commit([op])]
-            return [_Committed(batch, None, set(), time.monotonic() - started, e)]
-        return [_Committed(batch, results, woken, time.monotonic() - started)]
-
-    def _settle(self, transactions: list[_Committed]) -> None:
-        """On the event loop: answer the producers of what the writer thread committed (or failed to)."""
-        for tx in transactions:
-            if tx.error is not None:
-                error = StoreError(_explain(tx.error))
-                log.error("write failed; nothing from this transaction was stored", error=str(tx.error),
-                          operations=len(tx.ops))
-                for op in tx.ops:
-                    if not op.future.done():
-                        op.future.set_exception(error)
-                continue
-            self.commits += 1
-            self.on_commit(len(tx.ops), tx.seconds)
-            for op, result in zip(tx.ops, tx.results or ()):
-                if not op.future.done():
-                    op.future.set_result(result)
-            if tx.woken:
-                self.on_jobs_added(tx.woken)
-
-    def _set_sync(self, mode: str) -> None:
-        if mode != self._sync:
-            self._db.execute(f"PRAGMA synchronous={mode}")
-            self._sync = mode
-
-    def _transaction(self, batch: list[_Op]) -> tuple[list[Any], set[str]]:
-        """One group commit, in the writer's thread. Futures are left to the event loop.
-
-        A batch of ingests alone is one INSERT statement, committed on its own (autocommit), not BEGIN,
-        INSERT events, INSERT jobs, COMMIT; so is a batch of delivery outcomes alone. The sqlite3 module
-        lets go of the GIL around every step and reset of a statement, and each time the event loop, busy
-        with requests, may take it and keep it for a whole turn: the writer's commit cycle was 2.3-2.7 ms
-        of which SQLite needed 0.5 ms (instrumented, single-event HTTP ingest, 32 connections). A statement
-        is atomic: its rows are all written, or none.
-        """
-        seq0, job0 = self._next_event_seq, self._next_job_id
-        # Only acknowledgements need the fsync. A transaction of delivery outcomes alone commits without it:
-        # WAL keeps commits in order, so power loss can only forget the last outcomes, and a forgotten
-        # "delivered" means one more delivery (at least once), never a lost event. The next ingest commit
-        # syncs them along with itself.
-        self._set_sync(self._ingest_sync if any(op.kind == "ingest" for op in batch) else "NORMAL")
-        now = time.time()
-        results: list[Any] = [None] * len(batch)
-        woken: set[str] = set()
-        rows: list[tuple[Any, ...]] = []
-        try:
-            # A read outside the transaction is safe: this connection is the database's only writer.
-            known = self._known_events(e.id for op in batch if op.kind == "ingest" for e in op.items[0]
-                                       if e.id_given)
-            for i, op in enumerate(batch):
-                if op.kind == "ingest":
-                    results[i] = self._plan_ingest(*op.items, now, known, rows, woken)
-            records = [r for op in batch if op.kind == "record" for r in op.items]
-            kinds = {op.kind for op in batch}
-            # One statement commits itself (autocommit).
-            if kinds == {"ingest"} and len(rows) <= _ROWS_PER_STATEMENT:
-                _many(self._db, _INGEST, rows)  # no rows at all if every event was a duplicate
-                return results, woken
-            if kinds == {"record"} and len(records) <= _ROWS_PER_STATEMENT and not _dead_letters(records):
-                self._write_records(records, now)
-                return results, woken
-            self._db.execute("BEGIN IMMEDIATE")
-            for i, op in enumerate(batch):
-                if op.kind == "call":
-                    results[i] = op.items(self._db, now)
-                    woken.update(getattr(results[i], "woken", ()))
-            _many(self._db, _INGEST, rows)
-            if records:
-                self._write_records(records, now)
-                self._forward_dead(records, now, woken)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._next_event_seq, self._next_job_id = seq0, job0
-            if self._db.in_transaction:  # a failed single statement has rolled itself back
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite already rolled back (e.g. on SQLITE_FULL); the transaction is gone either way
-            raise
-        for op in batch:
-            if op.kind == "after":
-                # The transaction is committed: a failure here must not fail (and so repeat) its operations.
-                try:
-                    op.items(self._db)
-                except sqlite3.Error as e:
-                    log.warning("housekeeping after a commit failed", error=str(e))
-        return results, woken
-
-    def _known_events(self, ids: Iterable[str]) -> dict[str, int]:
-        """Producer-given ids already stored, with how many jobs each got: they are answered as duplicates."""
-        wanted = list(dict.fromkeys(ids))
-        known: dict[str, int] = {}
-        for i in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
-            chunk = wanted[i:i + 500]
-            rows = self._db.execute(
-                f"SELECT e.id, (SELECT count(*) FROM jobs WHERE event_seq = e.seq) FROM events e "
-                f"WHERE e.id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-            known.update((r[0], r[1]) for r in rows)
-        return known
-
-    def _plan_ingest(self, events: Sequence[Event], routes: Sequence[Sequence[Route]], now: float,
-                     known: dict[str, int], rows: list[tuple[Any, ...]], woken: set[str]) -> list[Accepted]:
-        """Rows for the `ingest` view: the event, and its jobs as a JSON array of routes."""
-        accepted = []
-        for event, integrations in zip(events, routes):
-            if event.id in known:
-                accepted.append(Accepted(event.id, known[event.id], duplicate=True))
-                continue
-            rows.append((self._next_event_seq, event.id, event.type, event.payload, now, self._next_job_id,
-                         codec.dumps(integrations) if integrations else "[]"))
-            self._next_event_seq += 1
-            self._next_job_id += len(integrations)
-            woken.update(name for name, _ in integrations)
-            known[event.id] = len(integrations)  # a repeat later in the same transaction is a duplicate too
-            accepted.append(Accepted(event.id, len(integrations), duplicate=False))
-        return accepted
-
-    def _write_records(self, records: Sequence[AttemptRecord], now: float) -> None:
-        _many(self._db, _OUTCOME,
-              [(r.job.id, r.job.integration, r.state.value, r.job.attempt, r.next_at, r.outcome.error,
-                int(r.outcome.succeeded), r.started_at, r.outcome.duration, r.outcome.status_code, r.outcome.body,
-                now) for r in records])
-
-    def _forward_dead(self, records: Sequence[AttemptRecord], now: float, woken: set[str]) -> None:
-        """A job that died here becomes an event for its dead-letter integration, in the same transaction."""
-        for r in _dead_letters(records):
-            rows = self._db.execute("SELECT payload FROM events WHERE id = ?", (r.job.event_id,)).fetchall()
-            original = codec.loads(rows[0][0].encode()) if rows else {}
-            data = {"type": "dead_letter", "integration": r.job.integration, "job_id": str(r.job.id),
-                    "attempts": r.job.attempt, "error": r.outcome.error, "status_code": r.outcome.status_code,
-                    "event": {"id": r.job.event_id, "type": r.job.event_type, **original}}
-            seq, job_id = self._next_event_seq, self._next_job_id
-            self._next_event_seq += 1
-            self._next_job_id += 1
-            self._db.execute("INSERT INTO events (seq, id, type, payload, accepted_at) VALUES (?, ?, ?, ?, ?)",
-                             (seq, new_event_id(), DEAD_LETTER_TYPE, codec.dumps({"data": data}), now))
-            self._db.execute("INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (job_id, seq, r.dead_letter, now, now, now))
-            woken.add(r.dead_letter)
+    def _on_writer_gone(self) -> None:
+        if not self._gone.done():
+            self._gone.set_result(None)
+        code = self._proc.poll() if self._proc is not None else None
+        if not self._started.done():
+            self._started.set_exception(StoreError(
+                f"the database writer for {self.path} {_exit_text(code)} while starting; its error is above"))
+        failure = StoreError("the database writer process ended before it committed this; nothing was stored")
+        for _, future in self._waiting.values():
+            if not future.done():
+                future.set_exception(failure)
+        self._waiting.clear()
 
     # -- integration state --------------------------------------------------------------------------------
 
     async def disabled(self) -> dict[str, tuple[float, str]]:
         """Integrations disabled by their target (410 Gone): name → (when, why)."""
+        assert self._reader is not None
         rows = await self._reader.execute_fetchall(
             "SELECT name, disabled_at, disabled_reason FROM integration_state WHERE disabled_at IS NOT NULL")
         return {r[0]: (r[1], r[2]) for r in rows}
 
     async def set_disabled(self, name: str, reason: str | None) -> None:
         """Disable an integration with a reason, or (reason None) enable it again. Survives restarts."""
-        def run(db: sqlite3.Connection, now: float) -> None:
-            db.execute(
-                "INSERT INTO integration_state (name, disabled_at, disabled_reason) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET disabled_at = excluded.disabled_at, "
-                "disabled_reason = excluded.disabled_reason",
-                (name, now if reason is not None else None, reason))
-
-        await self._call(run)
+        await self._call("set_disabled", name, reason)
 
     # -- reads --------------------------------------------------------------------------------------------
 
@@ -678,19 +424,10 @@ class Store:
         rows, _ = await self.logs(None, job_id, limit=1_000_000, offset=0)
         return rows[::-1]
 
+
     async def retry(self, integration: str, job_id: int) -> str | None:
         """Make a pending or dead job due now. Returns the state it had (None: no such job)."""
-        def run(db: sqlite3.Connection, now: float) -> _Requeued:
-            rows = db.execute("SELECT state FROM jobs WHERE id = ? AND integration = ?",
-                              (job_id, integration)).fetchall()
-            if not rows:
-                return _Requeued(None)
-            if rows[0][0] != JobState.DELIVERED:
-                db.execute("UPDATE jobs SET state = 'pending', next_at = ?, requeued_at = ?, updated_at = ? "
-                           "WHERE id = ?", (now, now, now, job_id))
-            return _Requeued(rows[0][0], woken=(integration,))
-
-        return (await self._call(run)).previous
+        return await self._call("retry", integration, job_id)
 
     async def replay(self, integration: str, *, dead: bool = False, since: float | None = None,
                      until: float | None = None, not_requeued_since: float | None = None,
@@ -710,14 +447,7 @@ class Store:
                       f"AND state <> 'pending' {skip} LIMIT ?")
             params = [integration, since if since is not None else 0.0, until if until is not None else 1e18,
                       *fence]
-
-        def run(db: sqlite3.Connection, now: float) -> _Requeued:
-            cursor = db.execute(
-                f"UPDATE jobs SET state = 'pending', next_at = ?, requeued_at = ?, updated_at = ? "
-                f"WHERE id IN ({select})", (now, now, now, *params, limit))
-            return _Requeued(cursor.rowcount, woken=(integration,))
-
-        return (await self._call(run)).previous
+        return await self._call("replay", integration, select, params, limit)
 
     async def prune(self, delivered_before: float, dead_before: float, batch: int = 1000) -> int:
         """Delete one batch of finished jobs past their retention, their attempts, and events nothing needs.
@@ -725,66 +455,19 @@ class Store:
         Small batches through the writer: each is one short transaction, so ingest never waits long.
         Returns how many rows went; call again until it returns 0.
         """
-        def run(db: sqlite3.Connection, now: float) -> int:
-            rows = db.execute(
-                "SELECT id, event_seq FROM jobs WHERE state = 'delivered' AND updated_at < ? "
-                "UNION ALL SELECT id, event_seq FROM (SELECT id, event_seq FROM jobs "
-                "WHERE state = 'dead' AND updated_at < ? LIMIT ?) LIMIT ?",
-                (delivered_before, dead_before, batch, batch)).fetchall()
-            job_ids = [r[0] for r in rows]
-            seqs = sorted({r[1] for r in rows})
-            deleted = 0
-            for chunk in _chunks(job_ids, 500):
-                marks = ",".join("?" * len(chunk))
-                deleted += db.execute(f"DELETE FROM attempts WHERE job_id IN ({marks})", chunk).rowcount
-                deleted += db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk).rowcount
-            for chunk in _chunks(seqs, 500):
-                deleted += db.execute(
-                    f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))}) "
-                    "AND NOT EXISTS (SELECT 1 FROM jobs WHERE event_seq = events.seq)", chunk).rowcount
-            # Events no integration observed have no job to lead us to them: oldest first, by age.
-            deleted += db.execute(
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE accepted_at < ? AND NOT EXISTS "
-                "(SELECT 1 FROM jobs WHERE event_seq = e.seq) ORDER BY seq LIMIT ?)",
-                (delivered_before, batch)).rowcount
-            return deleted
-
-        deleted = await self._call(run)
+        deleted: int = await self._call("prune", delivered_before, dead_before, batch)
         if deleted:
-            await self._enqueue(_Op("after", _incremental_vacuum))
+            await self._enqueue("after", "incremental_vacuum")
         return deleted
 
     async def ping(self) -> bool:
+        """The database answers a read, and the writer is running."""
+        if self._reader is None or self._gone.done():
+            return False
         try:
             return await self._scalar(self._reader, "SELECT 1") == 1
         except (sqlite3.Error, ValueError):
             return False
-
-
-class _Insert:
-    """A multi-row INSERT into one of the views: the same text for the same number of rows, so the sqlite3
-    module's statement cache keeps it prepared."""
-
-    def __init__(self, view: str, columns: tuple[str, ...]):
-        self.width = len(columns)
-        self._head = f"INSERT INTO {view} ({', '.join(columns)}) VALUES "
-        self._group = "(" + ",".join("?" * self.width) + ")"
-
-    def statement(self, rows: int) -> str:
-        return self._head + ",".join([self._group] * rows)
-
-
-_INGEST = _Insert("ingest", ("seq", "id", "type", "payload", "accepted_at", "first_job", "routes"))
-_OUTCOME = _Insert("outcome", ("job_id", "integration", "state", "attempt", "next_at", "error", "succeeded",
-                               "started_at", "duration", "status_code", "body", "updated_at"))
-Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key
-DEAD_LETTER_TYPE = "eventrelay.dead_letter"
-
-
-@dataclass(frozen=True, slots=True)
-class _Requeued:
-    previous: Any
-    woken: tuple[str, ...] = ()  # integrations whose dispatchers should look again
 
 
 _JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, "
@@ -797,40 +480,6 @@ def _job_row(r: tuple[Any, ...]) -> dict[str, Any]:
             "next_attempt_at": r[8] if r[4] == JobState.PENDING else None, "last_error": r[9]}
 
 
-def _incremental_vacuum(db: sqlite3.Connection) -> None:
-    # The pragma frees one page per step, and the sqlite3 module's execute() steps a statement that returns
-    # no columns only once: one page per call. executescript() steps it to the end, but commits whatever
-    # transaction is open first, hence an "after" operation.
-    db.executescript("PRAGMA incremental_vacuum(2000);")
-
-
-def _dead_letters(records: Sequence[AttemptRecord]) -> list[AttemptRecord]:
-    """Records of jobs that died with a dead-letter integration to forward them to."""
-    return [r for r in records if r.state is JobState.DEAD and r.dead_letter]
-
-
-def _value(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
-    row = db.execute(sql, params).fetchone()
-    return row[0] if row else None
-
-
-def _many(db: sqlite3.Connection, insert: _Insert, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Insert `rows`, up to _ROWS_PER_STATEMENT of them per statement.
-
-    One statement for many rows, not executemany's one step per row: the sqlite3 module lets go of the GIL
-    around every step, and taking it back from a busy event loop cost ~100 µs a row (measured: 17,000
-    outcome UPDATEs took 1.7 s of the writer thread's time under delivery load).
-    """
-    for chunk in _chunks(list(rows), _ROWS_PER_STATEMENT):
-        db.execute(insert.statement(len(chunk)), [value for row in chunk for value in row])
-
-
-_ROWS_PER_STATEMENT = 500  # x at most 12 columns: well under SQLite's 32,766 bound parameters
-
-
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def _not_in(column: str, values: list[int]) -> str:
@@ -847,32 +496,36 @@ def _padded(ids: Iterable[int]) -> list[int]:
     return values
 
 
-def _lock(path: Path) -> int:
+
+
+async def _lock(path: Path) -> int:
     """Hold an exclusive lock beside the database: two daemons on one file would deliver everything twice."""
     lock_path = path.with_name(path.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreError(f"{path} is in use by another eventrelay process (pid {holder}); stop it first, "
-                         "or give this one its own storage.path") from None
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                continue
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(f"{path} is in use by another eventrelay process (pid {holder}); stop it first, "
+                             "or give this one its own storage.path") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
-def _is_storage_failure(e: BaseException) -> bool:
-    """Failures of the disk or the file, which retrying operation by operation cannot cure."""
-    return isinstance(e, sqlite3.OperationalError) and any(
-        s in str(e) for s in ("disk is full", "disk I/O", "readonly", "unable to open", "locked"))
-
-
-def _explain(e: BaseException) -> str:
-    text = str(e)
-    if "disk is full" in text:
-        return "the disk holding the database is full: free space, then retry"
-    if "readonly" in text:
-        return "the database is not writable: check the permissions of storage.path and its directory"
-    return f"database error: {text}"
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "closed its connection"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"

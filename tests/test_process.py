@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -67,6 +68,69 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(daemon_process, rece
     # Duplicates come only from deliveries in flight at a kill (sent, outcome not yet committed): at most
     # UNRECORDED_FACTOR × concurrency per integration per kill.
     assert duplicates <= 4 * 2 * (UNRECORDED_FACTOR * 8)
+
+
+def writer_pid(daemon_pid: int) -> int:
+    """The daemon's database writer: its one child process."""
+    children = open(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read().split()
+    assert len(children) == 1, f"expected one child (the writer), found {children}"
+    assert b"daemon.writer" in open(f"/proc/{children[0]}/cmdline", "rb").read()
+    return int(children[0])
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_the_writer_goes_with_a_killed_daemon_and_the_restart_finds_the_file_free(
+        daemon_process, receiver: Receiver) -> None:
+    d = daemon_process([webhook("erp", receiver.url)])
+    await asyncio.to_thread(d.start)
+    writer = writer_pid(d.proc.pid)
+    d.kill9()
+    # Reparented and killed by the kernel (PR_SET_PDEATHSIG), not left writing to the file.
+    await wait_until(lambda: not alive(writer), timeout=5)
+    await asyncio.to_thread(d.start)  # takes the lock at once
+    async with aiohttp.ClientSession() as session:
+        ids = await post(session, d.url, [{"type": "order.paid", "data": {"n": 1}}])
+    await wait_until(lambda: [r.json["id"] for r in receiver.requests] == ids)
+
+
+async def test_a_killed_writer_stops_the_daemon_with_a_clear_error_and_loses_nothing_acknowledged(
+        daemon_process, receiver: Receiver) -> None:
+    d = daemon_process([webhook("erp", receiver.url)])
+    await asyncio.to_thread(d.start)
+    acked: list[str] = []
+    refused = 0
+    async with aiohttp.ClientSession() as session:
+        async def produce() -> None:
+            nonlocal refused
+            for n in range(2000):  # bounded in count; the daemon's exit ends it sooner
+                try:
+                    async with session.post(f"{d.url}/v1/events", json={"type": "order.paid", "data": {"n": n}},
+                                            timeout=aiohttp.ClientTimeout(total=10)) as r:
+                        if r.status == 202:
+                            acked.extend(item["id"] for item in (await r.json())["data"])
+                        else:
+                            assert r.status == 503, await r.text()
+                            refused += 1
+                except aiohttp.ClientConnectionError:
+                    return
+
+        producer = asyncio.create_task(produce())
+        await wait_until(lambda: len(acked) >= 50)
+        os.kill(writer_pid(d.proc.pid), signal.SIGKILL)
+        assert await asyncio.to_thread(d.wait, 20) == 1
+        await asyncio.wait_for(producer, 20)
+        log = d.log_path.read_text()
+        assert "the database writer process" in log and "was killed by SIGKILL" in log, log[-3000:]
+        await asyncio.to_thread(d.start)
+        await wait_until(lambda: set(acked) <= {r.json["id"] for r in receiver.requests}, timeout=30)
+    print(f"\nwriter killed: {len(acked)} acknowledged, all delivered; {refused} answered 503")
 
 
 async def test_sigterm_lets_deliveries_in_flight_finish(daemon_process, receiver: Receiver) -> None:
