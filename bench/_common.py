@@ -196,8 +196,19 @@ def latency_summary_ms(seconds: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- /proc
 
 
-def read_rss_kib(pid: int) -> dict[str, int]:
-    """Current (VmRSS) and peak (VmHWM) resident set size of a process, in KiB."""
+def _children(pid: int) -> list[int]:
+    """Direct children of a process (the daemon's database writer), from /proc/PID/task/*/children."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as fh:
+                found.extend(int(c) for c in fh.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return found
+
+
+def _own_rss_kib(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as fh:
@@ -210,11 +221,20 @@ def read_rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def read_rss_kib(pid: int) -> dict[str, int]:
+    """Current (VmRSS) and peak (VmHWM) resident set size of a process and its children (eventrelay's
+    writer process counts as eventrelay), in KiB; the peak is the sum of each process's own peak."""
+    out = _own_rss_kib(pid)
+    for child in _children(pid):
+        for key, value in _own_rss_kib(child).items():
+            out[key] = out.get(key, 0) + value
+    return out
+
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User+system CPU time of a process (all its threads) from /proc/PID/stat."""
+def _own_cpu_seconds(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
             raw = fh.read()
@@ -224,6 +244,15 @@ def cpu_seconds(pid: int) -> float | None:
     fields = raw[raw.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User+system CPU time of a process (all its threads) and of its living children (eventrelay's writer
+    process counts as eventrelay) from /proc/PID/stat."""
+    own = _own_cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(_own_cpu_seconds(child) or 0.0 for child in _children(pid))
 
 
 def machine_busy_seconds() -> float:
