@@ -4,8 +4,8 @@ One writer owns every write: ingest and outcome operations queue up while the pr
 and the next transaction takes all of them at once (group commit), so a thousand concurrent producers cost
 one fsync, not a thousand. The writer is a process of its own (daemon/writer.py says why, and holds the
 schema and every write statement). Operations queued in one turn of the event loop go to it as one line on
-a Unix socket pair, and its answers come back the same way, so the event loop never waits for the GIL of a
-thread that writes.
+a Unix socket pair (sooner if the writer is idle, see `_enqueue`), and its answers come back the same way,
+so the event loop never waits for the GIL of a thread that writes.
 
 Reads go through connections of their own, which WAL lets run beside the writer: the dispatchers' claims
 through one on the event loop's thread (see `claim`), everything else (status, the admin API) through
@@ -46,6 +46,7 @@ _CLAIMS_BUSY_TIMEOUT_MS = 200
 # At start-up the lock may still be held, for a moment, by the writer of a daemon that was just killed (the
 # kernel kills it with its parent, but not in the same instant).
 _LOCK_WAIT = 3.0
+_FLUSH_ROWS = 500  # events or outcomes waiting in the outbox that go to the writer without waiting for the turn's end
 _WRITER_EXIT_WAIT = 30.0  # seconds for the writer to commit what it has and exit, once asked to
 
 Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key
@@ -97,6 +98,7 @@ class Store:
         self._outbox: list[list[Any]] = []
         self._waiting: dict[int, tuple[str, asyncio.Future[Any]]] = {}  # operation id -> (kind, future)
         self._next_op = 1
+        self._outbox_rows = 0  # events and outcomes in the outbox
         self._writer_stopped = False
         self._started: asyncio.Future[None] = loop.create_future()
         self._gone: asyncio.Future[None] = loop.create_future()  # the socket to the writer closed
@@ -217,16 +219,24 @@ class Store:
             return future
         op_id = self._next_op
         self._next_op += 1
+        idle = len(self._waiting) == len(self._outbox)  # the writer has nothing of ours to commit
         self._waiting[op_id] = (kind, future)
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox.append([op_id, kind, items])
+        self._outbox_rows += len(items) if kind in ("ingest", "record") else 1
+        if idle or self._outbox_rows >= _FLUSH_ROWS:
+            # Do not hold an idle writer until the end of this turn of the loop, which may parse a burst of
+            # requests first (32 requests of 100 events: tens of milliseconds): it commits this much now
+            # while the loop parses the rest, and takes those in its next transaction.
+            self._flush()
         return future
 
     def _flush(self) -> None:
         if self._outbox and self._transport is not None and not self._transport.is_closing():
             self._transport.write(wire_dumps(self._outbox))
         self._outbox = []
+        self._outbox_rows = 0
 
     async def run_writer(self) -> None:
         """Wait until the writer has exited: after `stop_writer`, once it has committed everything queued.
