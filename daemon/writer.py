@@ -8,10 +8,10 @@ a thousand concurrent producers cost one fsync), and answers.
 Why a process and not a thread: a writer thread needs the GIL around every call into SQLite, and the event
 loop's thread, busy with requests or deliveries, held it for up to the 5 ms switch interval each time.
 Instrumented under single-event HTTP ingest, the writer thread's statement took 1.5-1.7 ms and it waited
-7.5 ms between two commits, while SQLite alone commits a batch in 0.35 ms on the same host. Here SQLite and
-all the Python around it run on the other core, and the event loop pays one socket write and one read per
-transaction. Single-event HTTP ingest, six alternating rounds against the thread: +1 % to +31 %, median
-+15 % (bench/ingest.py).
+7.5 ms between two commits, while SQLite alone commits such a batch in 0.35 ms on the same host. Here SQLite
+and all the Python around it run on the other core, and the event loop pays a socket write per turn and a
+read per transaction. Single-event HTTP ingest went from a median of 62-64 % of a bare aiohttp handler to
+82-92 % (bench/ingest.py; the README has the runs).
 
 The writer exits when the socket reaches end of file (after committing and answering what it got), and
 with its parent: if the daemon is killed, the kernel kills the writer too (PR_SET_PDEATHSIG), so a restarted
