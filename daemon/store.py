@@ -94,7 +94,8 @@ class Store:
         self._transport: asyncio.Transport | None = None
         self._reader: aiosqlite.Connection | None = None
         self._claims: sqlite3.Connection | None = None  # used only on the event loop's thread
-        # Operations queued in this turn of the event loop: they go to the writer in one line, at its end.
+        # Operations queued in this turn of the event loop: they go to the writer in one line, at its end
+        # (or sooner, see _enqueue).
         self._outbox: list[list[Any]] = []
         self._waiting: dict[int, tuple[str, asyncio.Future[Any]]] = {}  # operation id -> (kind, future)
         self._next_op = 1
@@ -148,7 +149,11 @@ class Store:
             raise
         finally:
             theirs.close()
-        self._transport, _ = await self._loop.connect_accepted_socket(lambda: _WriterProtocol(self), ours)
+        try:
+            self._transport, _ = await self._loop.connect_accepted_socket(lambda: _WriterProtocol(self), ours)
+        except BaseException:
+            ours.close()  # the writer sees the end of its socket and exits
+            raise
         await self._started
 
     async def close(self) -> None:
