@@ -97,7 +97,8 @@ class Store:
         # Operations queued in this turn of the event loop: they go to the writer in one line, at its end
         # (or sooner, see _enqueue).
         self._outbox: list[list[Any]] = []
-        self._waiting: dict[int, tuple[str, asyncio.Future[Any]]] = {}  # operation id -> (kind, future)
+        # operation id -> (kind, future, the events of an ingest: its answer is made from them)
+        self._waiting: dict[int, tuple[str, asyncio.Future[Any], Any]] = {}
         self._next_op = 1
         self._outbox_rows = 0  # events and outcomes in the outbox
         self._writer_stopped = False
@@ -225,7 +226,7 @@ class Store:
         op_id = self._next_op
         self._next_op += 1
         idle = len(self._waiting) == len(self._outbox)  # the writer has nothing of ours to commit
-        self._waiting[op_id] = (kind, future)
+        self._waiting[op_id] = (kind, future, items if kind == "ingest" else None)
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox.append([op_id, kind, items])
@@ -289,16 +290,16 @@ class Store:
             failure = StoreError(error)
             log.error("write failed; nothing from this transaction was stored", error=detail, operations=len(ids))
             for op_id in ids:
-                _, future = waiting.pop(op_id)
+                _, future, _ = waiting.pop(op_id)
                 if not future.done():
                     future.set_exception(failure)
             return
         self.commits += 1
         self.on_commit(len(ids), seconds)
         for op_id, result in zip(ids, results or ()):
-            kind, future = waiting.pop(op_id)
+            kind, future, events = waiting.pop(op_id)
             if not future.done():
-                future.set_result([Accepted(*a) for a in result] if kind == "ingest" else result)
+                future.set_result(_accepted(events, result) if kind == "ingest" else result)
         if woken:
             self.on_jobs_added(set(woken))
 
@@ -310,7 +311,7 @@ class Store:
             self._started.set_exception(StoreError(
                 f"the database writer for {self.path} {_exit_text(code)} while starting; its error is above"))
         failure = StoreError("the database writer process ended before it committed this; nothing was stored")
-        for _, future in self._waiting.values():
+        for _, future, _ in self._waiting.values():
             if not future.done():
                 future.set_exception(failure)
         self._waiting.clear()
@@ -511,6 +512,17 @@ def _padded(ids: Iterable[int]) -> list[int]:
     return values
 
 
+
+
+def _accepted(events: list[list[Any]], duplicates: list[list[int]]) -> list[Accepted]:
+    """The answer to an ingest: each event as sent to the writer ([id, type, payload, id given, routes]) with
+    as many jobs as routes, except the duplicates the writer found ([index, jobs they got then]). Made here
+    rather than sent back for every event: decoding [id, jobs, duplicate] for each was about 4 % of the event
+    loop's samples at 100 events per request (py-spy)."""
+    accepted = [Accepted(event[0], len(event[4]), False) for event in events]
+    for i, jobs in duplicates:
+        accepted[i] = Accepted(events[i][0], jobs, True)
+    return accepted
 
 
 async def _lock(path: Path) -> int:

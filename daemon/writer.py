@@ -359,13 +359,14 @@ class Writer:
         return known
 
     def _plan_ingest(self, events: list[list[Any]], now: float, known: dict[str, int],
-                     rows: list[tuple[Any, ...]], woken: set[str]) -> list[list[Any]]:
+                     rows: list[tuple[Any, ...]], woken: set[str]) -> list[list[int]]:
         """Rows for the `ingest` view: the event, and its jobs as a JSON array of routes. Each event on the
-        wire is [id, type, payload, id given, routes]; each answer is [id, jobs, duplicate]."""
-        accepted = []
-        for event_id, event_type, payload, _, routes in events:
+        wire is [id, type, payload, id given, routes]. The answer names only the duplicates, as [index, jobs
+        they got then]: every other event got one job per route (store._accepted)."""
+        duplicates = []
+        for i, (event_id, event_type, payload, _, routes) in enumerate(events):
             if event_id in known:
-                accepted.append([event_id, known[event_id], True])
+                duplicates.append([i, known[event_id]])
                 continue
             rows.append((self._next_event_seq, event_id, event_type, payload, now, self._next_job_id,
                          codec.dumps(routes) if routes else "[]"))
@@ -373,8 +374,7 @@ class Writer:
             self._next_job_id += len(routes)
             woken.update(name for name, _ in routes)
             known[event_id] = len(routes)  # a repeat later in the same transaction is a duplicate too
-            accepted.append([event_id, len(routes), False])
-        return accepted
+        return duplicates
 
     def _write_records(self, records: Sequence[list[Any]], now: float) -> None:
         _many(self._db, _OUTCOME, [(*r[:_DEAD_LETTER], now) for r in records])
