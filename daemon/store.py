@@ -453,17 +453,7 @@ class Store:
         Jobs already pending are left alone (they are on their way). Each replayed job gets a fresh max_age.
         `not_requeued_since` skips jobs re-queued since then, so a replay done in batches ends.
         """
-        skip = "AND (requeued_at IS NULL OR requeued_at < ?)"
-        fence = [not_requeued_since if not_requeued_since is not None else 1e18]
-        if dead:
-            select = f"SELECT id FROM jobs WHERE integration = ? AND state = 'dead' {skip} LIMIT ?"
-            params = [integration, *fence]
-        else:
-            select = ("SELECT id FROM jobs WHERE integration = ? AND created_at >= ? AND created_at < ? "
-                      f"AND state <> 'pending' {skip} LIMIT ?")
-            params = [integration, since if since is not None else 0.0, until if until is not None else 1e18,
-                      *fence]
-        return await self._call("replay", integration, select, params, limit)
+        return await self._call("replay", integration, dead, since, until, not_requeued_since, limit)
 
     async def prune(self, delivered_before: float, dead_before: float, batch: int = 1000) -> int:
         """Delete one batch of finished jobs past their retention, their attempts, and events nothing needs.

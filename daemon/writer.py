@@ -417,8 +417,18 @@ class Writer:
                              "WHERE id = ?", (now, now, now, job_id))
         return rows[0][0], (integration,)
 
-    def _replay(self, now: float, integration: str, select: str, params: list[Any], limit: int
-                ) -> tuple[int, tuple[str, ...]]:
+    def _replay(self, now: float, integration: str, dead: bool, since: float | None, until: float | None,
+                not_requeued_since: float | None, limit: int) -> tuple[int, tuple[str, ...]]:
+        skip = "AND (requeued_at IS NULL OR requeued_at < ?)"
+        fence = [not_requeued_since if not_requeued_since is not None else 1e18]
+        if dead:
+            select = f"SELECT id FROM jobs WHERE integration = ? AND state = 'dead' {skip} LIMIT ?"
+            params = [integration, *fence]
+        else:
+            select = ("SELECT id FROM jobs WHERE integration = ? AND created_at >= ? AND created_at < ? "
+                      f"AND state <> 'pending' {skip} LIMIT ?")
+            params = [integration, since if since is not None else 0.0, until if until is not None else 1e18,
+                      *fence]
         cursor = self._db.execute(
             f"UPDATE jobs SET state = 'pending', next_at = ?, requeued_at = ?, updated_at = ? "
             f"WHERE id IN ({select})", (now, now, now, *params, limit))
