@@ -346,7 +346,9 @@ class Service:
         while not stop.is_set():
             # First wait: start-up is for recovering deliveries, not for cleaning.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.storage.prune_interval)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow a cancellation.
+                async with asyncio.timeout(self.config.storage.prune_interval):
+                    await stop.wait()
             if stop.is_set():
                 return
             now = time.time()
@@ -367,7 +369,8 @@ class Service:
     async def _report_status(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _STATUS_EVERY)
+                async with asyncio.timeout(_STATUS_EVERY):  # not wait_for (see _prune_forever)
+                    await stop.wait()
             if not stop.is_set() and self.notifier.enabled:
                 with contextlib.suppress(StoreError):
                     self.notifier.status(await self._status_line())

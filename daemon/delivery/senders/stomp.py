@@ -53,8 +53,10 @@ class StompSender:
     async def close(self) -> None:
         self._closing.set()
         if self._supervisor is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._supervisor), 5)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await asyncio.shield(self._supervisor)
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
@@ -103,7 +105,8 @@ class StompSender:
                     self._last_error = f"{address}: {_describe(e)}"
                     self._log.warning("broker connection failed", address=str(address), error=_describe(e))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for (see close)
+                    await self._closing.wait()
             delay = min(delay * 2, _RECONNECT_MAX)
 
     async def _hold(self, address: StompAddress) -> None:
@@ -134,7 +137,8 @@ class StompSender:
                 check = max(0.2, conf.heartbeat / 2) if conf.heartbeat else 1.0
                 while client.is_alive() and not self._closing.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._closing.wait(), check)
+                        async with asyncio.timeout(check):  # not wait_for (see close)
+                            await self._closing.wait()
             finally:
                 self._connected.clear()
                 self._client = None
