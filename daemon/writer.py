@@ -1,8 +1,8 @@
 """The writer process: the one connection that writes the database, in a process of its own.
 
 `Store` (daemon/store.py) starts it with `python -m daemon.writer` and talks to it over a Unix socket pair:
-one line of JSON per turn of the event loop carries every operation queued in that turn, and one line comes
-back per transaction. The writer takes all that has arrived, commits it as one transaction (group commit:
+one line of JSON per turn of the event loop carries every operation queued in that turn (sent sooner when
+the writer is idle or 500 rows wait), and one line comes back per transaction. The writer takes all that has arrived, commits it as one transaction (group commit:
 a thousand concurrent producers cost one fsync), and answers.
 
 Why a process and not a thread: a writer thread needs the GIL around every call into SQLite, and the event
@@ -149,7 +149,8 @@ DEAD_LETTER_TYPE = "eventrelay.dead_letter"
 # A delivery outcome on the wire: the `outcome` view's first 11 columns, then what a dead letter needs.
 RECORD_FIELDS = ("job_id", "integration", "state", "attempt", "next_at", "error", "succeeded", "started_at",
                  "duration", "status_code", "body", "dead_letter", "event_id", "event_type")
-_DEAD_LETTER, _EVENT_ID, _EVENT_TYPE = 11, 12, 13
+_STATE, _DEAD_LETTER, _EVENT_ID, _EVENT_TYPE = map(RECORD_FIELDS.index, ("state", "dead_letter", "event_id",
+                                                                     "event_type"))
 
 
 # -- the wire -------------------------------------------------------------------------------------------------
@@ -599,7 +600,7 @@ def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
 
 def _dead_letters(records: Sequence[list[Any]]) -> list[list[Any]]:
     """Records of jobs that died with a dead-letter integration to forward them to."""
-    return [r for r in records if r[2] == "dead" and r[_DEAD_LETTER]]
+    return [r for r in records if r[_STATE] == "dead" and r[_DEAD_LETTER]]
 
 
 def _is_storage_failure(e: BaseException) -> bool:
