@@ -161,6 +161,23 @@ async def test_outcomes_move_jobs_and_log_attempts(store: Store) -> None:
         (1, False, 500, "boom")]
 
 
+async def test_outcomes_queued_while_the_writer_commits_all_go_in_its_next_transactions(store: Store) -> None:
+    await store.ingest([ev(i) for i in range(200)], [R("a")] * 200)
+    jobs = await store.claim("a", 10**10, limit=200)
+    busy = store.ingest([ev(1000)], [R("b")])  # the writer has something of ours to commit
+    written = []
+    for job in jobs:  # one outcome per turn of the loop, as deliveries end
+        written.append(store.record_later([AttemptRecord(job, Outcome(job.id, True, 0.01), 1.0,
+                                                         JobState.DELIVERED, None)]))
+        await asyncio.sleep(0)
+    commits = store.commits
+    async with asyncio.timeout(10):  # nothing else happens: the writer's answers alone must send them all
+        await asyncio.gather(busy, *written)
+    assert await store.job_counts() == {("b", "pending"): 1}
+    # Grouped into the writer's transactions, not committed one per turn.
+    assert store.commits - commits < 200 / 5, f"{store.commits - commits} commits for 200 outcomes"
+
+
 async def test_a_failed_write_stores_nothing_and_says_why(store: Store, tmp_path: Path) -> None:
     await store.ingest([ev(1)], [R("a")])
     # Make the next write impossible: a trigger that aborts every insert into jobs.
