@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import logging
 import time
 from typing import Any
 
@@ -76,8 +77,7 @@ class Dispatcher:
         self._stopping = False
         self.refresh_logger()
         self._metrics = metrics
-        self._result_counters: dict[JobState, Any] = {}  # metric children by outcome, made on first use
-        self._seconds: Any = None
+        self._counts = metrics.deliveries(self.name) if metrics is not None else None
         self._delivered_by_minute: collections.deque[list[int]] = collections.deque(maxlen=61)  # [minute, n]
         self._report_breaker()
 
@@ -85,6 +85,8 @@ class Dispatcher:
         """Bind this dispatcher's logger to the logging configuration in force (again after a reload that
         changed it): a bound logger keeps the level it was made with, and one per delivery must be cheap."""
         self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
+        # At level warning (the benchmarks', and many a busy store's) a delivery builds no log fields.
+        self._log_delivered = self._log.is_enabled_for(logging.INFO)
 
     def wake(self) -> None:
         """New jobs were committed for this integration."""
@@ -336,30 +338,28 @@ class Dispatcher:
             self._delivered_by_minute.append([minute, 1])
 
     def _log_outcome(self, record: AttemptRecord) -> None:
-        o, job = record.outcome, record.job
-        fields = dict(event_id=job.event_id, event_type=job.event_type, job_id=job.id, attempt=job.attempt,
-                      status=o.status_code, duration_ms=round(o.duration * 1000, 1))
-        if self._metrics is not None:
-            # labels() looks the child up under a lock each time: keep ours.
-            counter = self._result_counters.get(record.state)
-            if counter is None:
-                counter = self._result_counters[record.state] = self._metrics.deliveries.labels(
-                    self.name, _RESULT[record.state])
-                self._seconds = self._metrics.delivery_seconds.labels(self.name)
-            counter.inc()
-            self._seconds.observe(o.duration)
+        o = record.outcome
+        if self._counts is not None:
+            self._counts.add(_RESULT[record.state], o.duration)
         if record.state is JobState.DELIVERED:
             self._count_delivered()
-            self._log.info("delivered", **fields)
+            if self._log_delivered:
+                self._log.info("delivered", **_fields(record))
         elif record.state is JobState.PENDING:
             self._log.warning("delivery failed; will retry", error=o.error,
-                              retry_in_s=round((record.next_at or 0) - time.time(), 2), **fields)
+                              retry_in_s=round((record.next_at or 0) - time.time(), 2), **_fields(record))
         else:
             self._log.error("delivery failed; job is dead", error=o.error, dead_letter=record.dead_letter,
-                            **fields)
+                            **_fields(record))
 
 
 _RESULT = {JobState.DELIVERED: "delivered", JobState.PENDING: "failed", JobState.DEAD: "dead"}
+
+
+def _fields(record: AttemptRecord) -> dict[str, Any]:
+    job, o = record.job, record.outcome
+    return dict(event_id=job.event_id, event_type=job.event_type, job_id=job.id, attempt=job.attempt,
+                status=o.status_code, duration_ms=round(o.duration * 1000, 1))
 
 
 def _missing(job: Job) -> Outcome:
