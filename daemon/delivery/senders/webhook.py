@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+from yarl import URL
 
 from ...config import Integration
 from ...formats import WebhookEnvelope
@@ -24,7 +25,7 @@ class WebhookSender:
 
     def __init__(self, integration: Integration, user_agent: str):
         conf = integration.configuration
-        self._url = conf.url
+        self._url = URL(conf.url)  # parsed once, not per delivery
         self._timeout = integration.delivery.timeout
         self._envelope = WebhookEnvelope(integration)
         self._headers = {"Content-Type": "application/json", "User-Agent": user_agent}
@@ -41,6 +42,7 @@ class WebhookSender:
         # connections are reused across deliveries and a slow target cannot take sockets from another.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._concurrency),
+            headers=self._headers,  # merged into each request's own by aiohttp
             timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._connect_timeout),
             # The envelope is already JSON text; keep aiohttp from touching cookies between deliveries.
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -56,7 +58,7 @@ class WebhookSender:
 
     async def _post(self, job: Job) -> Outcome:
         assert self._session is not None, "start() first"
-        headers = {**self._headers, "X-MOLTIN-INTEGRATION-TRIGGER": job.event_type}
+        headers = {"X-MOLTIN-INTEGRATION-TRIGGER": job.event_type}
         body = self._envelope.encode(job)
         if self._signing_keys:
             headers.update(self._signature(job.event_id, body))
