@@ -141,7 +141,7 @@ _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one 
 # dispatchers' write-behind windows filled. Any other operation (an ingest, an admin write: someone waits for
 # it) ends the wait at once.
 _RECORD_LINGER = 0.003
-_RECORD_LINGER_BELOW = 64  # operations: a batch this large already shares its commit widely
+_RECORD_LINGER_BELOW = 64  # outcomes: a batch this large already shares its commit widely
 _RECEIVE_AT_ONCE = 8 << 20  # bytes read from the socket before the next commit, at most
 _ROWS_PER_STATEMENT = 500  # x at most 12 columns: well under SQLite's 32,766 bound parameters
 DEAD_LETTER_TYPE = "eventrelay.dead_letter"
@@ -518,7 +518,7 @@ def _next_batch(channel: _Channel) -> list[_Op] | None:
         channel.receive(None)
     channel.receive(0)
     deadline = time.monotonic() + _RECORD_LINGER
-    while (len(channel.pending) < _RECORD_LINGER_BELOW and not channel.closed
+    while (sum(len(op.items) for op in channel.pending) < _RECORD_LINGER_BELOW and not channel.closed
            and all(op.kind == "record" for op in channel.pending)):
         left = deadline - time.monotonic()
         if left <= 0:

@@ -70,10 +70,14 @@ class Dispatcher:
         self._bucket = TokenBucket(delivery.rate_limit, burst=self._batch)
         self.paused_until = 0.0  # wall time before which nothing starts (the target asked us to slow down)
         self.disabled = disabled  # (when, why) while the target says it is gone
+        self._loop = asyncio.get_running_loop()  # made by the service, on its loop
         self._wake = asyncio.Event()
         self._deliveries: asyncio.TaskGroup | None = None  # set while `run` runs
         self._all_recorded = asyncio.Event()  # no outcome waiting for the writer
         self._all_recorded.set()
+        # Outcomes of this turn of the event loop not yet handed to the store: one operation per turn.
+        self._unsent: tuple[list[Job], list[AttemptRecord]] = ([], [])
+        self._unsent_chunks = 0
         self._stopping = False
         self.refresh_logger()
         self._metrics = metrics
@@ -264,23 +268,37 @@ class Dispatcher:
         return records
 
     def _write_behind(self, jobs: list[Job], records: list[AttemptRecord]) -> None:
-        """Queue the outcomes for the writer; the jobs stay claimed until they are committed."""
-        self._store.record_later(records).add_done_callback(functools.partial(self._recorded, jobs, records))
+        """Queue the outcomes for the writer; the jobs stay claimed until they are committed.
 
-    def _recorded(self, jobs: list[Job], records: list[AttemptRecord], written: asyncio.Future[None]) -> None:
+        The outcomes of the deliveries that end in one turn of the event loop go to the store as one
+        operation at its end: one future, one callback and one release for them all, not one each.
+        """
+        if not self._unsent_chunks:
+            self._loop.call_soon(self._send_outcomes)
+        self._unsent[0].extend(jobs)
+        self._unsent[1].extend(records)
+        self._unsent_chunks += 1
+
+    def _send_outcomes(self) -> None:
+        (jobs, records), chunks = self._unsent, self._unsent_chunks
+        self._unsent, self._unsent_chunks = ([], []), 0
+        self._store.record_later(records).add_done_callback(
+            functools.partial(self._recorded, jobs, records, chunks))
+
+    def _recorded(self, jobs: list[Job], records: list[AttemptRecord], chunks: int,
+                  written: asyncio.Future[None]) -> None:
         error = written.exception() if not written.cancelled() else StoreError("the writer stopped")
         if error is None:
-            for record in records:
-                self._log_outcome(record)
-            self._release(jobs)
+            self._log_outcomes(records)
+            self._release(jobs, chunks)
             return
         # The jobs stay pending in the database and will be delivered again: at least once. Claiming them
         # again at once would spin on a failing disk.
         self._log.error("cannot record delivery outcomes; they will be retried", error=str(error))
-        asyncio.get_running_loop().call_later(_STORE_ERROR_PAUSE, self._release, jobs)
+        self._loop.call_later(_STORE_ERROR_PAUSE, self._release, jobs, chunks)
 
-    def _release(self, jobs: list[Job]) -> None:
-        self._recording -= 1
+    def _release(self, jobs: list[Job], chunks: int = 1) -> None:
+        self._recording -= chunks
         self._claimed.difference_update(job.id for job in jobs)
         if self._recording == 0:
             self._all_recorded.set()
@@ -330,27 +348,32 @@ class Dispatcher:
         if self._metrics is not None:
             self._metrics.disabled.labels(self.name).set(1 if self.disabled else 0)
 
-    def _count_delivered(self) -> None:
+    def _count_delivered(self, n: int) -> None:
         minute = int(time.time() // 60)
         if self._delivered_by_minute and self._delivered_by_minute[-1][0] == minute:
-            self._delivered_by_minute[-1][1] += 1
+            self._delivered_by_minute[-1][1] += n
         else:
-            self._delivered_by_minute.append([minute, 1])
+            self._delivered_by_minute.append([minute, n])
 
-    def _log_outcome(self, record: AttemptRecord) -> None:
-        o = record.outcome
-        if self._counts is not None:
-            self._counts.add(_RESULT[record.state], o.duration)
-        if record.state is JobState.DELIVERED:
-            self._count_delivered()
-            if self._log_delivered:
-                self._log.info("delivered", **_fields(record))
-        elif record.state is JobState.PENDING:
-            self._log.warning("delivery failed; will retry", error=o.error,
-                              retry_in_s=round((record.next_at or 0) - time.time(), 2), **_fields(record))
-        else:
-            self._log.error("delivery failed; job is dead", error=o.error, dead_letter=record.dead_letter,
-                            **_fields(record))
+    def _log_outcomes(self, records: list[AttemptRecord]) -> None:
+        """Count and log committed outcomes."""
+        delivered = 0
+        for record in records:
+            o = record.outcome
+            if self._counts is not None:
+                self._counts.add(_RESULT[record.state], o.duration)
+            if record.state is JobState.DELIVERED:
+                delivered += 1
+                if self._log_delivered:
+                    self._log.info("delivered", **_fields(record))
+            elif record.state is JobState.PENDING:
+                self._log.warning("delivery failed; will retry", error=o.error,
+                                  retry_in_s=round((record.next_at or 0) - time.time(), 2), **_fields(record))
+            else:
+                self._log.error("delivery failed; job is dead", error=o.error, dead_letter=record.dead_letter,
+                                **_fields(record))
+        if delivered:
+            self._count_delivered(delivered)
 
 
 _RESULT = {JobState.DELIVERED: "delivered", JobState.PENDING: "failed", JobState.DEAD: "dead"}
