@@ -183,6 +183,7 @@ class Service:
                                           shutdown_timeout=_INGEST_DRAIN, keepalive_timeout=listen.idle_timeout)
         await self._http_runner.setup()
         assert self._http_runner.server is not None
+        self._http.serve_events_first(self._http_runner.server)
         ingestor = self._ingestor
         self._http_cap = ConnectionCap(self._http_runner.server, listen.max_connections,
                                        lambda: ingestor.refused_connection("http"))

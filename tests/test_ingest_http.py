@@ -132,6 +132,17 @@ async def test_token(start_daemon) -> None:
         assert r.status == 200
 
 
+async def test_expect_100_continue(start_daemon) -> None:
+    # curl asks for a "100 Continue" before sending a body over 1 KiB; without it, it waits a second first.
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])], listen={"token": "t0ken"})
+    body = json.dumps({"id": "big", "type": "order.paid", "data": {"blob": "x" * 4000}})
+    for token, want in (("wrong", 401), ("t0ken", 202)):
+        async with d.http.post(f"{d.url}/v1/events", data=body, expect100=True, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {token}"}) as r:
+            assert r.status == want, await r.text()
+    assert d.rows("SELECT id FROM events") == [("big",)]
+
+
 async def test_health_and_readiness(start_daemon) -> None:
     d = await start_daemon([])
     async with d.http.get(f"{d.url}/healthz") as r:

@@ -128,19 +128,46 @@ class HttpIngest:
         extra(app)
         return app
 
+    def serve_events_first(self, server: web.Server) -> None:
+        """Have `server` (the application's, set up by its runner) hand POST /v1/events to post_events
+        directly, and every other request to the application as before.
+
+        The application's routing and middleware chain (Application._handle with its get_event_loop, which
+        on Python 3.11 is a getpid() system call, the router, and two wrappers per middleware) took about a
+        tenth of the event loop's time per single-event request; the event route needs none of it, so it
+        goes first. The route stays registered in the application, which answers its other methods (405),
+        and takes the requests that ask for a "100 Continue" first (curl does for bodies over 1 KiB).
+        """
+        app_handler = server.request_handler
+        post_events = self.post_events
+
+        def handle(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            if request.method == "POST" and request.path == "/v1/events" and "Expect" not in request.headers:
+                return post_events(cast(web.Request, request))
+            return app_handler(request)
+
+        server.request_handler = handle
+
+    def _denied(self, request: web.BaseRequest) -> web.Response | None:
+        """The 401 answer to a request without the bearer token (when one is configured), else None."""
+        if self._token is None:
+            return None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+            return None
+        return error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                              headers={"WWW-Authenticate": 'Bearer realm="eventrelay"'})
+
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
         """The bearer token, and JSON errors everywhere (aiohttp's own 404/405/413 answers are text/plain).
 
-        One middleware, not two: each costs a wrapper per request, which showed at single-event requests.
+        One middleware, not two: each costs a wrapper per request.
         """
-        # Everything but the probes needs the token: events, the admin API and /metrics.
-        if self._token is not None and request.path not in ("/healthz", "/readyz"):
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-                return error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                                      headers={"WWW-Authenticate": 'Bearer realm="eventrelay"'})
+        # Everything but the probes needs the token: the admin API and /metrics (events check it themselves).
+        if request.path not in ("/healthz", "/readyz") and (denied := self._denied(request)) is not None:
+            return denied
         try:
             return await handler(request)
         except web.HTTPException as e:
@@ -150,6 +177,13 @@ class HttpIngest:
                 k: v for k, v in e.headers.items() if k in ("Allow", "WWW-Authenticate")})
 
     async def post_events(self, request: web.Request) -> web.Response:
+        """Store the events of a request and answer 202 once committed, or answer why not.
+
+        Reached without the middleware (serve_events_first), so it checks the token itself and answers every
+        error as a response rather than raising aiohttp's HTTP exceptions.
+        """
+        if self._token is not None and (denied := self._denied(request)) is not None:
+            return denied
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
             return error_response(415, f"Content-Type must be application/json, got {request.content_type!r}")
         try:
