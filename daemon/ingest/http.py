@@ -165,7 +165,8 @@ class HttpIngest:
 
         One middleware, not two: each costs a wrapper per request.
         """
-        # Everything but the probes needs the token: the admin API and /metrics (events check it themselves).
+        # Everything but the probes needs the token: the admin API, /metrics, and events (post_events checks it
+        # too, as serve_events_first brings it most requests without this middleware).
         if request.path not in ("/healthz", "/readyz") and (denied := self._denied(request)) is not None:
             return denied
         try:
