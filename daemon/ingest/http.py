@@ -183,7 +183,7 @@ class HttpIngest:
         Reached without the middleware (serve_events_first), so it checks the token itself and answers every
         error as a response rather than raising aiohttp's HTTP exceptions.
         """
-        if self._token is not None and (denied := self._denied(request)) is not None:
+        if (denied := self._denied(request)) is not None:
             return denied
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
             return error_response(415, f"Content-Type must be application/json, got {request.content_type!r}")
