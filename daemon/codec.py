@@ -68,11 +68,19 @@ def loads(raw: bytes, max_depth: int | None = None, objects_in_array: bool = Tru
             value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             value = _loads_exactly(raw)  # raises with the standard library's message (or accepts what it does)
-    # Counting brackets is cheap and settles the common case without walking the document.
-    if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth and \
-            _too_deep(value, max_depth, objects_in_array):
+    if max_depth is not None and _too_deep_quick(raw, value, max_depth, objects_in_array):
         raise ValueError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
     return value
+
+
+def _too_deep_quick(raw: bytes, value: Any, max_depth: int, objects_in_array: bool) -> bool:
+    if type(value) is list and not objects_in_array:
+        # A batch whose events the caller checks: only items that are arrays are walked here, and a batch of
+        # objects has none. Counting its brackets would always exceed the limit (each event has some) and
+        # cost two passes over the body for nothing.
+        return _too_deep(value, max_depth, objects_in_array)
+    # Counting brackets is cheap and settles the common case without walking the document.
+    return raw.count(b"[") + raw.count(b"{") > max_depth and _too_deep(value, max_depth, objects_in_array)
 
 
 def _too_deep(value: Any, max_depth: int, objects_in_array: bool) -> bool:
