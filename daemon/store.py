@@ -3,7 +3,7 @@
 One writer owns every write: ingest and outcome operations queue up while the previous transaction commits,
 and the next transaction takes all of them at once (group commit), so a thousand concurrent producers cost
 one fsync, not a thousand. The writer is a process of its own (daemon/writer.py says why, and holds the
-schema and every write statement). Operations queued in one turn of the event loop go to it as one line on
+schema and every write statement). Operations queued in one turn of the event loop go to it as one frame on
 a Unix socket pair (sooner if the writer is idle, see `_enqueue`), and its answers come back the same way,
 so the event loop never waits for the GIL of a thread that writes.
 
@@ -33,7 +33,7 @@ import structlog
 
 from .events import Event
 from .jobs import AttemptRecord, Job, JobState
-from .writer import DEAD_LETTER_TYPE, MIGRATIONS, wire_dumps, wire_loads
+from .writer import DEAD_LETTER_TYPE, MIGRATIONS, WireReader, wire_dumps
 
 __all__ = ["DEAD_LETTER_TYPE", "MIGRATIONS", "Accepted", "Route", "Store", "StoreError"]
 
@@ -70,17 +70,15 @@ class Accepted:
 
 
 class _WriterProtocol(asyncio.Protocol):
-    """The daemon's end of the socket to the writer: one JSON line per message."""
+    """The daemon's end of the socket to the writer: one frame per message (writer.wire_dumps)."""
 
     def __init__(self, store: Store):
         self._store = store
-        self._buffer = b""
+        self._reader = WireReader()
 
     def data_received(self, data: bytes) -> None:
-        lines = (self._buffer + data).split(b"\n") if self._buffer else data.split(b"\n")
-        self._buffer = lines.pop()
-        for line in lines:
-            self._store._on_message(wire_loads(line))
+        for message in self._reader.feed(data):
+            self._store._on_message(message)
 
     def eof_received(self) -> bool:
         return False  # close: the writer has said all it will
@@ -98,7 +96,7 @@ class Store:
         self._transport: asyncio.Transport | None = None
         self._reader: aiosqlite.Connection | None = None
         self._claims: sqlite3.Connection | None = None  # used only on the event loop's thread
-        # Operations not yet sent: they go to the writer in one line, at the end of this turn of the event
+        # Operations not yet sent: they go to the writer in one frame, at the end of this turn of the event
         # loop, sooner, or (delivery outcomes) once the writer has answered what it has (see _enqueue).
         self._outbox: list[list[Any]] = []
         self._flush_scheduled = False  # a flush at the end of this turn of the loop

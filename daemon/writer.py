@@ -1,9 +1,10 @@
 """The writer process: the one connection that writes the database, in a process of its own.
 
 `Store` (daemon/store.py) starts it with `python -m daemon.writer` and talks to it over a Unix socket pair:
-one line of JSON per turn of the event loop carries every operation queued in that turn (sent sooner when
-the writer is idle or 500 rows wait), and one line comes back per transaction. The writer takes all that has arrived, commits it as one transaction (group commit:
-a thousand concurrent producers cost one fsync), and answers.
+one frame (`wire_dumps`) per turn of the event loop carries every operation queued in that turn (sent sooner
+when the writer is idle or 500 rows wait), and one frame comes back per transaction. The writer takes all that
+has arrived, commits it as one transaction (group commit: a thousand concurrent producers cost one fsync), and
+answers.
 
 Why a process and not a thread: a writer thread needs the GIL around every call into SQLite, and the event
 loop's thread, busy with requests or deliveries, held it for up to the 5 ms switch interval each time.
@@ -24,19 +25,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
+import marshal
 import os
 import select
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-
-import orjson
 
 from . import codec
 from .events import new_event_id
@@ -155,20 +155,42 @@ _STATE, _DEAD_LETTER, _EVENT_ID, _EVENT_TYPE = map(RECORD_FIELDS.index, ("state"
 
 # -- the wire -------------------------------------------------------------------------------------------------
 
+_FRAME_LENGTH = struct.Struct("<I")
+
+
 def wire_dumps(value: Any) -> bytes:
-    """One line of JSON. The standard library takes over where orjson refuses (a lone surrogate in a
-    receiver's answer, an integer beyond 64 bits), escaping everything to ASCII so that the line is bytes."""
-    try:
-        return orjson.dumps(value) + b"\n"
-    except orjson.JSONEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+    """One frame: the length of the value in marshal's format, then the value.
+
+    marshal, not JSON: both ends run the same interpreter (the writer is `sys.executable`), it keeps every str
+    (lone surrogates too) and int as they are, and the event payloads, JSON text themselves, travel without
+    escaping. A batch of 100 events was encoded in 0.18 µs per event instead of 0.86 (orjson), and decoded
+    in 0.28 instead of 0.64: the encoding is the event loop's, which HTTP ingest of 100-event batches keeps
+    saturated."""
+    body = marshal.dumps(value)
+    return _FRAME_LENGTH.pack(len(body)) + body
 
 
-def wire_loads(line: bytes) -> Any:
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return json.loads(line)
+class WireReader:
+    """The values of a stream of frames, as each completes."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        buffer = self._buffer
+        buffer += data
+        values, start, end = [], 0, len(buffer)
+        with memoryview(buffer) as view:
+            while end - start >= _FRAME_LENGTH.size:
+                (size,) = _FRAME_LENGTH.unpack_from(view, start)
+                stop = start + _FRAME_LENGTH.size + size
+                if stop > end:
+                    break  # the rest of this frame has not arrived yet
+                with view[start + _FRAME_LENGTH.size:stop] as frame:
+                    values.append(marshal.loads(frame))
+                start = stop
+        del buffer[:start]
+        return values
 
 
 class _Insert:
@@ -475,7 +497,7 @@ class _Channel:
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
-        self._buffer = b""
+        self._reader = WireReader()
         self.pending: deque[_Op] = deque()
         self.closed = False  # the daemon has sent all it will (end of file)
 
@@ -486,7 +508,7 @@ class _Channel:
         readable, _, _ = select.select([self._sock], [], [], timeout)
         if not readable:
             return
-        chunks = [self._buffer]
+        chunks = []
         size = 0
         while size < _RECEIVE_AT_ONCE:  # a daemon that never stops sending must not keep us from committing
             try:
@@ -500,10 +522,9 @@ class _Channel:
                 break
             chunks.append(data)
             size += len(data)
-        lines = b"".join(chunks).split(b"\n")
-        self._buffer = lines.pop()  # an incomplete line waits for its end (at end of file, it is dropped)
-        for line in lines:
-            self.pending.extend(_Op(*op) for op in wire_loads(line))
+        # An incomplete frame waits for its end (at end of file, it is dropped).
+        for ops in self._reader.feed(b"".join(chunks)):
+            self.pending.extend(_Op(*op) for op in ops)
 
     def send(self, message: Any) -> None:
         self._sock.sendall(wire_dumps(message))

@@ -13,6 +13,7 @@ import pytest
 from daemon.events import Event, parse_event
 from daemon.jobs import AttemptRecord, JobState, Outcome
 from daemon.store import MIGRATIONS, Store, StoreError
+from daemon.writer import WireReader, wire_dumps
 
 
 @pytest.fixture
@@ -140,6 +141,27 @@ async def test_a_claimed_job_carries_what_was_stored_exactly(store: Store, tmp_p
     odd = page[1]
     assert odd.payload == payload and odd.event_type == "order.paid"
     assert all(j.accepted_at == j.age_from == stored[j.event_id] for j in page)
+
+
+def test_the_wire_to_the_writer_keeps_every_value_and_frames_split_anywhere() -> None:
+    # What the socket to the writer carries: event payloads (JSON text), a receiver's answer with a lone
+    # surrogate, integers beyond 64 bits, floats, None, nested lists. Sent in one piece, byte by byte, and
+    # cut at every place of a two-frame stream, each frame comes out once, whole and equal.
+    values = [
+        [[1, "ingest", [["evt-1", "order.paid", '{"data":{"q":"\\"x\\""}}', True, [("a", None), ("b", "k")]]]]],
+        ["done", [1, 2], [None, 7], ["a"], 0.00125, None, None],
+        ["done", [3], None, [], 1e-300, "bad \udcff body", str(2**70)],
+        [2**70, -(2**80), "", "é 😀 \x00", [[], [[]]]],
+    ]
+    stream = b"".join(wire_dumps(v) for v in values)
+    assert WireReader().feed(stream) == values
+    reader = WireReader()
+    assert [v for byte in range(len(stream)) for v in reader.feed(stream[byte:byte + 1])] == values
+    two = wire_dumps(values[0]) + wire_dumps(values[2])
+    for cut in range(len(two) + 1):
+        reader = WireReader()
+        assert reader.feed(two[:cut]) + reader.feed(two[cut:]) == [values[0], values[2]]
+    assert WireReader().feed(two[:-1]) == [values[0]]  # an unfinished frame waits for its end
 
 
 async def test_outcomes_move_jobs_and_log_attempts(store: Store) -> None:
