@@ -24,9 +24,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 import structlog
@@ -60,9 +59,9 @@ class StoreError(Exception):
     """The store could not do what was asked; nothing of that operation was written."""
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """What ingest answers for one event."""
+class Accepted(NamedTuple):
+    """What ingest answers for one event. A named tuple, as `Event` is: made in half the time of a frozen
+    dataclass, once per event."""
 
     id: str
     jobs: int
