@@ -508,7 +508,6 @@ class _Channel:
         readable, _, _ = select.select([self._sock], [], [], timeout)
         if not readable:
             return
-        chunks = []
         size = 0
         while size < _RECEIVE_AT_ONCE:  # a daemon that never stops sending must not keep us from committing
             try:
@@ -520,11 +519,10 @@ class _Channel:
             if not data:
                 self.closed = True
                 break
-            chunks.append(data)
+            # An incomplete frame waits in the reader for its end (at end of file, it is dropped).
+            for ops in self._reader.feed(data):
+                self.pending.extend(_Op(*op) for op in ops)
             size += len(data)
-        # An incomplete frame waits for its end (at end of file, it is dropped).
-        for ops in self._reader.feed(b"".join(chunks)):
-            self.pending.extend(_Op(*op) for op in ops)
 
     def send(self, message: Any) -> None:
         self._sock.sendall(wire_dumps(message))
