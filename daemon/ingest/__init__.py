@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from ..config import Integration
 from ..events import Event
@@ -51,9 +50,6 @@ class Ingestor:
         self.store = store
         self.router = router  # replaced whole by a reload
         self._accepted = metrics.events_accepted if metrics else None
-        # labels() looks its child up under a lock and builds a key each time: keep the children, as many as
-        # the router remembers event types.
-        self._accepted_children: dict[tuple[str, str], Any] = {}
         self._refused = metrics.connections_refused if metrics else None
 
     def refused_connection(self, listener: str) -> None:
@@ -64,22 +60,10 @@ class Ingestor:
     async def accept(self, events: Sequence[Event], listener: str) -> list[Accepted]:
         router = self.router  # one routing table for the whole request, even if a reload swaps it meanwhile
         accepted = await self.store.ingest(events, [router.routes(e) for e in events])
-        if self._accepted is not None:
-            # One increment per event type, not per event: a batch is mostly of one type.
-            counts: dict[str, int] = {}
+        counts = self._accepted
+        if counts is not None:
             for event, result in zip(events, accepted):
                 if not result.duplicate:
-                    counts[event.type] = counts.get(event.type, 0) + 1
-            for event_type, n in counts.items():
-                self._accepted_child(event_type, listener).inc(n)
+                    key = (event.type, listener)
+                    counts[key] = counts.get(key, 0) + 1
         return accepted
-
-    def _accepted_child(self, event_type: str, listener: str) -> Any:
-        key = (event_type, listener)
-        child = self._accepted_children.get(key)
-        if child is None:
-            if len(self._accepted_children) >= _ROUTE_CACHE_LIMIT:
-                self._accepted_children.clear()
-            assert self._accepted is not None
-            child = self._accepted_children[key] = self._accepted.labels(event_type, listener)
-        return child
