@@ -81,6 +81,30 @@ async def test_concurrent_ingests_share_commits(store: Store) -> None:
     assert counts == {("a", "pending"): 300, ("b", "pending"): 300}
 
 
+class _CountingTransport:
+    """The store's transport to its writer, counting the frames written through it."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self._transport.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+async def test_single_events_queued_in_one_turn_go_to_an_idle_writer_in_one_frame(store: Store) -> None:
+    """Not the first alone and the rest after it: a commit of one event costs the writer a wake-up and an
+    fsync, which single-event producers would pay for every few events (store._EARLY_ROWS)."""
+    counting = store._transport = _CountingTransport(store._transport)
+    results = await asyncio.gather(*(store.ingest([ev(i)], [R("a")]) for i in range(10)))
+    assert [r[0].id for r in results] == [f"evt-{i}" for i in range(10)]
+    assert counting.writes == 1
+
+
 async def test_duplicates_across_and_within_transactions(store: Store) -> None:
     first = await store.ingest([ev(1), ev(2)], [R("a"), R("a", "b")])
     assert [(a.jobs, a.duplicate) for a in first] == [(1, False), (2, False)]
