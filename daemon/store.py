@@ -4,7 +4,7 @@ One writer owns every write: ingest and outcome operations queue up while the pr
 and the next transaction takes all of them at once (group commit), so a thousand concurrent producers cost
 one fsync, not a thousand. The writer is a process of its own (daemon/writer.py says why, and holds the
 schema and every write statement). Operations queued in one turn of the event loop go to it as one frame on
-a Unix socket pair (sooner if the writer is idle, see `_enqueue`), and its answers come back the same way,
+a Unix socket pair (sooner when many rows wait, see `_enqueue`), and its answers come back the same way,
 so the event loop never waits for the GIL of a thread that writes.
 
 Reads go through connections of their own, which WAL lets run beside the writer: the dispatchers' claims

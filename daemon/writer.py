@@ -2,7 +2,7 @@
 
 `Store` (daemon/store.py) starts it with `python -m daemon.writer` and talks to it over a Unix socket pair:
 one frame (`wire_dumps`) per turn of the event loop carries every operation queued in that turn (sent sooner
-when the writer is idle or 500 rows wait), and one frame comes back per transaction. The writer takes all that
+when 500 rows wait, or 32 events and the writer is idle), and one frame comes back per transaction. The writer takes all that
 has arrived, commits it as one transaction (group commit: a thousand concurrent producers cost one fsync), and
 answers.
 
