@@ -2,9 +2,9 @@
 
 `Store` (daemon/store.py) starts it with `python -m daemon.writer` and talks to it over a Unix socket pair:
 one frame (`wire_dumps`) per turn of the event loop carries every operation queued in that turn (sent sooner
-when 500 rows wait, or 32 events and the writer is idle), and one frame comes back per transaction. The writer takes all that
-has arrived, commits it as one transaction (group commit: a thousand concurrent producers cost one fsync), and
-answers.
+when 500 rows wait, or 32 events and the writer is idle), and one frame comes back per transaction. The
+writer takes all that has arrived, commits it as one transaction (group commit: a thousand concurrent
+producers cost one fsync), and answers.
 
 Why a process and not a thread: a writer thread needs the GIL around every call into SQLite, and the event
 loop's thread, busy with requests or deliveries, held it for up to the 5 ms switch interval each time.
