@@ -12,7 +12,7 @@ Instrumented under single-event HTTP ingest, the writer thread's statement took 
 7.5 ms between two commits, while SQLite alone commits such a batch in 0.35 ms on the same host. Here SQLite
 and all the Python around it run on the other core, and the event loop pays a socket write per turn and a
 read per transaction. Single-event HTTP ingest went from a median of 62-64 % of a bare aiohttp handler to
-82-92 % (bench/ingest.py; the README has the runs).
+82-92 % (bench/ingest.py; docs/performance-notes.md has the runs).
 
 The writer exits when the socket reaches end of file (after committing and answering what it got), and
 with its parent: if the daemon is killed, the kernel kills the writer too (PR_SET_PDEATHSIG), so a restarted
