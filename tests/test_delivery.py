@@ -174,3 +174,27 @@ async def test_a_failing_claim_pauses_the_dispatcher_until_the_database_answers(
         await wait_until(lambda: states(d) == {"1": "delivered"}, timeout=10)
     assert [r.json["attempt"] for r in receiver.requests] == [1, 2]
     assert not d.task.done()
+
+
+async def test_a_backlog_with_retries_is_delivered_whole_and_each_event_once(start_daemon, receiver: Receiver) -> None:
+    # Claims through a backlog go on where the last one ended (Dispatcher._claim): batches whose jobs share a
+    # due time, retries falling due in the middle, and a page of 16 must neither skip a job nor hand one out
+    # while it is still held.
+    answered: dict[str, list[int]] = {}
+
+    async def respond(r) -> web.Response:
+        await asyncio.sleep(0.001)  # slow enough that the events wait as a backlog
+        event_id = r.json["id"]
+        answered.setdefault(event_id, [])
+        status = 500 if int(event_id.split("-")[1]) % 7 == 0 and not answered[event_id] else 204
+        answered[event_id].append(status)
+        return web.Response(status=status)
+
+    receiver.respond = respond
+    d = await start_daemon([webhook("erp", receiver.url, delivery={**FAST_RETRY, "concurrency": 4})])
+    for batch in range(4):
+        await d.post([{"id": f"bl-{batch * 100 + i}", "type": "order.paid", "data": {}} for i in range(100)])
+    await wait_until(lambda: set(states(d).values()) == {"delivered"} and len(states(d)) == 400, timeout=30)
+    assert len(answered) == 400
+    assert {k: v for k, v in answered.items() if v.count(204) != 1} == {}  # never two deliveries of one job
+    assert {k for k, v in answered.items() if v == [500, 204]} == {f"bl-{i}" for i in range(0, 400, 7)}
