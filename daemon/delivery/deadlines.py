@@ -42,7 +42,8 @@ class Deadlines:
         self._watcher: asyncio.Task[None] | None = None
 
     def start(self, name: str) -> None:
-        self._watcher = asyncio.create_task(self._watch(), name=name)
+        if self._watcher is None:  # a sender's start() is tried again after it failed
+            self._watcher = asyncio.create_task(self._watch(), name=name)
 
     async def close(self) -> None:
         """Stop checking; call once no section is armed any more."""
