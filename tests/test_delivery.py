@@ -177,9 +177,8 @@ async def test_a_failing_claim_pauses_the_dispatcher_until_the_database_answers(
 
 
 async def test_a_backlog_with_retries_is_delivered_whole_and_each_event_once(start_daemon, receiver: Receiver) -> None:
-    # Claims through a backlog go on where the last one ended (Dispatcher._claim): batches whose jobs share a
-    # due time, retries falling due in the middle, and a page of 16 must neither skip a job nor hand one out
-    # while it is still held.
+    # Claims through a backlog: batches whose jobs share a due time, retries falling due in the middle, and a
+    # page of 16 must neither skip a job nor hand one out while it is still held.
     answered: dict[str, list[int]] = {}
 
     async def respond(r) -> web.Response:
