@@ -513,6 +513,7 @@ class Daemon:
         self.config_path = self.workdir / "eventrelay.yaml"
         self.log_path = self.workdir / "daemon.log"
         cfg = daemon_config(self.workdir, self.http_port, synchronous, integrations or [], concurrency)
+        self.db_path = Path(cfg["storage"]["path"])
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.ready_timeout = ready_timeout
         self.ready_seconds: float | None = None

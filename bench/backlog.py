@@ -80,12 +80,12 @@ def main() -> int:
     with Receiver() as receiver:
         integration = webhook_integration(receiver.hook_url)
         small = Daemon(integrations=[integration])
-        build(small.workdir / "eventrelay.db", 1_000, integration["name"])
-        small_claim = claim_cost(small.workdir / "eventrelay.db", integration["name"])
+        build(small.db_path, 1_000, integration["name"])
+        small_claim = claim_cost(small.db_path, integration["name"])
         small.cleanup()
 
         daemon = Daemon(integrations=[integration], ready_timeout=60)
-        db_path = daemon.workdir / "eventrelay.db"
+        db_path = daemon.db_path
         built = build(db_path, args.jobs, integration["name"])
         big_claim = claim_cost(db_path, integration["name"])
         size_mb = db_path.stat().st_size / 2**20

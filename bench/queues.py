@@ -309,7 +309,7 @@ def wait_delivered(d: Daemon, name: str, n: int, timeout: float) -> dict[str, An
                 break
             try:
                 if db is None:
-                    db = sqlite3.connect(f"file:{d.workdir / 'eventrelay.db'}?mode=ro", uri=True, timeout=1.0)
+                    db = read_only(d, timeout=1.0)
                 delivered, dead = (db.execute("SELECT count(*) FROM jobs WHERE integration = ? AND state = ?",
                                               (name, state)).fetchone()[0] for state in ("delivered", "dead"))
             except sqlite3.Error as exc:  # e.g. the schema not there yet: keep polling (bounded)
@@ -336,11 +336,15 @@ def wait_delivered(d: Daemon, name: str, n: int, timeout: float) -> dict[str, An
     return out
 
 
+def read_only(d: Daemon, timeout: float) -> sqlite3.Connection:
+    """A connection to the daemon's database that cannot write to it."""
+    return sqlite3.connect(f"file:{d.db_path}?mode=ro", uri=True, timeout=timeout)
+
+
 def attempt_log_window(d: Daemon, name: str) -> tuple[float, float] | None:
     """(the first event stored, the end of the last successful attempt) in the daemon's own clock, from its
     database: when delivery ran, without the lag of whoever watched for its end."""
-    with contextlib.closing(sqlite3.connect(f"file:{d.workdir / 'eventrelay.db'}?mode=ro", uri=True,
-                                            timeout=5.0)) as db:
+    with contextlib.closing(read_only(d, timeout=5.0)) as db:
         first = db.execute("SELECT min(accepted_at) FROM events").fetchone()[0]
         last = db.execute("SELECT max(created_at + duration) FROM attempts WHERE integration = ? AND succeeded = 1",
                           (name,)).fetchone()[0]
