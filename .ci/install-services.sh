@@ -1,6 +1,7 @@
 #!/bin/sh
-# Installs the system packages that tests/services.py needs on Debian 12: ActiveMQ, RabbitMQ (with Erlang and
-# epmd) and a headless Java. Idempotent, and silent when everything is already there.
+# Installs the system packages the tests need on Debian 12: ActiveMQ, RabbitMQ (with Erlang and epmd), a
+# headless JDK (the brokers, and the JMS consumer the tests compile), and systemd's tools (the unit file is
+# checked with systemd-analyze). Idempotent, and silent when everything is already there.
 #
 # The tests start their own brokers in temp dirs, so apt must NOT start the packages' own services: while apt
 # runs, /usr/sbin/policy-rc.d answers 101 ("action forbidden"), which invoke-rc.d and deb-systemd-invoke obey;
@@ -12,7 +13,8 @@ set -eu
 missing=""
 [ -f /usr/share/activemq/bin/activemq.jar ] || missing="$missing activemq"
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
-command -v java >/dev/null 2>&1 || missing="$missing default-jre-headless"
+command -v javac >/dev/null 2>&1 || missing="$missing default-jdk-headless"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 
 [ -z "$missing" ] && exit 0
 
