@@ -72,12 +72,15 @@ CONCURRENCY = 8  # delivery.concurrency, and the baseline client's concurrency
 def envelope_template() -> tuple[bytes, bytes]:
     """An envelope shaped like the daemon's, split around the id for cheap per-request ids."""
     marker = "@@ID@@"
+    payload = {"data": order_data(0)}
     env = {
         "id": marker,
         "triggered_by": "order.paid",
         "attempt": 1,
         "integration": {"id": str(uuid.UUID(int=1)), "integration_type": "webhook", "name": "bench-hook", "description": None},
-        "payload": {"data": order_data(0), "included": None},
+        # Elastic Path's `resources`, the payload as a JSON string, which the daemon sends by default.
+        "resources": json.dumps(payload, separators=(",", ":")),
+        "payload": payload,
     }
     # Compact separators: a delivery daemon has no reason to send pretty JSON.
     prefix, suffix = json.dumps(env, separators=(",", ":")).split(marker)

@@ -76,6 +76,9 @@ class WebhookConfig:
     url: str
     secret_key: str | None = None
     signing_secrets: tuple[str, ...] = ()  # Standard Webhooks `whsec_…` secrets; several while rotating
+    # Elastic Path's deprecated `resources` (the payload again, as a JSON string): every receiver written for
+    # Elastic Path reads it, so it is sent unless turned off.
+    send_resources: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,7 @@ class Config:
     shutdown_grace: float = 10.0
     log: LogConfig = LogConfig()
     event_source: str = "eventrelay://localhost"  # CloudEvents `source` of queue messages
+    store_id: str | None = None  # Elastic Path's `storeid` on queue messages, when set
     source: Path | None = None  # the file this was read from
 
     def integration(self, name: str) -> Integration | None:
@@ -314,7 +318,7 @@ class _Parser:
 
     def config(self, raw: Any) -> Config | None:
         top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log",
-                                     "event_source"))
+                                     "event_source", "store_id"))
         if raw is not None and not isinstance(raw, dict):
             return None
         listen = self.listen(top.get("listen"))
@@ -324,8 +328,9 @@ class _Parser:
         delivery = self.delivery(top.get("delivery"), "delivery", DeliveryConfig())
         integrations = self.integrations(top.get("integrations"), delivery)
         event_source = self.value(top, "event_source", "", _uri_reference, f"eventrelay://{socket.gethostname()}")
+        store_id = self.value(top, "store_id", "", _header_value, None, nullable=True)
         return Config(listen=listen, storage=storage, delivery=delivery, integrations=integrations,
-                      shutdown_grace=grace, log=log, event_source=event_source)
+                      shutdown_grace=grace, log=log, event_source=event_source, store_id=store_id)
 
     def value(self, section: dict[str, Any], key: str, path: str, convert: Callable[[Any], Any], default: Any,
               nullable: bool = False) -> Any:
@@ -480,13 +485,15 @@ class _Parser:
         if raw is None:
             self.error(path, "required for a webhook: at least url")
             return None
-        s = self.section(raw, path, ("url", "secret_key", "signing_secret"))
+        s = self.section(raw, path, ("url", "secret_key", "signing_secret", "send_resources"))
         url = self.value(s, "url", path, http_url, None)
         if "url" not in s:
             self.error(f"{path}.url", "required")
         secret = self.value(s, "secret_key", path, _str, None) or None
         signing = self.value(s, "signing_secret", path, _signing_secrets, (), nullable=True) or ()
-        return WebhookConfig(url=url, secret_key=secret, signing_secrets=signing) if url else None
+        resources = self.value(s, "send_resources", path, _bool, True)
+        return WebhookConfig(url=url, secret_key=secret, signing_secrets=signing,
+                             send_resources=resources) if url else None
 
     def sqs(self, raw: Any, path: str) -> SqsConfig | None:
         if raw is None:
@@ -691,6 +698,14 @@ def _signing_secrets(value: Any) -> tuple[str, ...]:
         except (binascii.Error, ValueError):
             raise ValueError("must be whsec_ followed by the base64 of at least 16 random bytes") from None
     return tuple(values)
+
+
+def _header_value(value: Any) -> str:
+    """A short printable ASCII value, as message attributes and headers carry it."""
+    text = _str(value)
+    if not 1 <= len(text) <= 256 or not all("\x20" < c < "\x7f" for c in text):
+        raise ValueError(f"{_short(value)} must be 1-256 printable ASCII characters without spaces")
+    return text
 
 
 def _uri_reference(value: Any) -> str:

@@ -30,33 +30,46 @@ def integration_id(name: str) -> str:
 
 
 class WebhookEnvelope:
-    """Elastic Path's webhook body: {id, triggered_by, attempt, integration, payload}.
+    """Elastic Path's webhook body: {id, triggered_by, attempt, integration, resources, payload}.
 
+    `payload` is {"data", "included"}, and `resources` the same as a JSON string, which Elastic Path calls
+    deprecated and still sends (receivers written for it parse it). For a `*.deleted` event both are the
+    bare resource identifier, `data` itself ({"type", "id"}), and `resources` is that object, not a string.
     Unlike the seed system, the integration's configuration (which holds the secret) is not echoed.
     """
 
-    def __init__(self, integration: Integration):
+    def __init__(self, integration: Integration, send_resources: bool = True):
         self._integration = dumps({"id": integration_id(integration.name),
                                     "integration_type": integration.integration_type,
                                     "name": integration.name, "description": integration.description})
+        self._resources = send_resources
 
     def encode(self, job: Job) -> bytes:
-        return (f'{{"id":{dumps(job.event_id)},"triggered_by":{dumps(job.event_type)},'
-                f'"attempt":{job.attempt},"integration":{self._integration},"payload":{job.payload}}}'
-                ).encode()
+        head = (f'{{"id":{dumps(job.event_id)},"triggered_by":{dumps(job.event_type)},'
+                f'"attempt":{job.attempt},"integration":{self._integration},')
+        if job.event_type.endswith(".deleted"):
+            payload = dumps(json.loads(job.payload)["data"])
+            resources = payload
+        else:
+            payload = job.payload
+            resources = dumps(payload)  # the stored JSON text, as a JSON string
+        if not self._resources:
+            return f'{head}"payload":{payload}}}'.encode()
+        return f'{head}"resources":{resources},"payload":{payload}}}'.encode()
 
 
 class CloudEvent:
     """The CloudEvents 1.0 structured JSON body that queue targets (SQS, STOMP) receive."""
 
-    def __init__(self, integration: Integration, source: str):
+    def __init__(self, integration: Integration, source: str, store_id: str | None = None):
         self._integration_id = integration_id(integration.name)
         self._source = dumps(source)
+        self._store = f'"storeid":{dumps(store_id)},' if store_id else ""
 
     def _head(self, job: Job) -> str:
         return (f'{{"specversion":"1.0","id":{dumps(job.event_id)},"type":{dumps(job.event_type)},'
                 f'"source":{self._source},"datacontenttype":"application/json",'
-                f'"integrationid":"{self._integration_id}","time":"{iso_time(job.accepted_at)}",')
+                f'"integrationid":"{self._integration_id}",{self._store}"time":"{iso_time(job.accepted_at)}",')
 
     def encode(self, job: Job) -> bytes:
         # The stored payload is {"data": …, "included": …}: its members become the event's, without re-encoding.

@@ -130,7 +130,7 @@ class Service:
 
     def _start_dispatcher(self, integration: Integration) -> None:
         assert self._tasks is not None and self.store is not None
-        sender = make_sender(integration, USER_AGENT, self.config.event_source)
+        sender = make_sender(integration, USER_AGENT, self.config.event_source, self.config.store_id)
         dispatcher = Dispatcher(integration, self.store, sender, self.metrics, self._disabled.get(integration.name))
         self.dispatchers[dispatcher.name] = dispatcher
         self._dispatcher_tasks[dispatcher.name] = self._tasks.create_task(
@@ -292,7 +292,7 @@ class Service:
             return {i.name: i for i in config.integrations if i.enabled}
 
         before, after = running(old), running(new)
-        queue_source_changed = new.event_source != old.event_source
+        queue_source_changed = (new.event_source, new.store_id) != (old.event_source, old.store_id)
         changed = [n for n in before.keys() & after.keys() if before[n] != after[n] or
                    (queue_source_changed and after[n].integration_type != "webhook")]
         removed = [n for n in before if n not in after]

@@ -6,7 +6,8 @@ from ...config import Integration
 from .base import Sender
 
 
-def make_sender(integration: Integration, user_agent: str, event_source: str) -> Sender:
+def make_sender(integration: Integration, user_agent: str, event_source: str, store_id: str | None = None
+                ) -> Sender:
     # Imported on demand: a daemon with webhooks only never loads botocore or the STOMP client.
     if integration.integration_type == "webhook":
         from .webhook import WebhookSender
@@ -15,7 +16,7 @@ def make_sender(integration: Integration, user_agent: str, event_source: str) ->
     if integration.integration_type == "aws_sqs":
         from .sqs import SqsSender
 
-        return SqsSender(integration, event_source)
+        return SqsSender(integration, event_source, store_id)
     if integration.integration_type == "stomp":
         from .stomp import StompSender
 

@@ -23,14 +23,15 @@ MAX_BATCH = 10  # SQS's limit of entries per SendMessageBatch
 class SqsSender:
     max_batch = MAX_BATCH
 
-    def __init__(self, integration: Integration, source: str):
+    def __init__(self, integration: Integration, source: str, store_id: str | None = None):
         conf = integration.configuration
         assert isinstance(conf, SqsConfig)
         self._conf = conf
         self._name = integration.name
         self._timeout = integration.delivery.timeout
         self._concurrency = integration.delivery.concurrency
-        self._cloudevent = CloudEvent(integration, source)
+        self._cloudevent = CloudEvent(integration, source, store_id)
+        self._store_id = store_id
         # With per-resource ordering the ordering key is the group: SQS then keeps the same order we do.
         delivery = integration.delivery
         self._group_template = delivery.ordering_key if delivery.ordering == "per_resource" else conf.message_group_id
@@ -75,6 +76,8 @@ class SqsSender:
     def _entry(self, job: Job) -> tuple[dict[str, Any], int, str | None]:
         attributes = {"type": {"DataType": "String", "StringValue": job.event_type},
                       "id": {"DataType": "String", "StringValue": job.event_id}}
+        if self._store_id:
+            attributes["storeid"] = {"DataType": "String", "StringValue": self._store_id}
         attributes_size = sum(len(k) + len("String") + len(v["StringValue"].encode()) for k, v in attributes.items())
         body = self._cloudevent.encode(job)
         if len(body) + attributes_size > self._max_bytes:

@@ -28,7 +28,7 @@ class WebhookSender:
         conf = integration.configuration
         self._url = URL(conf.url)  # parsed once, not per delivery
         self._timeout = integration.delivery.timeout
-        self._envelope = WebhookEnvelope(integration)
+        self._envelope = WebhookEnvelope(integration, conf.send_resources)
         self._headers = {"Content-Type": "application/json", "User-Agent": user_agent}
         if conf.secret_key:
             self._headers["X-MOLTIN-SECRET-KEY"] = conf.secret_key
