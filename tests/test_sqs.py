@@ -236,3 +236,28 @@ async def test_unreachable_sqs_and_missing_queue_are_retried_with_a_clear_error(
     assert "NonExistentQueue" in errors["gone"] or "QueueDoesNotExist" in errors["gone"], errors
     assert errors["down"].startswith("cannot reach SQS"), errors
     assert d.rows("SELECT DISTINCT state FROM jobs") == [("pending",)]
+
+
+async def test_store_id_travels_as_storeid_in_body_and_attributes(start_daemon, moto_server, sqs) -> None:
+    url = sqs.make_queue()
+    d = await start_daemon([sqs_integration("inventory", url, moto_server.endpoint_url)], store_id="store-42")
+    assert (await d.post({"id": "e-store", "type": "order.paid", "data": {"type": "order", "id": "o1"}}))[0] == 202
+    (message,) = await asyncio.to_thread(drain, sqs, url, 1)
+    assert json.loads(message["Body"])["storeid"] == "store-42"
+    assert message["MessageAttributes"]["storeid"] == {"DataType": "String", "StringValue": "store-42"}
+
+
+async def test_fifo_group_ids_sqs_would_refuse_are_hashed_the_same_way_every_time(
+        start_daemon, moto_server, sqs) -> None:
+    url = sqs.make_queue(fifo=True)
+    d = await start_daemon([sqs_integration("inventory", url, moto_server.endpoint_url)])
+    long_key, spaced_key = "x" * 300, "Müller & Söhne / order 7"
+    events = [{"id": f"e{i}", "type": "order.paid", "data": {"type": "order", "id": key}}
+              for i, key in enumerate([long_key, spaced_key, long_key, "o-plain_1:ok"])]
+    assert (await d.post(events))[0] == 202
+    messages = await asyncio.to_thread(drain, sqs, url, 4)
+    groups = {json.loads(m["Body"])["id"]: m["Attributes"]["MessageGroupId"] for m in messages}
+    assert groups["e3"] == "o-plain_1:ok"  # a key SQS accepts is kept as it is
+    for event in ("e0", "e1"):
+        assert groups[event].startswith("sha256:") and len(groups[event]) == 71
+    assert groups["e0"] == groups["e2"] != groups["e1"]  # one key, one group: SQS keeps their order

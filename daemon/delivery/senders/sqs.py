@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -87,7 +88,8 @@ class SqsSender:
                                f"(max_message_size) is {self._max_bytes}")
         entry: dict[str, Any] = {"Id": str(job.id), "MessageBody": body.decode(), "MessageAttributes": attributes}
         if self._conf.fifo:
-            entry["MessageGroupId"] = render_template(self._group_template, event_fields(job)) or job.event_id
+            entry["MessageGroupId"] = message_group_id(
+                render_template(self._group_template, event_fields(job)) or job.event_id)
             # The same (event, integration) always gets the same id, so SQS drops the copy a retry after an
             # unknown outcome (a timeout) would otherwise deliver, within its five-minute window.
             entry["MessageDeduplicationId"] = hashlib.sha256(f"{job.event_id}\0{self._name}".encode()).hexdigest()
@@ -112,6 +114,18 @@ class SqsSender:
                                     error=f"SQS refused the message: {failed.get('Code')}: {failed.get('Message', '')}",
                                     retryable=not failed.get("SenderFault", False)))
         return outcomes
+
+
+# What SQS accepts in a MessageGroupId: 1-128 characters, letters, digits and ASCII punctuation.
+_GROUP_ID = re.compile(r"[A-Za-z0-9!-/:-@\[-`{-~]{1,128}")
+
+
+def message_group_id(key: str) -> str:
+    """The key itself when SQS accepts it, else a stable hash of it (`sha256:` and 64 hex digits), so every
+    key still maps to one group and SQS keeps its messages in order."""
+    if _GROUP_ID.fullmatch(key):
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def _describe(e: Exception, timeout: float) -> tuple[str, int | None]:
