@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -144,6 +144,9 @@ class Integration:
                 conf[key] = [str(v) for v in value]
             elif isinstance(value, Path):
                 conf[key] = str(value)
+        for key in ("url", "endpoint_url"):
+            if conf.get(key):
+                conf[key] = mask_url(conf[key])
         # Shown under the key the YAML uses for it, and only when set.
         signing = conf.pop("signing_secrets", None)
         if signing:
@@ -199,6 +202,26 @@ class Config:
 def mask(secret: str) -> str:
     """`****PSYQ`, as the seed system shows secrets; short secrets are masked whole."""
     return "****" + secret[-4:] if len(secret) > 8 else "****"
+
+
+# Query parameters whose values are credentials in the URLs people paste (?token=…, ?sig=…, ?api_key=…).
+_SECRET_PARAM = re.compile(r"token|key|secret|sig|pass|auth|code|credential|session", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """A URL as the daemon shows it: the password of its userinfo and credential-like query values masked."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:{mask(parts.password)}@{host}"
+    query = "&".join(_mask_param(p) for p in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _mask_param(param: str) -> str:
+    name, sep, value = param.partition("=")
+    return f"{name}={mask(value)}" if sep and value and _SECRET_PARAM.search(name) else param
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:

@@ -267,3 +267,25 @@ def test_commented_examples_in_the_reference_config_are_valid_when_uncommented()
     config = cfg.parse(uncommented, source=REPO / "config.example.yaml",
                        environ={"AWS_KEY": "AKIA", "AWS_SECRET": "s", "CRM_MQ_PASSWORD": "p"})
     assert [i.integration_type for i in config.integrations] == ["webhook", "aws_sqs", "stomp"]
+
+
+def test_credentials_inside_urls_are_masked_when_shown() -> None:
+    config = cfg.parse("""
+integrations:
+  - name: erp
+    integration_type: webhook
+    observes: [order.paid]
+    configuration: {url: "https://erp:hunter2-long-pass@erp.example.com/hook?tenant=shop&token=abcdef123456&sig=x"}
+""")
+    shown = config.integrations[0].public()["configuration"]["url"]
+    assert shown == "https://erp:****pass@erp.example.com/hook?tenant=shop&token=****3456&sig=****"
+    # The integration itself still sends the real URL.
+    assert "hunter2-long-pass" in config.integrations[0].configuration.url
+
+
+def test_elastic_path_options() -> None:
+    config = cfg.parse(MINIMAL + "store_id: b33e328f-31a8-4d57-b0a3-ebf1039b3756\n")
+    assert config.store_id == "b33e328f-31a8-4d57-b0a3-ebf1039b3756"
+    assert config.integrations[0].configuration.send_resources is True
+    assert errors_of(MINIMAL + "store_id: 'has spaces'\n") == [
+        "store_id: 'has spaces' must be 1-256 printable ASCII characters without spaces"]
