@@ -12,6 +12,8 @@ behind it:
   what counts as valid) is the standard library's, word for word: orjson accepts nothing the strict
   standard decoder below rejects (NaN, 1e400, lone surrogates, control characters), and decodes every
   number the same way (both round floats correctly; tests/test_codec.py checks this with hypothesis).
+* A key repeated in one object is refused: decoders keep the last, others (a proxy, a receiver) the first,
+  and the two would see different events. orjson cannot tell, so `loads` counts: see `_duplicate_keys`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {_ENCODER.encode(key)[:80]} in an object: each key may appear once")
+    return result
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                            object_pairs_hook=_unique_pairs)
 # A \uD800-\uDFFF escape that is not half of a pair decodes to a lone surrogate: not Unicode, cannot be stored.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -68,6 +80,9 @@ def loads(raw: bytes, max_depth: int | None = None, objects_in_array: bool = Tru
             value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             value = _loads_exactly(raw)  # raises with the standard library's message (or accepts what it does)
+        else:
+            if _duplicate_keys(raw, value):
+                _loads_exactly(raw)  # raises, naming the key
     if max_depth is not None and _too_deep_quick(raw, value, max_depth, objects_in_array):
         raise ValueError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
     return value
@@ -89,6 +104,19 @@ def _too_deep(value: Any, max_depth: int, objects_in_array: bool) -> bool:
     # An array of events: each item is one level down.
     return any(1 + depth(item) > max_depth for item in value
                if type(item) is list or (objects_in_array and type(item) is dict))
+
+
+def _duplicate_keys(raw: bytes, value: Any) -> bool:
+    """Whether `value`, decoded from `raw`, lost a repeated key: False only when that is certain.
+
+    Every key brings a colon, and so may a string. A lost key takes its colon (and those of its value) out
+    of `value`; only an escaped colon (`\\u003a`) could put one back. So without such an escape, `value`
+    encoded again has as many colons as `raw` exactly when no key was lost. Otherwise the exact decoder,
+    which sees every key, decides (`True`).
+    """
+    if b"\\" in raw and b"\\u003" in raw:
+        return True
+    return raw.count(b":") != orjson.dumps(value).count(b":")
 
 
 def _loads_exactly(raw: bytes) -> Any:

@@ -112,3 +112,58 @@ def test_max_depth_of_one_item_in_a_batch(big: bool) -> None:
         else:
             with pytest.raises(ValueError, match="deeper than listen.max_depth"):
                 codec.loads(raw, 64)
+
+
+def _with_repeated_key(value: Any, data: st.DataObject) -> str | None:
+    """JSON text of `value` in which one object repeats one of its keys, written in one of the ways JSON
+    allows (as is, with escapes, white space before the colon); None when `value` has no non-empty object."""
+    objects = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node:
+                objects.append(node)
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(value)
+    if not objects:
+        return None
+    target = data.draw(st.sampled_from(objects))
+    key = data.draw(st.sampled_from(sorted(target)))
+    spelling = data.draw(st.sampled_from(["plain", "ascii", "spaced"]))
+    repeated = json.dumps(key, ensure_ascii=spelling == "ascii") + (" : " if spelling == "spaced" else ":")
+    extra = data.draw(st.sampled_from(['"x:y"', '"\\u003a"', "1", "{}", '{"k":"a:b"}']))
+    # Rebuild the text with the repeat spliced in after the object's first member.
+    def encode(node: Any) -> str:
+        if isinstance(node, dict):
+            members = [f"{json.dumps(k)}:{encode(v)}" for k, v in node.items()]
+            if node is target:
+                members.insert(1, f"{repeated}{extra}")
+            return "{" + ",".join(members) + "}"
+        if isinstance(node, list):
+            return "[" + ",".join(encode(v) for v in node) + "]"
+        return json.dumps(node)
+
+    return encode(value)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(values, st.data())
+def test_a_repeated_key_is_refused_wherever_it_is(value: Any, data: st.DataObject) -> None:
+    text = _with_repeated_key(value, data)
+    if text is None:
+        return
+    with pytest.raises(ValueError, match="duplicate key"):
+        codec.loads(text.encode(), max_depth=1000)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a": "x:y", "b": "\\u003a"}', b'{"a\\\\": 1, "a": 2}', b'{"a" : {"a": 1}}', b'[{"a": 1}, {"a": 1}]',
+    b'{"t": "12:30", "u": "http://h:1/p"}',
+])
+def test_keys_that_look_alike_but_are_not_repeated_are_accepted(raw: bytes) -> None:
+    assert same(codec.loads(raw), json.loads(raw))
