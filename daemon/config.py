@@ -27,6 +27,8 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+MAX_FILE_SIZE = 1024 * 1024  # bytes; a thousand integrations take a few hundred KiB
+MAX_NODES = 200_000  # values in the document once its aliases are expanded
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -225,14 +227,22 @@ def _mask_param(param: str) -> str:
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a config file. Raises ConfigError listing every problem."""
+    """Read and validate a config file. Raises ConfigError listing every problem.
+
+    Parsing a large file takes seconds of CPU: the running daemon calls this in a thread, never on its loop.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_SIZE + 1)
+        text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    if len(raw) > MAX_FILE_SIZE:
+        raise ConfigError(str(path), [f"larger than {MAX_FILE_SIZE // 1024 ** 2} MiB: that is not a configuration "
+                                      "file eventrelay should read (is it the right file?)"])
     return parse(text, source=path, environ=os.environ if environ is None else environ)
 
 
@@ -261,7 +271,15 @@ def parse(text: str, source: Path | None = None, environ: Mapping[str, str] | No
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys: YAML would silently keep the last, hiding a typo."""
+    """SafeLoader that refuses duplicate keys (YAML would silently keep the last, hiding a typo) and documents
+    whose aliases expand past MAX_NODES: a few hundred bytes of nested aliases can stand for billions of
+    values, which everything that walks the result would visit one by one."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if not isinstance(node, yaml.MappingNode):
@@ -279,6 +297,39 @@ class _StrictLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise a YAMLError when `root` would expand to more than MAX_NODES values or refers to itself."""
+    sizes: dict[int, int] = {}  # id(node) -> its values once every alias is expanded
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in in_progress:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the value that contains it",
+                                              node.start_mark)
+        in_progress.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the document expands to more than {MAX_NODES:,} values (aliases nested "
+                    "too deep or used too often)", node.start_mark)
+        in_progress.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
 
 
 def _yaml_message(e: yaml.YAMLError) -> str:

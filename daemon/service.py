@@ -255,7 +255,7 @@ class Service:
         try:
             if path is None:
                 raise config_module.ConfigError("<config>", ["the configuration was not read from a file"])
-            new = config_module.load(path)
+            new = await asyncio.to_thread(config_module.load, path)  # seconds of CPU for a large file
         except config_module.ConfigError as e:
             for error in e.errors:
                 log.error("reload refused: invalid configuration; still running the previous one", error=error)

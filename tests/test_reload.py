@@ -245,3 +245,62 @@ async def test_a_reload_changes_the_log_level_of_running_components(daemon_proce
         await wait_until(lambda: any(x.get("event") == "delivered" and x.get("event_id") == "loud"
                                      for x in lines()))
     assert not any(x.get("event_id") == "quiet" for x in lines())
+
+
+def _alias_layer(n: int) -> str:
+    item = f"*l{n - 1}" if n else '"x"'
+    return f"l{n}: &l{n} [{', '.join([item] * 9)}]\n"
+
+
+# 9 ** 9 values in a few hundred bytes.
+ALIAS_BOMB = "".join(_alias_layer(n) for n in range(9))
+
+
+async def _post_while(d, busy: asyncio.Future) -> list[float]:  # noqa: ANN001
+    """Post one event after another until `busy` is done; the time each answer took."""
+    took: list[float] = []
+    loop = asyncio.get_running_loop()
+    for n in range(100_000):
+        if busy.done():
+            break
+        started = loop.time()
+        status, _ = await d.post({"id": f"during-{n}", "type": "order.paid", "data": {}})
+        assert status == 202
+        took.append(loop.time() - started)
+    return took
+
+
+async def test_a_large_file_is_parsed_while_ingest_goes_on(start_daemon, receiver: Receiver, tmp_path: Path) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)])
+    config = tmp_path / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    # Just under the size limit: about a second or two of parsing on this kind of machine.
+    raw["integrations"] += [dict(webhook(f"h{i}", receiver.url, ["order.fulfilled"]), enabled=False,
+                                 description="x" * 120) for i in range(2500)]
+    config.write_text(yaml.safe_dump(raw))
+    assert 500_000 < config.stat().st_size < 1024 * 1024
+    reload = asyncio.ensure_future(d.service.reload())
+    took = await _post_while(d, reload)
+    assert (await reload).ok
+    # Events kept being acknowledged all through the reload, none waiting behind the parse.
+    assert len(took) >= 10 and max(took) < 1.0, (len(took), max(took))
+
+
+async def test_an_alias_bomb_or_a_huge_file_is_refused_at_once(start_daemon, receiver: Receiver,
+                                                               tmp_path: Path) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)])
+    config = tmp_path / "config.yaml"
+    good = config.read_text()
+    config.write_text(good + ALIAS_BOMB)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await d.service.reload()
+    assert not result.ok and loop.time() - started < 2
+    assert "expands to more than 200,000 values" in result.errors[0]
+
+    config.write_text(good + "# padding\n" * 200_000)
+    result = await d.service.reload()
+    assert not result.ok and "larger than 1 MiB" in result.errors[0]
+    # The previous configuration still runs.
+    assert (await d.post({"id": "after", "type": "order.paid", "data": {}}))[0] == 202
+    await wait_until(lambda: receiver.requests)
