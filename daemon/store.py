@@ -123,6 +123,8 @@ class Store:
     @classmethod
     async def open(cls, path: Path, synchronous: str = "full") -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The real file: a second daemon reaching it through a symlink must meet the same lock.
+        path = path.resolve()
         lock_fd = await _lock(path)
         store = cls(path, lock_fd, asyncio.get_running_loop())
         try:

@@ -269,3 +269,19 @@ def test_an_open_file_limit_too_low_to_raise_is_a_warning_that_says_what_to_do(t
     assert out.returncode == 0, out.stderr
     assert "limit 300 300" in out.stdout, out.stdout
     assert "raise LimitNOFILE=" in out.stdout and '"needed": 564' in out.stdout, out.stdout
+
+
+async def test_a_daemon_reaching_the_same_database_through_a_symlink_refuses_to_start(daemon_process,
+                                                                                      tmp_path) -> None:
+    d = daemon_process([])
+    await asyncio.to_thread(d.start)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linked.db").symlink_to(tmp_path / "er.db")
+    (tmp_path / "linked-dir").symlink_to(tmp_path)
+    for path in (tmp_path / "elsewhere" / "linked.db", tmp_path / "linked-dir" / "er.db"):
+        other = tmp_path / "other.yaml"
+        other.write_text(d.config.read_text().replace(f"127.0.0.1:{d.port}", "127.0.0.1:0")
+                         .replace("er.sock", "other.sock").replace(str(tmp_path / "er.db"), str(path)))
+        result = await asyncio.to_thread(run_cli, "run", "--config", str(other))
+        assert result.returncode == 1, result.stderr
+        assert "in use by another eventrelay process" in result.stderr and str(d.proc.pid) in result.stderr
