@@ -177,6 +177,7 @@ class StorageConfig:
     retention: float = 7 * 86400.0  # delivered jobs, their attempts and their events are pruned after this
     dead_retention: float = 30 * 86400.0
     prune_interval: float = 60.0
+    file_mode: int = 0o600  # the database, its WAL and shared memory hold every payload: never world-readable
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +439,8 @@ class _Parser:
         )
 
     def storage(self, raw: Any) -> StorageConfig:
-        s = self.section(raw, "storage", ("path", "synchronous", "retention", "dead_retention", "prune_interval"))
+        s = self.section(raw, "storage", ("path", "synchronous", "retention", "dead_retention", "prune_interval",
+                                          "file_mode"))
         path = self.value(s, "path", "storage", self.path, None)
         if path is None:
             path = self.path("./var/eventrelay.db")
@@ -447,7 +449,8 @@ class _Parser:
             path=path, synchronous=self.value(s, "synchronous", "storage", _choice("full", "normal"), d.synchronous),
             retention=self.value(s, "retention", "storage", _positive_duration, d.retention),
             dead_retention=self.value(s, "dead_retention", "storage", _positive_duration, d.dead_retention),
-            prune_interval=self.value(s, "prune_interval", "storage", _positive_duration, d.prune_interval))
+            prune_interval=self.value(s, "prune_interval", "storage", _positive_duration, d.prune_interval),
+            file_mode=self.value(s, "file_mode", "storage", _private_file_mode, d.file_mode))
 
     def log(self, raw: Any) -> LogConfig:
         s = self.section(raw, "log", ("level", "format"))
@@ -729,6 +732,14 @@ def _file_mode(value: Any) -> int:
         raise ValueError(f"{value!r} is not a file mode (write e.g. \"0660\")") from None
     if not 0 <= mode <= 0o777:
         raise ValueError(f"{value!r} is not a file mode (write e.g. \"0660\")")
+    return mode
+
+
+def _private_file_mode(value: Any) -> int:
+    mode = _file_mode(value)
+    if mode & 0o600 != 0o600 or mode & 0o117:
+        raise ValueError(f"{value!r}: the database must be readable and writable by its owner and never by "
+                         "others (write \"0600\", or \"0640\" to let the group read it, for backups)")
     return mode
 
 

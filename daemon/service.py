@@ -78,7 +78,8 @@ class Service:
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         config = self.config
-        self.store = store = await Store.open(config.storage.path, config.storage.synchronous)
+        self.store = store = await Store.open(config.storage.path, config.storage.synchronous,
+                                              config.storage.file_mode)
         store.on_jobs_added = self._wake
         store.on_commit = self._observe_commit
         try:
@@ -272,10 +273,10 @@ class Service:
     async def _apply(self, new: Config) -> list[str]:
         old = self.config
         changes: list[str] = []
-        if new.storage.path != old.storage.path or new.storage.synchronous != old.storage.synchronous:
-            log.warning("storage.path and storage.synchronous take effect at the next restart")
-            new = replace(new, storage=replace(new.storage, path=old.storage.path,
-                                               synchronous=old.storage.synchronous))
+        o, n = old.storage, new.storage
+        if (n.path, n.synchronous, n.file_mode) != (o.path, o.synchronous, o.file_mode):
+            log.warning("storage.path, storage.synchronous and storage.file_mode take effect at the next restart")
+            new = replace(new, storage=replace(n, path=o.path, synchronous=o.synchronous, file_mode=o.file_mode))
         if new.listen.idle_timeout != old.listen.idle_timeout:
             # Like storage: the running value stays the one in force (and the one the status shows).
             log.warning("listen.idle_timeout takes effect at the next restart")

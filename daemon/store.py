@@ -15,6 +15,7 @@ aiosqlite's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
@@ -121,11 +122,16 @@ class Store:
     # -- opening and closing ------------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, synchronous: str = "full") -> Store:
+    async def open(cls, path: Path, synchronous: str = "full", file_mode: int = 0o600) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The real file: a second daemon reaching it through a symlink must meet the same lock.
         path = path.resolve()
         lock_fd = await _lock(path)
+        try:
+            _restrict(path, file_mode)
+        except OSError as e:
+            os.close(lock_fd)
+            raise StoreError(f"cannot set the permissions of {path}: {e.strerror or e}") from e
         store = cls(path, lock_fd, asyncio.get_running_loop())
         try:
             await store._start_writer(synchronous)
@@ -560,6 +566,23 @@ async def _lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _restrict(path: Path, mode: int) -> None:
+    """Create the database file with `mode` whatever the umask, or bring an existing one (and its WAL and
+    shared memory) to it. SQLite gives the WAL and shared-memory files it creates the database file's mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                if file.stat().st_mode & 0o777 != mode:
+                    file.chmod(mode)
+    else:
+        try:
+            os.fchmod(fd, mode)  # the umask may have taken bits off
+        finally:
+            os.close(fd)
 
 
 def _exit_text(code: int | None) -> str:

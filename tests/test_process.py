@@ -285,3 +285,35 @@ async def test_a_daemon_reaching_the_same_database_through_a_symlink_refuses_to_
         result = await asyncio.to_thread(run_cli, "run", "--config", str(other))
         assert result.returncode == 1, result.stderr
         assert "in use by another eventrelay process" in result.stderr and str(d.proc.pid) in result.stderr
+
+
+async def test_the_database_files_are_private_whatever_the_umask(daemon_process, tmp_path) -> None:
+    old_umask = os.umask(0o022)  # the daemon inherits it, as from a shell
+    try:
+        d = daemon_process([])
+        await asyncio.to_thread(d.start)
+    finally:
+        os.umask(old_umask)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(d.url + "/v1/events", json={"type": "order.paid", "data": {}}) as resp:
+            assert resp.status == 202
+    files = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("er.db*")}
+    assert {"er.db", "er.db-wal", "er.db-shm", "er.db.lock"} <= set(files)
+    assert set(files.values()) == {0o600}, files
+    await asyncio.to_thread(d.stop)
+
+    # An existing database made readable by others is brought back to the configured mode.
+    (tmp_path / "er.db").chmod(0o644)
+    d.config.write_text(d.config.read_text().replace("storage:", "storage:\n  file_mode: '0640'"))
+    await asyncio.to_thread(d.start)
+    assert (tmp_path / "er.db").stat().st_mode & 0o777 == 0o640
+    await asyncio.to_thread(d.stop)
+
+
+def test_a_world_readable_database_mode_is_a_config_error(tmp_path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("storage: {file_mode: '0644'}\n")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 1
+    assert "storage.file_mode: '0644': the database must be readable and writable by its owner and never by " \
+           "others" in result.stderr
