@@ -33,7 +33,7 @@ import structlog
 
 from .events import Event
 from .jobs import AttemptRecord, Job, JobState
-from .writer import DEAD_LETTER_TYPE, MIGRATIONS, WireReader, wire_dumps
+from .writer import DEAD_LETTER_TYPE, MIGRATIONS, WireReader, damaged, wire_dumps
 
 __all__ = ["DEAD_LETTER_TYPE", "MIGRATIONS", "Accepted", "Route", "Store", "StoreError"]
 
@@ -202,9 +202,16 @@ class Store:
             await asyncio.sleep(0.01)
         return code
 
-    @staticmethod
-    async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
-        rows = await db.execute_fetchall(sql, params)
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a read for status and the admin API; a failure is a StoreError that says what to do."""
+        assert self._reader is not None
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as e:
+            raise StoreError(_read_failure(self.path, e)) from e
+
+    async def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._fetch(sql, params)
         return rows[0][0] if rows else None
 
     # -- the writer ---------------------------------------------------------------------------------------
@@ -352,7 +359,7 @@ class Store:
     async def disabled(self) -> dict[str, tuple[float, str]]:
         """Integrations disabled by their target (410 Gone): name → (when, why)."""
         assert self._reader is not None
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             "SELECT name, disabled_at, disabled_reason FROM integration_state WHERE disabled_at IS NOT NULL")
         return {r[0]: (r[1], r[2]) for r in rows}
 
@@ -406,18 +413,18 @@ class Store:
         try:
             return self._claims.execute(sql, params).fetchall()
         except sqlite3.Error as e:
-            raise StoreError(f"cannot read due jobs from {self.path}: {e}") from e
+            raise StoreError(_read_failure(self.path, e)) from e
 
     async def job_counts(self) -> dict[tuple[str, str], int]:
         """(integration, state) → number of jobs, for the states an operator watches (pending, dead)."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             "SELECT integration, state, count(*) FROM jobs WHERE state IN ('pending', 'dead') "
             "GROUP BY integration, state")
         return {(r[0], r[1]): r[2] for r in rows}
 
     async def oldest_pending(self) -> dict[str, float]:
         """integration → when its oldest pending job was created."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             "SELECT integration, min(created_at) FROM jobs WHERE state = 'pending' GROUP BY integration")
         return {r[0]: r[1] for r in rows}
 
@@ -425,7 +432,7 @@ class Store:
         """The latest successful and failed attempt of an integration: (time, error) each, or None."""
         result: dict[str, tuple[float, str | None] | None] = {}
         for key, succeeded in (("success", 1), ("failure", 0)):
-            rows = await self._reader.execute_fetchall(
+            rows = await self._fetch(
                 "SELECT created_at, error_detail FROM attempts WHERE integration = ? AND succeeded = ? "
                 "ORDER BY id DESC LIMIT 1", (integration, succeeded))
             result[key] = (rows[0][0], rows[0][1]) if rows else None
@@ -437,14 +444,14 @@ class Store:
         where, params = "j.integration = ?", [integration]
         if state:
             where, params = where + " AND j.state = ?", params + [state]
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq WHERE {where} "
             "ORDER BY j.id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
-        total = await self._scalar(self._reader, f"SELECT count(*) FROM jobs j WHERE {where}", params)
+        total = await self._scalar(f"SELECT count(*) FROM jobs j WHERE {where}", params)
         return [_job_row(r) for r in rows], total
 
     async def job(self, integration: str, job_id: int) -> dict[str, Any] | None:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq "
             "WHERE j.integration = ? AND j.id = ?", (integration, job_id))
         return _job_row(rows[0]) if rows else None
@@ -458,10 +465,10 @@ class Store:
         if job_id is not None:
             clauses, params = clauses + ["job_id = ?"], params + [job_id]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
             "SELECT id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, "
             f"body FROM attempts {where} ORDER BY id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
-        total = await self._scalar(self._reader, f"SELECT count(*) FROM attempts {where}", params)
+        total = await self._scalar(f"SELECT count(*) FROM attempts {where}", params)
         keys = ("id", "job_id", "integration", "attempt", "succeeded", "created_at", "duration", "status_code",
                 "error_detail", "body")
         return [dict(zip(keys, r)) | {"succeeded": bool(r[4])} for r in rows], total
@@ -502,8 +509,8 @@ class Store:
         if self._reader is None or self._gone.done():
             return False
         try:
-            return await self._scalar(self._reader, "SELECT 1") == 1
-        except (sqlite3.Error, ValueError):
+            return await self._scalar("SELECT 1") == 1
+        except (StoreError, ValueError):
             return False
 
 
@@ -566,6 +573,12 @@ async def _lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _read_failure(path: Path, e: sqlite3.Error) -> str:
+    if any(s in str(e) for s in ("malformed", "not a database", "corrupt")):
+        return damaged(str(path), f"SQLite: {e}")
+    return f"the database {path} could not be read: {e}"
 
 
 def _restrict(path: Path, mode: int) -> None:

@@ -134,6 +134,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+_INTEGRITY_BUDGET = 5.0  # seconds the start-up check of the database may take before it is cut short
 _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one commit can take
 # Outcomes wait for no one (they are written behind), so a small batch of them lingers up to 20 ms for more:
 # every transaction costs the event loop a write and a read, costs an fsync-less commit here, and writes
@@ -253,13 +254,38 @@ class Writer:
                 raise _Failed(f"{self.path}: SQLite refused WAL mode (got {mode}); is it on a network filesystem?")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._set_sync(self._ingest_sync)
+            self._check_integrity()
             self._migrate()
             self._check_statements()
             self._enable_incremental_vacuum()
             self._next_event_seq = _value(self._db, "SELECT coalesce(max(seq), 0) + 1 FROM events")
             self._next_job_id = _value(self._db, "SELECT coalesce(max(id), 0) + 1 FROM jobs")
         except sqlite3.DatabaseError as e:
+            if _looks_damaged(e):
+                raise _Failed(damaged(self.path, f"SQLite: {e}")) from e
             raise _Failed(f"cannot use the database {self.path}: {e}") from e
+
+    def _check_integrity(self) -> None:
+        """Refuse a damaged database before serving it: its reads would fail at random later, in the middle
+        of deliveries and admin requests. SQLite's quick check reads every page (a fraction of a second
+        for hundreds of MB when cached); it is cut short, with a warning, on a disk too slow for it."""
+        deadline = time.monotonic() + _INTEGRITY_BUDGET
+        self._db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.OperationalError as e:
+            if "interrupted" not in str(e):
+                raise
+            self._log("warning", "database check cut short: the database is larger than can be checked quickly "
+                      "at start-up; run `sqlite3 FILE 'PRAGMA quick_check'` while eventrelay is stopped to check it",
+                      {"path": self.path, "budget_s": _INTEGRITY_BUDGET})
+            return
+        finally:
+            self._db.set_progress_handler(None, 0)
+        if problems != ["ok"]:
+            lines = [line.strip() for p in problems for line in p.splitlines()]
+            found = [line for line in lines if line and not line.startswith("***")]
+            raise _Failed(damaged(self.path, "quick_check: " + "; ".join(found[:3])))
 
     def _migrate(self) -> None:
         version = _value(self._db, "PRAGMA user_version")
@@ -625,10 +651,22 @@ def _dead_letters(records: Sequence[list[Any]]) -> list[list[Any]]:
     return [r for r in records if r[_STATE] == "dead" and r[_DEAD_LETTER]]
 
 
+def damaged(path: str, detail: str) -> str:
+    """What an operator does about a damaged database, in one sentence."""
+    return (f"the database {path} is damaged ({detail}): eventrelay will not serve it. Stop eventrelay, move "
+            f"{path} and its -wal and -shm files aside, then restore a backup, or start with an empty database "
+            "(the events pending in the damaged one are then not delivered)")
+
+
 def _is_storage_failure(e: BaseException) -> bool:
     """Failures of the disk or the file, which retrying operation by operation cannot cure."""
-    return isinstance(e, sqlite3.OperationalError) and any(
+    return _looks_damaged(e) or isinstance(e, sqlite3.OperationalError) and any(
         s in str(e) for s in ("disk is full", "disk I/O", "readonly", "unable to open", "locked"))
+
+
+def _looks_damaged(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.DatabaseError) and any(
+        s in str(e) for s in ("malformed", "not a database", "corrupt"))
 
 
 def _explain(e: BaseException) -> str:
@@ -637,6 +675,8 @@ def _explain(e: BaseException) -> str:
         return "the disk holding the database is full: free space, then retry"
     if "readonly" in text:
         return "the database is not writable: check the permissions of storage.path and its directory"
+    if _looks_damaged(e):
+        return f"the database is damaged ({text}): restore a backup (the eventrelay README says how)"
     return f"database error: {text}"
 
 
