@@ -55,20 +55,24 @@ class AdminApi:
     async def status(self, request: web.Request) -> web.Response:
         service = self._service
         counts = await self._store.job_counts()
+        last_hour = await self._store.outcomes_since(time.time() - 3600)
         rows = []
         for integration in service.config.integrations:
             name = integration.name
             last = await self._store.last_attempts(name)
             dispatcher = service.dispatchers.get(name)
             success, failure = last["success"], last["failure"]
+            hour = last_hour.get(name, {})
             rows.append({
                 "name": name, "integration_type": integration.integration_type, "enabled": integration.enabled,
                 "pending": counts.get((name, JobState.PENDING), 0), "dead": counts.get((name, JobState.DEAD), 0),
                 "in_flight": dispatcher.in_flight if dispatcher else 0,
-                "delivered_last_hour": dispatcher.delivered_last_hour() if dispatcher else 0,
+                "delivered_last_hour": hour.get("delivered", 0),
+                "failed_last_hour": hour.get("failed", 0) + hour.get("dead", 0),
                 "last_success_at": iso_time(success[0]) if success else None,
+                # The last failure stays shown after a success: what went wrong is what an operator looks for.
                 "last_failure_at": iso_time(failure[0]) if failure else None,
-                "last_error": failure[1] if failure and (not success or failure[0] > success[0]) else None,
+                "last_error": failure[1] if failure else None,
                 "circuit": dispatcher.breaker.state if dispatcher else None,
                 "circuit_open_until": iso_time(dispatcher.breaker.opened_until)
                 if dispatcher and dispatcher.breaker.state == "open" else None,

@@ -413,7 +413,7 @@ class Store:
         try:
             return self._claims.execute(sql, params).fetchall()
         except sqlite3.Error as e:
-            raise StoreError(_read_failure(self.path, e)) from e
+            raise StoreError(f"cannot read due jobs from {self.path}: {e}") from e
 
     async def job_counts(self) -> dict[tuple[str, str], int]:
         """(integration, state) → number of jobs, for the states an operator watches (pending, dead)."""
@@ -427,6 +427,13 @@ class Store:
         rows = await self._fetch(
             "SELECT integration, min(created_at) FROM jobs WHERE state = 'pending' GROUP BY integration")
         return {r[0]: r[1] for r in rows}
+
+    async def outcomes_since(self, since: float) -> dict[str, dict[str, int]]:
+        """integration -> attempts delivered, failed (to be retried) and dead since `since` (to the minute)."""
+        rows = await self._fetch(
+            "SELECT integration, sum(delivered), sum(failed), sum(dead) FROM outcome_minutes WHERE minute >= ? "
+            "GROUP BY integration", (int(since // 60),))
+        return {r[0]: {"delivered": r[1], "failed": r[2], "dead": r[3]} for r in rows}
 
     async def last_attempts(self, integration: str) -> dict[str, tuple[float, str | None] | None]:
         """The latest successful and failed attempt of an integration: (time, error) each, or None."""

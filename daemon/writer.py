@@ -132,6 +132,18 @@ MIGRATIONS: tuple[str, ...] = (
                     NEW.status_code, NEW.error, NEW.body);
     END;
     """,
+    """
+    -- Attempts by integration and minute: status and charts read these, not the attempt log, and they
+    -- survive reloads and restarts. Pruned with the attempts they count.
+    CREATE TABLE outcome_minutes (
+        integration TEXT    NOT NULL,
+        minute      INTEGER NOT NULL,  -- unix time // 60 of the attempts' start
+        delivered   INTEGER NOT NULL DEFAULT 0,
+        failed      INTEGER NOT NULL DEFAULT 0,  -- failed, to be retried
+        dead        INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (minute, integration)  -- the last hour of every integration is one range
+    ) WITHOUT ROWID;
+    """,
 )
 
 _INTEGRITY_BUDGET = 5.0  # seconds the start-up check of the database may take before it is cut short
@@ -153,8 +165,9 @@ DEAD_LETTER_TYPE = "eventrelay.dead_letter"
 # A delivery outcome on the wire: the `outcome` view's first 11 columns, then what a dead letter needs.
 RECORD_FIELDS = ("job_id", "integration", "state", "attempt", "next_at", "error", "succeeded", "started_at",
                  "duration", "status_code", "body", "dead_letter", "event_id", "event_type")
-_STATE, _DEAD_LETTER, _EVENT_ID, _EVENT_TYPE = map(RECORD_FIELDS.index, ("state", "dead_letter", "event_id",
-                                                                     "event_type"))
+_INTEGRATION, _STATE, _STARTED_AT, _DEAD_LETTER, _EVENT_ID, _EVENT_TYPE = map(
+    RECORD_FIELDS.index, ("integration", "state", "started_at", "dead_letter", "event_id", "event_type"))
+_COUNTED = {"delivered": 0, "pending": 1, "dead": 2}  # a record's state -> its column in outcome_minutes
 
 
 # -- the wire -------------------------------------------------------------------------------------------------
@@ -342,8 +355,8 @@ class Writer:
         """One group commit.
 
         A batch of ingests alone is one INSERT statement, committed on its own (autocommit), not BEGIN,
-        INSERT events, INSERT jobs, COMMIT; so is a batch of delivery outcomes alone: fewer statements to
-        step. A statement is atomic: its rows are all written, or none.
+        INSERT events, INSERT jobs, COMMIT: fewer statements to step. A statement is atomic: its rows are all
+        written, or none.
         """
         seq0, job0 = self._next_event_seq, self._next_job_id
         # Only acknowledgements need the fsync. A transaction of delivery outcomes alone commits without it:
@@ -366,9 +379,6 @@ class Writer:
             # One statement commits itself (autocommit).
             if kinds == {"ingest"} and len(rows) <= _ROWS_PER_STATEMENT:
                 _many(self._db, _INGEST, rows)  # no rows at all if every event was a duplicate
-                return results, woken
-            if kinds == {"record"} and len(records) <= _ROWS_PER_STATEMENT and not _dead_letters(records):
-                self._write_records(records, now)
                 return results, woken
             self._db.execute("BEGIN IMMEDIATE")
             for i, op in enumerate(batch):
@@ -430,6 +440,15 @@ class Writer:
 
     def _write_records(self, records: Sequence[list[Any]], now: float) -> None:
         _many(self._db, _OUTCOME, [(*r[:_DEAD_LETTER], now) for r in records])
+        minutes: dict[tuple[str, int], list[int]] = {}
+        for r in records:
+            counts = minutes.setdefault((r[_INTEGRATION], int(r[_STARTED_AT] // 60)), [0, 0, 0])
+            counts[_COUNTED[r[_STATE]]] += 1
+        self._db.executemany(
+            "INSERT INTO outcome_minutes (integration, minute, delivered, failed, dead) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (minute, integration) DO UPDATE SET delivered = delivered + excluded.delivered, "
+            "failed = failed + excluded.failed, dead = dead + excluded.dead",
+            [(name, minute, *counts) for (name, minute), counts in minutes.items()])
 
     def _forward_dead(self, records: Sequence[list[Any]], now: float, woken: set[str]) -> None:
         """A job that died here becomes an event for its dead-letter integration, in the same transaction."""
@@ -505,6 +524,9 @@ class Writer:
             deleted += db.execute(
                 f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))}) "
                 "AND NOT EXISTS (SELECT 1 FROM jobs WHERE event_seq = events.seq)", chunk).rowcount
+        deleted += db.execute(
+            "DELETE FROM outcome_minutes WHERE (minute, integration) IN (SELECT minute, integration "
+            "FROM outcome_minutes WHERE minute < ? LIMIT ?)", (int(delivered_before // 60), batch)).rowcount
         # Events no integration observed have no job to lead us to them: oldest first, by age.
         deleted += db.execute(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE accepted_at < ? AND NOT EXISTS "

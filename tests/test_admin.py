@@ -46,7 +46,8 @@ async def test_status_and_integrations(start_daemon, receiver: Receiver) -> None
     assert (off["name"], off["enabled"], off["pending"]) == ("off", False, 0)
 
     status, body = await get(d, "/v1/integrations/erp")
-    assert status == 200 and body["data"]["configuration"] == {"url": receiver.url, "secret_key": "****PSYQ"}
+    assert status == 200 and body["data"]["configuration"] == {"url": receiver.url, "secret_key": "****PSYQ",
+                                                               "send_resources": True}
     status, body = await get(d, "/v1/integrations")
     assert [i["name"] for i in body["data"]] == ["erp", "off"] and "s3cret" not in str(body)
     status, body = await get(d, "/v1/integrations/nope")
@@ -157,3 +158,24 @@ async def test_retention_prunes_delivered_and_keeps_what_is_needed(start_daemon,
     # A pruned id is a new event again: its dedup window was the retention.
     assert (await d.post({"id": "done", "type": "order.paid", "data": {}}))[1]["data"][0]["duplicate"] is False
     await asyncio.sleep(0)
+
+
+async def test_status_figures_come_from_the_records_and_survive_a_reload(start_daemon, receiver: Receiver,
+                                                                        tmp_path) -> None:
+    fail = {"bad"}
+    receiver.respond = lambda r: web.Response(status=500 if r.json["id"] in fail else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={"retry": {"initial": "10s", "max_interval": "10s"}})])
+    await d.post([{"id": f"ok{i}", "type": "order.paid", "data": {}} for i in range(20)] +
+                 [{"id": "bad", "type": "order.paid", "data": {}}])
+    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(21,)])
+    # A reload that changes the integration starts a new dispatcher: the figures must not start again at 0.
+    config = tmp_path / "config.yaml"
+    config.write_text(config.read_text().replace("max_interval: 10s", "max_interval: 20s"))
+    assert (await d.service.reload()).changes == ("changed erp",)
+    await d.post({"id": "ok-after", "type": "order.paid", "data": {}})
+    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(22,)])
+    (erp,) = (await get(d, "/v1/status"))[1]["data"]["integrations"]
+    assert (erp["delivered_last_hour"], erp["failed_last_hour"]) == (21, 1)
+    # A success after the failure: the failure and its error are still there to read.
+    assert erp["last_success_at"] > erp["last_failure_at"]
+    assert erp["last_error"] == "Received a status code outside of 2xx range (500)"

@@ -32,6 +32,7 @@ async def test_envelope_and_headers(start_daemon, receiver: Receiver) -> None:
         "id": "evt-1", "triggered_by": "order.paid", "attempt": 1,
         "integration": {"id": integration_id("erp-orders"), "integration_type": "webhook", "name": "erp-orders",
                         "description": "Paid orders"},
+        "resources": json.dumps({"data": event["data"], "included": event["included"]}, separators=(",", ":")),
         "payload": {"data": event["data"], "included": event["included"]},
     }
     assert got.headers["Content-Type"] == "application/json"

@@ -82,7 +82,6 @@ class Dispatcher:
         self.refresh_logger()
         self._metrics = metrics
         self._counts = metrics.deliveries(self.name) if metrics is not None else None
-        self._delivered_by_minute: collections.deque[list[int]] = collections.deque(maxlen=61)  # [minute, n]
         self._report_breaker()
 
     def refresh_logger(self) -> None:
@@ -110,11 +109,6 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return self._running * self._batch
-
-    def delivered_last_hour(self) -> int:
-        """Deliveries this dispatcher made in the last 60 minutes (it counts since it started)."""
-        now = int(time.time() // 60)
-        return sum(n for minute, n in self._delivered_by_minute if minute > now - 60)
 
     async def run(self) -> None:
         if not await self._start_sender():
@@ -348,22 +342,13 @@ class Dispatcher:
         if self._metrics is not None:
             self._metrics.disabled.labels(self.name).set(1 if self.disabled else 0)
 
-    def _count_delivered(self, n: int) -> None:
-        minute = int(time.time() // 60)
-        if self._delivered_by_minute and self._delivered_by_minute[-1][0] == minute:
-            self._delivered_by_minute[-1][1] += n
-        else:
-            self._delivered_by_minute.append([minute, n])
-
     def _log_outcomes(self, records: list[AttemptRecord]) -> None:
         """Count and log committed outcomes."""
-        delivered = 0
         for record in records:
             o = record.outcome
             if self._counts is not None:
                 self._counts.add(_RESULT[record.state], o.duration)
             if record.state is JobState.DELIVERED:
-                delivered += 1
                 if self._log_delivered:
                     self._log.info("delivered", **_fields(record))
             elif record.state is JobState.PENDING:
@@ -372,8 +357,6 @@ class Dispatcher:
             else:
                 self._log.error("delivery failed; job is dead", error=o.error, dead_letter=record.dead_letter,
                                 **_fields(record))
-        if delivered:
-            self._count_delivered(delivered)
 
 
 _RESULT = {JobState.DELIVERED: "delivered", JobState.PENDING: "failed", JobState.DEAD: "dead"}
