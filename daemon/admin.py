@@ -41,6 +41,7 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/jobs/{job}/retry", self.retry)
         r.add_post("/v1/integrations/{name}/replay", self.replay)
         r.add_post("/v1/integrations/{name}/enable", self.enable)
+        r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
         r.add_get("/metrics", self.metrics)
@@ -150,12 +151,17 @@ class AdminApi:
 
     async def retry(self, request: web.Request) -> web.Response:
         name, job_id = request.match_info["name"], _int(request.match_info["job"])
-        previous = await self._store.retry(name, job_id) if job_id is not None else None
+        previous = await self._service.retry(name, job_id) if job_id is not None else None
         if previous is None:
             return error_response(404, f"integration {name!r} has no job {request.match_info['job']!r}")
         if previous == JobState.DELIVERED:
             return error_response(409, "the job was delivered; to send it again, replay its time range")
-        return _json({"data": _job(await self._store.job(name, job_id))})
+        return _json({"data": _job(await self._store.job(name, job_id)), "meta": self._sending(name)})
+
+    def _sending(self, name: str) -> dict[str, Any]:
+        """When what an operator re-queued really goes: now, or held (and why)."""
+        held_by = self._service.held_by(name)
+        return {"sends_at": None if held_by else iso_time(time.time()), "held_by": held_by}
 
     async def replay(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -170,16 +176,25 @@ class AdminApi:
                 raise ValueError("limit must be a positive whole number")
             fence = _time(body.get("not_requeued_since"), "not_requeued_since")
             if body.get("state") == "dead" and "since" not in body and "until" not in body:
-                queued = await self._store.replay(name, dead=True, not_requeued_since=fence, limit=limit)
+                queued = await self._service.replay(name, dead=True, not_requeued_since=fence, limit=limit)
             elif "state" not in body and ("since" in body or "until" in body):
                 since, until = _time(body.get("since"), "since"), _time(body.get("until"), "until")
-                queued = await self._store.replay(name, since=since, until=until, not_requeued_since=fence,
-                                                  limit=limit)
+                queued = await self._service.replay(name, since=since, until=until, not_requeued_since=fence,
+                                                    limit=limit)
             else:
                 raise ValueError('send {"state": "dead"} or {"since": …, "until": …}')
         except ValueError as e:
             return error_response(400, str(e))
-        return _json({"data": {"queued": queued}})
+        return _json({"data": {"queued": queued}, "meta": self._sending(name)})
+
+    async def close_circuit(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not self._known(name):
+            return _unknown(name)
+        was = self._service.close_circuit(name)
+        if was is None:
+            return error_response(409, f"{self._service.held_by(name)}: it has no circuit to close")
+        return _json({"data": {"name": name, "circuit": "closed", "was": was}})
 
     async def enable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -169,6 +170,45 @@ class Service:
         if was is not None:
             log.info("integration enabled again", integration=name)
         return was is not None
+
+    # -- operators' actions: they go now (DESIGN: "an operator's explicit action goes now") -------------------
+
+    async def retry(self, name: str, job_id: int) -> str | None:
+        """Make a pending or dead job due now and send it ahead of the rest. Returns the state it had."""
+        assert self.store is not None
+        previous = await self.store.retry(name, job_id)
+        if previous in (JobState.PENDING, JobState.DEAD) and name in self.dispatchers:
+            self.dispatchers[name].send_now([job_id])
+        return previous
+
+    async def replay(self, name: str, **selection: Any) -> int:
+        """Re-queue jobs (see Store.replay); they go now, whatever an open circuit or a slow-down pause."""
+        assert self.store is not None
+        queued = await self.store.replay(name, **selection)
+        if queued and name in self.dispatchers:
+            self.dispatchers[name].send_now()
+        return queued
+
+    def close_circuit(self, name: str) -> str | None:
+        """Close an integration's circuit by hand. Returns the state it had, None if it is not running."""
+        dispatcher = self.dispatchers.get(name)
+        return dispatcher.close_circuit() if dispatcher is not None else None
+
+    def held_by(self, name: str) -> str | None:
+        """Why the jobs of an integration cannot go now, or None when they can."""
+        integration = self.config.integration(name)
+        if integration is None:
+            return "the integration is not in the configuration: its jobs wait until it returns"
+        if not integration.enabled:
+            return "the integration is disabled in the configuration (enabled: false)"
+        dispatcher = self.dispatchers.get(name)
+        if dispatcher is None:
+            return "the integration is not running"
+        if dispatcher.disabled is not None:
+            return f"the integration is disabled: {dispatcher.disabled[1]}; `eventrelay enable {name}` turns it on"
+        if dispatcher.unwritable:
+            return "delivery outcomes cannot be written to the database (see the daemon's log)"
+        return None
 
     # -- listeners -----------------------------------------------------------------------------------------
 

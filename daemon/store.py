@@ -370,8 +370,10 @@ class Store:
     # -- reads --------------------------------------------------------------------------------------------
 
     async def claim(self, integration: str, now: float, limit: int, exclude: Iterable[int] = (),
-                    ordered: bool = False) -> list[Job]:
+                    ordered: bool = False, only: Iterable[int] | None = None) -> list[Job]:
         """Up to `limit` due jobs of one integration, oldest due first, skipping those already in flight.
+
+        `only`: among these jobs alone (those an operator asked to send now).
 
         `ordered`: only the head of each ordering key, i.e. no earlier job of the same key is still pending
         (in flight, waiting for a retry, or not yet tried): a key's jobs go one at a time, in order.
@@ -384,6 +386,7 @@ class Store:
         hundred since a take that leaves the buffer half empty wakes the claim (Dispatcher._take).
         """
         excluded = _padded(exclude)
+        chosen = _padded(only) if only is not None else []
         heads_only = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
                       "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
                       "AND k.id < j.id)) ") if ordered else ""
@@ -392,8 +395,9 @@ class Store:
             "FROM jobs j "
             "JOIN events e ON e.seq = j.event_seq "
             "WHERE j.integration = ? AND j.state = 'pending' AND j.next_at <= ? "
-            f"{_not_in('j.id', excluded)} {heads_only}ORDER BY j.next_at, j.id LIMIT ?",
-            (integration, now, *excluded, limit))
+            f"{_not_in('j.id', excluded)} {_in('j.id', chosen, only is not None)} {heads_only}"
+            "ORDER BY j.next_at, j.id LIMIT ?",
+            (integration, now, *excluded, *chosen, limit))
         return [Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3],
                     payload=r[4], accepted_at=r[5], age_from=r[6]) for r in rows]
 
@@ -535,6 +539,12 @@ def _job_row(r: tuple[Any, ...]) -> dict[str, Any]:
 
 def _not_in(column: str, values: list[int]) -> str:
     return f"AND {column} NOT IN ({','.join('?' * len(values))})" if values else ""
+
+
+def _in(column: str, values: list[int], filtered: bool) -> str:
+    if not filtered:
+        return ""
+    return f"AND {column} IN ({','.join('?' * len(values))})" if values else "AND 0"
 
 
 def _padded(ids: Iterable[int]) -> list[int]:

@@ -263,3 +263,59 @@ async def test_connect_timeout_is_separate_from_the_total(start_daemon) -> None:
         for s in fillers:
             s.close()
         server.close()
+
+
+async def test_an_operators_retry_goes_now_as_the_probe_of_an_open_circuit(start_daemon, receiver: Receiver) -> None:
+    down = True
+    receiver.respond = lambda r: web.Response(status=503 if down else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "concurrency": 1, "retry": {"initial": "1h", "max_interval": "1h", "max_age": "1h", "max_attempts": 1},
+        "breaker": {"failures": 3, "cooldown": "5m", "max_cooldown": "5m"}})])
+    await d.post([{"id": f"dead{i}", "type": "order.paid", "data": {}} for i in range(3)])
+    await wait_until(lambda: states(d) == {"dead": 3})
+    assert d.service.dispatchers["erp"].breaker.state == "open"  # for the next five minutes
+    down = False
+    (job_id,) = d.rows("SELECT id FROM jobs WHERE event_seq = (SELECT seq FROM events WHERE id = 'dead1')")[0]
+    async with d.http.post(f"{d.url}/v1/integrations/erp/jobs/{job_id}/retry") as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer["meta"]["held_by"] is None and answer["meta"]["sends_at"].endswith("Z")
+    # Delivered at once, ahead of nothing else and without waiting out the cool-down; it closed the circuit.
+    await wait_until(lambda: [r.json["id"] for r in receiver.requests[3:]] == ["dead1"], timeout=5)
+    await wait_until(lambda: d.service.dispatchers["erp"].breaker.state == "closed")
+
+    # A replay likewise: the two other dead jobs go now.
+    async with d.http.post(f"{d.url}/v1/integrations/erp/replay", json={"state": "dead"}) as resp:
+        assert (await resp.json())["data"] == {"queued": 2}
+    await wait_until(lambda: states(d) == {"delivered": 3}, timeout=5)
+
+
+async def test_a_retry_during_a_slow_down_pause_goes_now(start_daemon, receiver: Receiver) -> None:
+    answers = iter([web.Response(status=429, headers={"Retry-After": "600"})])
+    receiver.respond = lambda r: next(answers, web.Response(status=204))
+    d = await start_daemon([webhook("erp", receiver.url, delivery={"concurrency": 1, "retry": {
+        "initial": "1s", "max_interval": "10m", "max_age": "1h"}})])
+    await d.post({"id": "slow", "type": "order.paid", "data": {}})
+    await wait_until(lambda: d.service.dispatchers["erp"].paused_until > time.time() + 60)
+    (job_id,) = d.rows("SELECT id FROM jobs")[0]
+    async with d.http.post(f"{d.url}/v1/integrations/erp/jobs/{job_id}/retry") as resp:
+        assert resp.status == 200
+    await wait_until(lambda: states(d) == {"delivered": 1}, timeout=5)
+
+
+async def test_an_operator_closes_a_circuit_by_hand(start_daemon, receiver: Receiver) -> None:
+    down = True
+    receiver.respond = lambda r: web.Response(status=503 if down else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "concurrency": 1, "retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"},
+        "breaker": {"failures": 3, "cooldown": "5m", "max_cooldown": "5m"}})])
+    await d.post([{"id": f"c{i}", "type": "order.paid", "data": {}} for i in range(5)])
+    await wait_until(lambda: d.service.dispatchers["erp"].breaker.state == "open")
+    down = False
+    async with d.http.post(f"{d.url}/v1/integrations/erp/close-circuit") as resp:
+        assert (await resp.json())["data"] == {"name": "erp", "circuit": "closed", "was": "open"}
+    await wait_until(lambda: states(d) == {"delivered": 5}, timeout=5)
+    metrics = await (await d.http.get(d.url + "/metrics")).text()
+    assert 'eventrelay_circuit_transitions_total{integration="erp",to="closed"} 1.0' in metrics
+    async with d.http.post(f"{d.url}/v1/integrations/nope/close-circuit") as resp:
+        assert resp.status == 404

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -21,6 +22,7 @@ from .senders import Sender
 
 _IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
 _STORE_ERROR_PAUSE = 1.0
+_RECORD_RETRY_MAX = 30.0  # seconds between attempts to write outcomes the database refused, at most
 # Outcomes are written behind: a slot is free once the target answers. With room for only 2 × concurrency
 # unwritten outcomes, the slots waited for the writer most of the time (webhook delivery 2,800/s); with 8 ×,
 # a commit carries more outcomes and the slots stay busy (3,800/s, bench/deliver.py). Once claims stopped
@@ -70,6 +72,9 @@ class Dispatcher:
         self._bucket = TokenBucket(delivery.rate_limit, burst=self._batch)
         self.paused_until = 0.0  # wall time before which nothing starts (the target asked us to slow down)
         self.disabled = disabled  # (when, why) while the target says it is gone
+        self.unwritable = False  # outcomes cannot be written: nothing new is sent until they can
+        self._expedite: set[int] = set()  # jobs an operator asked to send now, to be claimed first
+        self._finished = False  # `run` has returned: outcomes still unwritten are given up
         self._loop = asyncio.get_running_loop()  # made by the service, on its loop
         self._wake = asyncio.Event()
         self._deliveries: asyncio.TaskGroup | None = None  # set while `run` runs
@@ -106,6 +111,22 @@ class Dispatcher:
         self._report_disabled()
         self._wake.set()
 
+    def send_now(self, job_ids: Iterable[int] = ()) -> None:
+        """An operator retried or replayed jobs: they go now, ahead of the rest, whatever the slow-down pause
+        or an open circuit's cool-down (they are the probe). A 410's disabled state still holds."""
+        self.paused_until = 0.0
+        self.breaker.probe_now(time.time())
+        self._expedite.update(job_ids)
+        self._wake.set()
+
+    def close_circuit(self) -> str:
+        """An operator says the target is fixed: close the circuit now. Returns the state it had."""
+        was = self.breaker.state
+        if was != CircuitBreaker.CLOSED:
+            self._on_breaker_change(self.breaker.close(), [], by_operator=True)
+            self._wake.set()
+        return was
+
     @property
     def in_flight(self) -> int:
         return self._running * self._batch
@@ -134,6 +155,7 @@ class Dispatcher:
             # Deliveries have ended; their outcomes may still be on their way to the database.
             await self._all_recorded.wait()
         finally:
+            self._finished = True
             await self._sender.close()
 
     async def _start_sender(self) -> bool:
@@ -159,6 +181,8 @@ class Dispatcher:
         enables the integration), else until the gate opens or the earliest retry falls due.
         """
         while not self._stopping:
+            if self._expedite:
+                await self._claim_expedited()
             gate = self._start_ready(deliveries)
             want = self._page - len(self._ready)
             if want < self._page // 2 or (gate != 0.0 and self._ready):
@@ -173,6 +197,18 @@ class Dispatcher:
                 due = await self._store.next_due(self.name, self._claimed)
                 return _IDLE_RECHECK if due is None else max(0.0, min(due - time.time(), _IDLE_RECHECK))
         return None
+
+    async def _claim_expedited(self) -> None:
+        """Put the jobs an operator asked for at the front of the ready buffer, claiming those not held yet."""
+        wanted, self._expedite = self._expedite, set()
+        held = [job for job in self._ready if job.id in wanted]
+        for job in held:
+            self._ready.remove(job)
+        unclaimed = wanted - self._claimed
+        jobs = await self._store.claim(self.name, time.time(), len(unclaimed), self._claimed, self._ordered,
+                                       only=unclaimed) if unclaimed else []
+        self._claimed.update(job.id for job in jobs)
+        self._ready.extendleft(reversed(held + jobs))
 
     def _start_ready(self, deliveries: asyncio.TaskGroup) -> float | None:
         """Start what the slots and the gate allow; returns the gate's wait (0 open, None until woken)."""
@@ -217,7 +253,7 @@ class Dispatcher:
             self._wake.set()
 
     def _gate(self, now: float, size: int) -> float | None:
-        if self.disabled is not None:
+        if self.disabled is not None or self.unwritable:
             return None
         if self.paused_until > now:
             return self.paused_until - now
@@ -280,16 +316,32 @@ class Dispatcher:
             functools.partial(self._recorded, jobs, records, chunks))
 
     def _recorded(self, jobs: list[Job], records: list[AttemptRecord], chunks: int,
-                  written: asyncio.Future[None]) -> None:
+                  written: asyncio.Future[None], delay: float = _STORE_ERROR_PAUSE) -> None:
         error = written.exception() if not written.cancelled() else StoreError("the writer stopped")
         if error is None:
+            if self.unwritable:
+                self.unwritable = False
+                self._log.info("delivery outcomes are written again; deliveries resume")
             self._log_outcomes(records)
             self._release(jobs, chunks)
             return
-        # The jobs stay pending in the database and will be delivered again: at least once. Claiming them
-        # again at once would spin on a failing disk.
-        self._log.error("cannot record delivery outcomes; they will be retried", error=str(error))
-        self._loop.call_later(_STORE_ERROR_PAUSE, self._release, jobs, chunks)
+        # What was delivered must be recorded, not sent again: the outcomes are kept and written again later,
+        # the jobs stay claimed, and nothing new is sent until a write succeeds. Releasing them instead would
+        # re-send every job about once a second while the disk is full.
+        if not self.unwritable:
+            self.unwritable = True
+            self._log.error("cannot record delivery outcomes; holding deliveries until they can be written",
+                            error=str(error))
+        self._loop.call_later(delay, self._record_again, jobs, records, chunks, min(delay * 2, _RECORD_RETRY_MAX))
+
+    def _record_again(self, jobs: list[Job], records: list[AttemptRecord], chunks: int, delay: float) -> None:
+        if self._finished:
+            # The dispatcher is gone (a shutdown while the database refused writes): the jobs are still
+            # pending in the database and are delivered again after the restart.
+            self._release(jobs, chunks)
+            return
+        self._store.record_later(records).add_done_callback(
+            functools.partial(self._recorded, jobs, records, chunks, delay=delay))
 
     def _release(self, jobs: list[Job], chunks: int = 1) -> None:
         self._recording -= chunks
@@ -321,11 +373,13 @@ class Dispatcher:
                 except StoreError as e:
                     self._log.error("cannot persist the disabled state", error=str(e))
 
-    def _on_breaker_change(self, state: str, records: list[AttemptRecord]) -> None:
+    def _on_breaker_change(self, state: str, records: list[AttemptRecord], by_operator: bool = False) -> None:
         if state == CircuitBreaker.OPEN:
             self._log.warning("circuit open: the target keeps failing; holding deliveries",
                               cooldown_s=round(self.breaker.opened_until - time.time(), 2),
                               last_error=records[-1].outcome.error)
+        elif by_operator:
+            self._log.info("circuit closed by an operator")
         else:
             self._log.info("circuit closed: the target answers again")
         if self._metrics is not None:

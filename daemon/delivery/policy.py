@@ -106,6 +106,16 @@ class CircuitBreaker:
             return self._open(now)
         return None
 
+    def probe_now(self, now: float) -> None:
+        """End an open circuit's cool-down: the next delivery is the probe (an operator's retry)."""
+        if self.state == self.OPEN:
+            self.opened_until = now
+
+    def close(self) -> str:
+        """Close the circuit whatever its state (an operator says the target is fixed)."""
+        self._probing = False
+        return self._close()
+
     def _open(self, now: float) -> str:
         self.state, self.opened_until = self.OPEN, now + self._cooldown
         return self.state
