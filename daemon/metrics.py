@@ -5,7 +5,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
@@ -25,7 +25,8 @@ class DeliveryCounts:
     __slots__ = ("results", "buckets", "seconds")
 
     def __init__(self) -> None:
-        self.results: dict[str, int] = {}  # delivered | failed | dead -> attempts
+        # Exported at 0 from the start: a rate() over a counter that appears with its first event misses it.
+        self.results: dict[str, int] = {"delivered": 0, "failed": 0, "dead": 0}  # -> attempts
         self.buckets = [0] * (len(DELIVERY_BUCKETS) + 1)  # attempts per duration bucket, the last is +Inf
         self.seconds = 0.0
 
@@ -106,12 +107,20 @@ class Metrics:
                               "integration disabled", ["integration"], registry=r)
         self.reloads = Counter("eventrelay_config_reloads", "Configuration reloads by result", ["result"],
                                registry=r)
+        # Counters with known labels exist at 0 from the start, so alerts on their increase see the first one.
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
+        for listener in ("http", "socket"):
+            self.connections_refused.labels(listener)
+        ProcessCollector(registry=r)  # process_*: memory, open descriptors, CPU of the daemon
 
     def deliveries(self, integration: str) -> DeliveryCounts:
         """Where a dispatcher counts its attempts."""
         counts = self._deliveries.get(integration)
         if counts is None:
             counts = self._deliveries[integration] = DeliveryCounts()
+            for state in ("open", "closed"):
+                self.breaker_transitions.labels(integration, state)
         return counts
 
     def render(self) -> bytes:
