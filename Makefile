@@ -6,10 +6,15 @@ CONFIG ?= config.example.yaml
 
 .PHONY: run test services check-config bench clean
 
+# Running needs the daemon's own dependencies only; the test tools come with `make test`.
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "eventrelay needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "cannot make a virtualenv: on Debian/Ubuntu, apt install python3-venv" >&2; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
@@ -20,16 +25,17 @@ run: $(VENV)/.installed
 check-config: $(VENV)/.installed
 	$(VENV)/bin/eventrelay check-config --config $(CONFIG)
 
-# Debian's activemq and rabbitmq-server, which the tests start as real brokers (installed when root,
-# with their own services kept from starting; otherwise the script prints the command to run).
+# Debian's activemq and rabbitmq-server, which the tests start as real brokers, a JDK and systemd's tools
+# (installed when root, with the brokers' own services kept from starting; otherwise the script prints the
+# command to run).
 services:
 	sh .ci/install-services.sh
 
 # pytest exits 5 when it collected no test: make treats any non-zero exit as failure, so that fails too.
-test: $(VENV)/.installed services
+test: $(VENV)/.installed-test services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-test
 	$(PY) bench/ingest.py
 	$(PY) bench/deliver.py
 	$(PY) bench/fanout.py
