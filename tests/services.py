@@ -3,7 +3,8 @@
 Plain classes (no pytest fixtures here) that each own a fresh temporary directory:
 
 * `MotoServer`  — moto in server mode (SQS and the rest of the fake AWS API).
-* `ActiveMQ`    — an ActiveMQ 5.x broker with only a STOMP (and optionally STOMP+TLS) connector,
+* `ActiveMQ`    — an ActiveMQ 5.x broker with a STOMP (and optionally STOMP+TLS) connector, an OpenWire one
+                  for JMS consumers (`openwire_port`),
                   KahaDB persistence and simple username/password authentication.
 * `RabbitMQ`    — a RabbitMQ node with the STOMP plugin (and optionally STOMP over TLS), its own epmd,
                   a `/eventrelay` vhost and an `eventrelay` user.
@@ -652,7 +653,7 @@ log4j.appender.out.layout.ConversionPattern=%d{ISO8601} %-5p [%t] %c{1} - %m%n
 class ActiveMQ(_StompBroker):
     """ActiveMQ 5.x (Debian's /usr/share/activemq) with one STOMP connector (+ STOMP over TLS with tls=True),
     KahaDB persistence in the temp dir, simpleAuthenticationPlugin (one user, allowed everything),
-    no JMX, no web console, no other connector."""
+    an OpenWire connector on `openwire_port` (tests read with a real JMS client), no JMX, no web console."""
 
     name = "activemq"
     default_startup_timeout = 90.0
@@ -666,6 +667,7 @@ class ActiveMQ(_StompBroker):
         self.data_dir = self.workdir / "data"
         self.tmp_dir = self.workdir / "tmp"
         self.config_file = self.conf_dir / "activemq.xml"
+        self.openwire_port: int = free_port()
 
     def _java(self) -> str:
         java_home = os.environ.get("JAVA_HOME")
@@ -686,7 +688,9 @@ class ActiveMQ(_StompBroker):
 
     def _config_xml(self) -> str:
         user = quoteattr(self.username)
-        connectors = [f'<transportConnector name="stomp" uri="stomp://{self.host}:{self.port}"/>']
+        # OpenWire first: connectors start in order, so a STOMP answer (the readiness probe) means both are up.
+        connectors = [f'<transportConnector name="openwire" uri="tcp://{self.host}:{self.openwire_port}"/>',
+                      f'<transportConnector name="stomp" uri="stomp://{self.host}:{self.port}"/>']
         ssl_context = ""
         if self.tls_files is not None:
             connectors.append(f'<transportConnector name="stomp+ssl" uri="stomp+ssl://{self.host}:{self.tls_port}"/>')

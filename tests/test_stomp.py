@@ -112,6 +112,25 @@ async def test_bad_credentials_are_reported_and_nothing_is_delivered(start_daemo
     (error,) = d.rows("SELECT error_detail FROM attempts LIMIT 1")[0]
     assert error.startswith("not connected to any broker"), error
     assert states(d) == {"pending": 1}
+    # What the broker said in its ERROR frame, not stompman's ConnectionLostOnLifespanEnter.
+    assert "User name [eventrelay] or password is invalid." in error, error
+    assert "ConnectionLostOnLifespanEnter" not in error
+    (last_error,) = d.rows("SELECT last_error FROM jobs")[0]
+    assert "User name [eventrelay] or password is invalid." in last_error, last_error
+
+
+async def test_rabbitmq_refusing_the_login_says_why(start_daemon, rabbitmq) -> None:
+    d = await start_daemon([stomp_integration("crm", rabbitmq, queue(), vhost=rabbitmq.vhost, password="wrong")],
+                           delivery=FAST)
+    await d.post({"id": "e1", "type": "order.paid", "data": {}})
+    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts")[0][0] >= 1, timeout=20)
+    (error,) = d.rows("SELECT error_detail FROM attempts LIMIT 1")[0]
+    assert error.startswith("not connected to any broker"), error
+    assert "the broker refused the connection (ERROR frame)" in error, error
+    assert "Access refused for user 'eventrelay'" in error and "ConnectionLostOnLifespanEnter" not in error, error
+    (last_error,) = d.rows("SELECT last_error FROM jobs")[0]
+    assert "Access refused for user 'eventrelay'" in last_error, last_error
+    assert states(d) == {"pending": 1}
 
 
 async def test_failover_to_the_next_address(start_daemon, activemq) -> None:

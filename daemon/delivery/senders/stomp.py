@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import stompman
 from stompman.connection import Connection
 import structlog
 from stompman.errors import ConnectionLostError, FailedAllConnectAttemptsError, FailedAllWriteAttemptsError
-from stompman.frames import ConnectFrame
+from stompman.frames import AnyServerFrame, ConnectFrame, ErrorFrame
 
 from ...config import Integration, StompAddress, StompConfig
 from ...formats import CloudEvent
@@ -41,6 +41,7 @@ class StompSender:
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
         self._last_error = "not connected yet"
+        self._refusal: str | None = None  # the ERROR frame that answered our last CONNECT, if one did
         self._supervisor: asyncio.Task[None] | None = None
         self._name = integration.name
         # Not bound: a lazy logger reads the logging configuration at each call, so a reload's level applies.
@@ -72,7 +73,7 @@ class StompSender:
                 # The library's receipt timeout does not cover waiting for a reconnection: this one does.
                 client = await self._connected_client()
                 # Without content-length ActiveMQ hands JMS consumers a TextMessage; JSON holds no NUL byte.
-                await client.send(self._cloudevent.encode(job), self._conf.destination,
+                await client.send(_jms_safe(self._cloudevent.encode(job)), self._conf.destination,
                                   content_type="application/json", headers=headers, add_content_length=False,
                                   receipt_timeout=self._timeout)
         except TimeoutError:
@@ -102,8 +103,9 @@ class StompSender:
                     await self._hold(address)
                     delay = 1.0  # we were connected: start the backoff anew
                 except Exception as e:  # noqa: BLE001 - any failure of one connection is logged and retried
-                    self._last_error = f"{address}: {_describe(e)}"
-                    self._log.warning("broker connection failed", address=str(address), error=_describe(e))
+                    error = _describe(e, self._refusal)
+                    self._last_error = f"{address}: {error}"
+                    self._log.warning("broker connection failed", address=str(address), error=error)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):  # not wait_for (see close)
                     await self._closing.wait()
@@ -113,6 +115,7 @@ class StompSender:
         """Connect to one broker and keep the connection until it dies or we close."""
         conf = self._conf
         heartbeat_ms = int(conf.heartbeat * 1000)
+        self._refusal = None
         client = stompman.Client(
             servers=[stompman.ConnectionParameters(host=address.host, port=address.port,
                                                    login=conf.username or "", passcode=conf.password or "")],
@@ -124,7 +127,7 @@ class StompSender:
             on_error_frame=lambda frame: self._log.error("ERROR frame from the broker",
                                                          message=frame.headers.get("message"),
                                                          detail=frame.body.decode(errors="replace")[:500]),
-            connection_class=_connection_class(conf.vhost),
+            connection_class=_connection_class(conf.vhost, self._refused),
             # Its default reconnects every hour when no MESSAGE arrives, which for a publisher is always.
             no_message_restart_interval=None,
         )
@@ -146,27 +149,75 @@ class StompSender:
                 self._last_error = f"{address}: heart-beats stopped"
                 self._log.warning("broker connection lost; reconnecting", address=str(address))
 
+    def _refused(self, frame: ErrorFrame) -> None:
+        self._refusal = _error_text(frame)
+
     def _tls_context(self) -> ssl.SSLContext:
         # Certificates are verified: against the system's CAs, or the operator's private CA.
         return ssl.create_default_context(cafile=str(self._conf.ca_file) if self._conf.ca_file else None)
 
 
-def _connection_class(vhost: str | None) -> type[Connection]:
-    if vhost is None:
-        return Connection
-
-    class VirtualHostConnection(Connection):
-        """stompman puts the TCP host in CONNECT's `host` header; RabbitMQ reads that header as the vhost."""
+def _connection_class(vhost: str | None, refused: Callable[[ErrorFrame], None]) -> type[Connection]:
+    class SenderConnection(Connection):
+        """Hands an ERROR frame that answers CONNECT to `refused` and ends the attempt there. stompman drops
+        such a frame when the broker closes (leaving only ConnectionLostOnLifespanEnter) and never passes
+        handshake frames to on_error_frame, so the operator would not learn why a login was refused."""
 
         __slots__ = ()
-        virtual_host: ClassVar[str] = vhost
 
-        async def write_frame(self, frame: stompman.frames.AnyClientFrame) -> None:
-            if isinstance(frame, ConnectFrame):
-                frame.headers["host"] = self.virtual_host
-            await super().write_frame(frame)
+        def read_frames(self) -> AsyncGenerator[AnyServerFrame, None]:
+            if self.last_read_time is not None:
+                return super().read_frames()  # after CONNECTED: the receipts' path, left as it is
+            return self._handshake_frames()  # nothing read yet: this is the reader awaiting CONNECTED
 
-    return VirtualHostConnection
+        async def _handshake_frames(self) -> AsyncGenerator[AnyServerFrame, None]:
+            async for frame in super().read_frames():
+                if isinstance(frame, ErrorFrame):
+                    refused(frame)
+                    # A STOMP server closes after an ERROR frame; RabbitMQ takes its time, and waiting for it
+                    # would let the connection timeout, not the broker's answer, decide the attempt's error.
+                    raise ConnectionLostError(reason="ERROR frame in answer to CONNECT")
+                yield frame
+
+        if vhost is not None:
+            async def write_frame(self, frame: stompman.frames.AnyClientFrame) -> None:
+                # stompman puts the TCP host in CONNECT's `host` header; RabbitMQ reads it as the vhost.
+                if isinstance(frame, ConnectFrame):
+                    frame.headers["host"] = vhost
+                await super().write_frame(frame)
+
+    return SenderConnection
+
+
+# A UTF-8 lead byte of a 4-byte sequence: a character outside the Basic Multilingual Plane.
+_ASTRAL_LEAD_BYTES = tuple(bytes([b]) for b in range(0xF0, 0xF5))
+_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
+
+
+def _jms_safe(body: bytes) -> bytes:
+    """The body with every character outside the BMP written as a JSON surrogate-pair escape.
+
+    ActiveMQ 5.x turns a STOMP body into a JMS TextMessage whose getText() throws UTFDataFormatException
+    when the text holds such a character (AMQ-8398). In a JSON body they can only be inside strings, where
+    the escape is the same value. isascii() and memchr-speed `in` keep the common body's cost negligible.
+    """
+    if body.isascii() or not any(lead in body for lead in _ASTRAL_LEAD_BYTES):
+        return body
+    return _ASTRAL.sub(_surrogate_pair, body.decode()).encode()
+
+
+def _surrogate_pair(match: re.Match[str]) -> str:
+    offset = ord(match.group()) - 0x10000
+    return f"\\u{0xD800 | (offset >> 10):04x}\\u{0xDC00 | (offset & 0x3FF):04x}"
+
+
+def _error_text(frame: ErrorFrame) -> str:
+    """An ERROR frame's `message` header and the first line of its body (RabbitMQ says why only there)."""
+    message = frame.headers.get("message", "").strip()
+    detail = frame.body.decode(errors="replace").strip().partition("\n")[0][:300]
+    if detail and detail != message:
+        return f"{message}: {detail}" if message else detail
+    return message or "(no message)"
 
 
 def _receipt_error(e: stompman.SendReceiptError) -> str:
@@ -179,14 +230,15 @@ def _receipt_error(e: stompman.SendReceiptError) -> str:
     return "connection to the broker lost before the receipt"
 
 
-def _describe(e: BaseException) -> str:
+def _describe(e: BaseException, refusal: str | None = None) -> str:
+    """One line for the operator; `refusal` is the ERROR frame's text if the broker answered CONNECT with one."""
     if isinstance(e, BaseExceptionGroup):
-        return "; ".join(_describe(inner) for inner in e.exceptions)
+        return "; ".join(_describe(inner, refusal) for inner in e.exceptions)
     if isinstance(e, FailedAllConnectAttemptsError):
+        if refusal is not None:
+            return f"the broker refused the connection (ERROR frame): {refusal}"
         issues = ", ".join(type(issue).__name__ for issue in e.issues) or "no answer"
-        frames = [f for issue in e.issues for f in getattr(issue, "frames", [])]
-        refused = [f.headers.get("message", "") for f in frames if type(f).__name__ == "ErrorFrame"]
-        return f"cannot connect ({issues})" + (f": the broker said {refused[0]!r}" if refused else "")
+        return f"cannot connect ({issues})"
     if isinstance(e, ssl.SSLError):
         return f"TLS failed: {e.reason or e}"
     return f"{type(e).__name__}: {e}"
