@@ -74,6 +74,15 @@ async def test_events_arrive_persistent_with_headers(start_daemon, activemq) -> 
     assert body["source"] == "eventrelay://shop-1" and body["data"] == {"type": "customer", "id": "c3"}
     assert headers["persistent"] == "true" and headers["content-type"].startswith("application/json")
     assert headers["type"] == "customer.updated" and headers["id"] == "s3"
+    assert "storeid" not in body and "storeid" not in headers  # only when store_id is configured
+
+
+async def test_store_id_travels_as_storeid_in_body_and_header(start_daemon, activemq) -> None:
+    dest = queue()
+    d = await start_daemon([stomp_integration("crm", activemq, dest)], delivery=FAST, store_id="store-42")
+    await d.post({"id": "st1", "type": "customer.updated", "data": {"type": "customer", "id": "c1"}})
+    ((headers, body),) = await asyncio.to_thread(consume, activemq, dest, 1)
+    assert body["storeid"] == headers["storeid"] == "store-42"
 
 
 async def test_broker_down_then_back_loses_nothing(start_daemon, activemq) -> None:

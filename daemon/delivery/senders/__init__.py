@@ -20,7 +20,7 @@ def make_sender(integration: Integration, user_agent: str, event_source: str, st
     if integration.integration_type == "stomp":
         from .stomp import StompSender
 
-        return StompSender(integration, event_source)
+        return StompSender(integration, event_source, store_id)
     raise ValueError(f"no sender for integration_type {integration.integration_type!r}")
 
 

@@ -31,12 +31,13 @@ _RECONNECT_MAX = 30.0  # seconds between connection attempts at most
 class StompSender:
     max_batch = 1  # STOMP has no batch SEND; throughput comes from many receipts awaited at once
 
-    def __init__(self, integration: Integration, source: str):
+    def __init__(self, integration: Integration, source: str, store_id: str | None = None):
         conf = integration.configuration
         assert isinstance(conf, StompConfig)
         self._conf = conf
         self._timeout = integration.delivery.timeout
-        self._cloudevent = CloudEvent(integration, source)
+        self._cloudevent = CloudEvent(integration, source, store_id)
+        self._store_headers = {"storeid": store_id} if store_id else {}
         self._client: stompman.Client | None = None
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
@@ -67,7 +68,7 @@ class StompSender:
 
     async def _send(self, job: Job) -> Outcome:
         started = time.monotonic()
-        headers = {"persistent": "true", "type": job.event_type, "id": job.event_id}
+        headers = {"persistent": "true", "type": job.event_type, "id": job.event_id, **self._store_headers}
         try:
             async with asyncio.timeout(self._timeout):
                 # The library's receipt timeout does not cover waiting for a reconnection: this one does.
