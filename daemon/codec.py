@@ -72,19 +72,19 @@ def loads(raw: bytes, max_depth: int | None = None, objects_in_array: bool = Tru
     receivers, and no event needs them. `objects_in_array=False` leaves the objects of a top-level array to
     the caller (ingest checks each event's depth on its encoded payload, which it makes anyway).
     """
-    value: Any
-    if _LONG_RUN in raw.translate(_DIGITS):
-        value = _loads_exactly(raw)
-    else:
+    # The standard library decodes what orjson cannot (integers beyond 64 bits) or refuses (with its message).
+    exact = _LONG_RUN in raw.translate(_DIGITS)
+    if not exact:
         try:
             value = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            value = _loads_exactly(raw)  # raises with the standard library's message (or accepts what it does)
-        else:
-            if _duplicate_keys(raw, value):
-                _loads_exactly(raw)  # raises, naming the key
+            exact = True
+    if exact:
+        value = _loads_exactly(raw)  # raises with the standard library's message (or accepts what it does)
     if max_depth is not None and _too_deep_quick(raw, value, max_depth, objects_in_array):
         raise ValueError(f"JSON nested deeper than listen.max_depth ({max_depth} levels)")
+    if not exact and _duplicate_keys(raw, value):
+        _loads_exactly(raw)  # raises, naming the key
     return value
 
 
@@ -116,7 +116,11 @@ def _duplicate_keys(raw: bytes, value: Any) -> bool:
     """
     if b"\\" in raw and b"\\u003" in raw:
         return True
-    return raw.count(b":") != orjson.dumps(value).count(b":")
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # nested deeper than orjson encodes (a caller without max_depth)
+        return True
+    return raw.count(b":") != encoded.count(b":")
 
 
 def _loads_exactly(raw: bytes) -> Any:
