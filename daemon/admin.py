@@ -44,6 +44,7 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
+        r.add_post("/v1/reload", self.reload)
         r.add_get("/metrics", self.metrics)
 
     @property
@@ -202,6 +203,14 @@ class AdminApi:
             return _unknown(name)
         was_disabled = await self._service.enable(name)
         return _json({"data": {"name": name, "enabled": True, "was_disabled": was_disabled}})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        """Read the config file again now, as SIGHUP does, and answer how it went: 200 even when the file was
+        refused (the request worked; `ok` says the reload did not). Concurrent requests queue on the service's
+        reload lock, as SIGHUPs do."""
+        result = await self._service.reload()
+        return _json({"data": {"ok": result.ok, "errors": list(result.errors), "changes": list(result.changes),
+                               "at": iso_time(result.at)}})
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self._service.refresh_gauges()

@@ -1,15 +1,20 @@
-"""Operator commands that talk to a running daemon over its admin API: status, jobs, logs, retry, replay, send.
+"""Operator commands that talk to a running daemon over its admin API: status, reload, jobs, logs, retry, replay,
+send.
 
-Each command finds the daemon from the same YAML file it runs on (`listen.http`, `listen.token`), so on the
-daemon's host `eventrelay status` needs no arguments; `--url` and `--token` override the file. Output is an
-aligned table for people; `--json` prints the `data` member of the server's answer instead, for scripts.
+Each command finds the daemon by itself, so on the daemon's host `eventrelay status` needs no arguments: first
+from the runtime file every running daemon writes (daemon/runtime.py: its pid, its admin address as bound, its
+config file), the one for `--config`/$EVENTRELAY_CONFIG or, without either, the only daemon running; then,
+when no daemon recorded one, from the YAML file it runs on (`listen.http`). The token is `listen.token` of that
+file. `--url` and `--token` override both. Output is an aligned table for people; `--json` prints the `data`
+member of the server's answer instead, for scripts.
 
 Exit codes (the same for every command):
 
     0  done (`status` exits 0 even with dead jobs or a failed reload: it reports, it does not judge)
-    1  the daemon answered with an error (unknown integration or job, job already delivered, bad token, ...);
-       its detail is printed on stderr
-    2  usage error: bad arguments, or no usable config to find the daemon from
+    1  the daemon answered with an error (unknown integration or job, job already delivered, bad token, a
+       `reload` it refused, ...); its detail is printed on stderr
+    2  usage error: bad arguments, no usable config to find the daemon from, or several daemons running and
+       no --config to choose
     3  the daemon cannot be reached (not running, wrong address, no answer in time)
   130  interrupted (Ctrl-C); `replay` says how many jobs it had re-queued by then
 """
@@ -23,7 +28,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Collection, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ import aiohttp
 import yaml
 
 from . import config as config_module
+from . import runtime
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -84,21 +90,62 @@ class ServerError(AdminError):
 class Target:
     url: str  # base URL without a trailing slash, e.g. http://127.0.0.1:8787
     token: str | None
+    config: str | None = field(default=None, compare=False)  # the daemon's config file, when known
+    # Why listen.token could not be read from that file: said if the daemon then wants a token.
+    token_problem: str | None = field(default=None, compare=False)
 
 
 def target_from(config_path: str | None, url: str | None, token: str | None) -> Target:
-    """Where the daemon listens and the token it wants: `url`/`token` if given, else the config file.
+    """Where the daemon listens and the token it wants.
 
-    The config path is `config_path`, else $EVENTRELAY_CONFIG, else /etc/eventrelay/config.yaml. The token
-    is `token`, else $EVENTRELAY_TOKEN, else `listen.token`; an empty token means "send none". Raises
-    UsageError with what to do when the file cannot tell.
+    The address: `url` if given; else the runtime file of the running daemon (see daemon/runtime.py): the one
+    for `config_path` (else $EVENTRELAY_CONFIG), or with neither the only daemon running; else the config
+    file's `listen.http` (`config_path`, else $EVENTRELAY_CONFIG, else /etc/eventrelay/config.yaml). The
+    token is `token`, else $EVENTRELAY_TOKEN, else `listen.token` of that config; an empty token means "send
+    none". Raises UsageError with what to do when none of this tells.
     """
     if token is None:
         token = os.environ.get(TOKEN_ENV)
     if url is not None and token is not None:
         return Target(_normalise_url(url), token or None)
+    named = config_path or os.environ.get(CONFIG_ENV) or None
+    lookup = None
+    if url is None:
+        lookup = runtime.find(named)
+        if lookup.live:
+            return _target_of(_one_daemon(lookup.live), token)
+    return _target_from_config(config_path, url, token, lookup)
+
+
+def _one_daemon(live: list[runtime.Record]) -> runtime.Record:
+    if len(live) == 1:
+        return live[0]
+    rows = [[r.config, r.url or "(no HTTP listener)", f"pid {r.pid}"] for r in live]
+    raise UsageError(f"{len(live)} eventrelay daemons run on this host; say which with --config FILE "
+                     f"(or ${CONFIG_ENV}):\n" + _indent(_table(["CONFIG", "ADMIN URL", "PID"], rows)))
+
+
+def _target_of(daemon: runtime.Record, token: str | None) -> Target:
+    if daemon.url is None:
+        raise UsageError(f"the daemon of {daemon.config} (pid {daemon.pid}) serves no HTTP, and the admin API "
+                         "with it: set listen.http (e.g. 127.0.0.1:8787) and reload or restart it")
+    problem = None
+    if token is None:
+        # The file the daemon runs on, which may have been edited since: only `listen` matters, so a broken
+        # integration (the reason a reload failed, say) does not stop the command.
+        try:
+            token = _listen_section(daemon.config).token
+        except config_module.ConfigError as e:
+            problem = f"listen.token could not be read from {e.source}: {'; '.join(e.errors)}"
+    return Target(daemon.url, token or None, daemon.config, problem)
+
+
+def _target_from_config(config_path: str | None, url: str | None, token: str | None,
+                        lookup: runtime.Lookup | None) -> Target:
+    """No daemon recorded a runtime file (an older one, another user's, or none running): the config file."""
     explicit = config_path is not None
     path = config_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    tried = f"\n{lookup.tried()}" if lookup is not None else ""
     try:
         listen = _listen_section(path)
     except config_module.ConfigError as e:
@@ -106,23 +153,23 @@ def target_from(config_path: str | None, url: str | None, token: str | None) -> 
             # --url alone: the file was only consulted for a token, and this host may not have one.
             return Target(_normalise_url(url), None)
         problems = "\n".join(f"  {error}" for error in e.errors)
-        raise UsageError(f"cannot find the daemon from {e.source}:\n{problems}\n"
-                         f"give the right file with --config (or ${CONFIG_ENV}), "
-                         "or the daemon's address with --url") from None
+        raise UsageError(f"cannot find the daemon from {e.source}:\n{problems}{tried}\n"
+                         f"start it with `eventrelay run --config FILE`; if it runs, give its file with --config "
+                         f"(or ${CONFIG_ENV}), or its address with --url") from None
     if token is None:
         token = listen.token
     if url is not None:
-        return Target(_normalise_url(url), token or None)
+        return Target(_normalise_url(url), token or None, path)
     if listen.http is None:
         raise UsageError(f"{path}: listen.http is null, so the daemon serves no HTTP and the admin API with it; "
                          "set listen.http (e.g. 127.0.0.1:8787) and restart it")
     host, port = listen.http
     if port == 0:
-        raise UsageError(f"{path}: listen.http has port 0 (any free port): pass --url with the port the daemon "
-                         "logged when it became ready")
+        raise UsageError(f"{path}: listen.http has port 0 (any free port) and no running daemon recorded the port "
+                         f"it took{tried}\npass --url with the port the daemon logged when it became ready")
     # A daemon listening on every address is reached on loopback: the wildcard is not an address to call.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return Target(f"http://{_bracket(host)}:{port}", token or None)
+    return Target(f"http://{_bracket(host)}:{port}", token or None, path)
 
 
 def _listen_section(path: str) -> config_module.ListenConfig:
@@ -220,6 +267,8 @@ class _Client:
         if status == 401:
             hint = (f"the token comes from --token, ${TOKEN_ENV} or listen.token in the config; "
                     "it must equal the running daemon's listen.token")
+            if self.target.token_problem:
+                hint += f" ({self.target.token_problem})"
         elif status == 404 and details == ["Not Found"]:
             hint = "the daemon does not know this path: is it older than this eventrelay command?"
         return ServerError(status, details, hint)
@@ -283,13 +332,28 @@ async def _status(client: _Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
         return EXIT_OK
-    print(format_status(data, _now()))
+    print(format_status(data, _now(), _pid_of(data)))
     return EXIT_OK
 
 
-def format_status(data: dict[str, Any], now: datetime) -> str:
-    lines = [f"eventrelay {data.get('version', '?')}, up {_span(data.get('uptime_s'))}"
-             f" (since {_when(data.get('started_at'))})"]
+def _pid_of(data: dict[str, Any]) -> int | None:
+    """The daemon's pid, from the runtime file of the config it runs on; None when it is not this host's (--url).
+
+    The start time must match too: the same config path on another host, or a daemon restarted since, is not
+    the one that answered.
+    """
+    path = (data.get("config") or {}).get("path")
+    if not isinstance(path, str):
+        return None
+    for record in runtime.find(path).live:
+        if record.config == path and record.started_at == data.get("started_at"):
+            return record.pid
+    return None
+
+
+def format_status(data: dict[str, Any], now: datetime, pid: int | None = None) -> str:
+    lines = [f"eventrelay {data.get('version', '?')}{f', pid {pid}' if pid is not None else ''}, "
+             f"up {_span(data.get('uptime_s'))} (since {_when(data.get('started_at'))})"]
     config = data.get("config") or {}
     path = config.get("path") or "(no file)"
     reload = config.get("last_reload")
@@ -298,8 +362,9 @@ def format_status(data: dict[str, Any], now: datetime) -> str:
     elif reload.get("ok"):
         lines.append(f"config {path}: reloaded {_ago(reload.get('at'), now)}, OK")
     else:
+        check = f"eventrelay check-config --config {path}" if config.get("path") else "eventrelay check-config"
         lines.append(f"config {path}: reload {_ago(reload.get('at'), now)} FAILED; the daemon still runs the "
-                     "previous configuration. Fix these, check with `eventrelay check-config`, reload again:")
+                     f"previous configuration. Fix these, check with `{check}`, reload again:")
         lines.extend(f"  {error}" for error in reload.get("errors") or [])
     lines.append("")
     integrations = data.get("integrations") or []
@@ -320,6 +385,37 @@ def format_status(data: dict[str, Any], now: datetime) -> str:
                "LAST ERROR"]
     lines.append(_table(headers, rows, right={3, 4, 5, 6}))
     return "\n".join(lines)
+
+
+# -- reload -------------------------------------------------------------------------------------------------
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    return _run(args, _reload)
+
+
+async def _reload(client: _Client, args: argparse.Namespace) -> int:
+    data = (await client.post("/v1/reload", {}))["data"]
+    ok = bool(data.get("ok"))
+    if args.json:
+        _print_json(data)
+    elif ok:
+        print(format_reload(data))
+    else:
+        # Refused: the daemon answered, and what it said is an error for the operator to fix.
+        config = client.target.config and str(runtime.resolve(client.target.config))
+        check = f"eventrelay check-config --config {config}" if config else "eventrelay check-config"
+        print("eventrelay: reload refused: the daemon still runs the previous configuration. Fix these, check "
+              f"with `{check}`, reload again:", file=sys.stderr)
+        for error in data.get("errors") or []:
+            print(f"  {error}", file=sys.stderr)
+    return EXIT_OK if ok else EXIT_SERVER_ERROR
+
+
+def format_reload(data: dict[str, Any]) -> str:
+    changes = data.get("changes") or []
+    if not changes:
+        return "configuration reloaded: no changes"
+    return "\n".join([f"configuration reloaded, {len(changes)} change(s):", *(f"  {c}" for c in changes)])
 
 
 # -- jobs ---------------------------------------------------------------------------------------------------
@@ -581,12 +677,13 @@ def _event_from(args: argparse.Namespace) -> dict[str, Any]:
 # -- argument parsing ---------------------------------------------------------------------------------------
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register status, jobs, logs, retry, replay and send; each sets `func` to its cmd_* function."""
+    """Register status, reload, jobs, logs, retry, replay and send; each sets `func` to its cmd_* function."""
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_argument_group("reaching the daemon")
     where.add_argument("--config", "-c", metavar="FILE",
-                       help=f"the daemon's config, read for listen.http and listen.token "
-                            f"(default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})")
+                       help=f"the daemon's config: the running daemon of this file, else its listen.http; and "
+                            f"listen.token (default: ${CONFIG_ENV}; without either, the only daemon running, "
+                            f"else {DEFAULT_CONFIG})")
     where.add_argument("--url", help="the daemon's HTTP address, e.g. http://127.0.0.1:8787 (overrides the config)")
     where.add_argument("--token", help=f"bearer token (overrides the config; ${TOKEN_ENV} keeps it out of `ps`)")
     common.add_argument("--json", action="store_true", help="print the server's JSON data instead of a table")
@@ -596,8 +693,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                             help=f"rows to show, newest first (default {DEFAULT_PAGE}, at most 100)")
         parser.add_argument("--offset", type=_non_negative_int, default=0, help="rows to skip (next pages)")
 
-    status = subparsers.add_parser("status", parents=[common], help="the daemon's version, uptime and integrations")
+    status = subparsers.add_parser("status", parents=[common],
+                                   help="the daemon's version, pid, uptime, config file and integrations")
     status.set_defaults(func=cmd_status)
+
+    reload = subparsers.add_parser(
+        "reload", parents=[common], help="read the daemon's config file again now; print what changed, or why not",
+        epilog="Exit 0 when the new file was applied, 1 when the daemon refused it (it then keeps running the "
+               "previous configuration).")
+    reload.set_defaults(func=cmd_reload)
 
     jobs = subparsers.add_parser("jobs", parents=[common], help="list an integration's jobs")
     jobs.add_argument("integration", nargs="?", help="its name, as in the config")
@@ -666,6 +770,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Collect
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line for line in text.splitlines())
 
 
 def _footer(document: dict[str, Any], shown: int, offset: int, what: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -23,16 +24,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"eventrelay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    config_help = (f"the YAML configuration file (default: ${admin_client.CONFIG_ENV}, "
+                   f"else {admin_client.DEFAULT_CONFIG})")
     run = commands.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+    run.add_argument("--config", "-c", metavar="FILE", help=config_help)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+    check.add_argument("--config", "-c", metavar="FILE", help=config_help)
 
     receive = commands.add_parser("receive", help="run a local test receiver that prints each webhook it gets")
     receive.add_argument("--host", default="127.0.0.1")
     receive.add_argument("--port", type=int, default=9000, help="default 9000, as in config.example.yaml")
     receive.add_argument("--secret-key", help="answer 401 unless X-MOLTIN-SECRET-KEY carries this value")
+    receive.add_argument("--secret", metavar="whsec_…",
+                         help="the integration's signing_secret: answer 401 unless the Standard Webhooks "
+                              "signature verifies and its timestamp is within 5 minutes")
     receive.add_argument("--status", type=int, default=204, help="status to answer (e.g. 500 to watch retries)")
 
     admin_client.add_commands(commands)
@@ -40,36 +46,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None):
         return args.func(args)
-    if args.command == "check-config":
-        return check_config(args.config)
     if args.command == "receive":
+        from .receiver import SigningSecretError
         from .receiver import serve as serve_receiver
 
-        serve_receiver(args.host, args.port, args.secret_key, args.status)
+        try:
+            serve_receiver(args.host, args.port, args.secret_key, args.status, args.secret)
+        except SigningSecretError as e:
+            print(f"eventrelay: --secret {e}", file=sys.stderr)
+            return admin_client.EXIT_USAGE
         return 0
-    return run_daemon(args.config)
+    path, why = config_path(args.config)
+    if args.command == "check-config":
+        return check_config(path, why)
+    return run_daemon(path, why)
 
 
-def check_config(path: str) -> int:
+def config_path(given: str | None) -> tuple[str, str]:
+    """The config file `run` and `check-config` read, and where that choice came from (for their errors)."""
+    if given:
+        return given, "--config"
+    from_env = os.environ.get(admin_client.CONFIG_ENV)
+    if from_env:
+        return from_env, f"named by ${admin_client.CONFIG_ENV}"
+    return admin_client.DEFAULT_CONFIG, f"the default, as neither --config nor ${admin_client.CONFIG_ENV} is set"
+
+
+def check_config(path: str, why: str = "--config") -> int:
     try:
         config = config_module.load(path)
     except config_module.ConfigError as e:
-        print(f"{e.source}: invalid configuration:", file=sys.stderr)
-        for error in e.errors:
-            print(f"  {error}", file=sys.stderr)
+        _print_config_error(e, why, "invalid configuration:")
         return 1
     enabled = sum(i.enabled for i in config.integrations)
     print(f"{path}: OK, {len(config.integrations)} integration(s), {enabled} enabled")
     return 0
 
 
-def run_daemon(path: str) -> int:
+def run_daemon(path: str, why: str = "--config") -> int:
     try:
         config = config_module.load(path)
     except config_module.ConfigError as e:
-        print(f"{e.source}: invalid configuration, not starting:", file=sys.stderr)
-        for error in e.errors:
-            print(f"  {error}", file=sys.stderr)
+        _print_config_error(e, why, "invalid configuration, not starting:")
         return EX_CONFIG
     log_setup.setup(config.log)
     _tune_gc()
@@ -98,6 +116,15 @@ def run_daemon(path: str) -> int:
             print(f"eventrelay: cannot run: {leaf}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_config_error(error: config_module.ConfigError, why: str, what: str) -> None:
+    print(f"{error.source}: {what}", file=sys.stderr)
+    for line in error.errors:
+        print(f"  {line}", file=sys.stderr)
+    if why != "--config":
+        # The operator may not know which file was read: say where the name came from and how to choose.
+        print(f"(read {error.source}: {why}; name another file with --config FILE)", file=sys.stderr)
 
 
 def _tune_gc() -> None:

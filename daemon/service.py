@@ -26,6 +26,7 @@ from .jobs import JobState
 from .limits import ensure_descriptors
 from .metrics import Metrics
 from .notify import Notifier, watchdog_loop
+from .runtime import RuntimeFile
 from .store import Store, StoreError
 
 log = structlog.get_logger(component="service")
@@ -67,6 +68,7 @@ class Service:
         self._reload_lock = asyncio.Lock()
         self._reload_requested = asyncio.Event()
         self._ready = False
+        self._runtime: RuntimeFile | None = None  # how `eventrelay` commands find this daemon
 
     def request_reload(self) -> None:
         """SIGHUP: reload soon, in the service's own task. Requests arriving during a reload coalesce."""
@@ -97,6 +99,8 @@ class Service:
                                 tasks.create_task(self._prune_forever(stop), name="pruner"),
                                 tasks.create_task(self._report_status(stop), name="status"),
                                 tasks.create_task(watchdog_loop(self.notifier, self.is_ready, stop), name="watchdog")]
+                # Before readiness: whoever saw /readyz answer 200 finds the runtime file too.
+                self._runtime = RuntimeFile.publish(self)
                 self._ready = True
                 log.info("ready", version=__version__, http=_fmt_addr(self.http_address),
                          socket=str(config.listen.socket) if config.listen.socket else None,
@@ -114,6 +118,8 @@ class Service:
                 await writer
         finally:
             self._ready = False
+            if self._runtime is not None:
+                self._runtime.remove()
             await self._stop_listening()
             await store.close()
         log.info("stopped")
@@ -289,6 +295,8 @@ class Service:
                 if not result.ok:
                     status = f"reload failed ({len(result.errors)} error(s)), previous configuration kept; {status}"
                 self.notifier.ready(status)
+            if self._runtime is not None:
+                self._runtime.refresh(self)  # a listener may have moved (or a failed apply moved it halfway)
             return result
 
     async def _reload(self) -> ReloadResult:

@@ -256,6 +256,13 @@ def daemon_process(tmp_path: Path) -> Callable[..., DaemonProcess]:
 
 
 @pytest.fixture(autouse=True)
+def _runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Daemons started by a test record themselves here (daemon/runtime.py), not in the host's /run/eventrelay,
+    # and the commands a test runs find only those.
+    monkeypatch.setenv("EVENTRELAY_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))
+
+
+@pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests talk to 127.0.0.1 only; a proxy from the environment must never be used.
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):

@@ -1,8 +1,10 @@
-"""The operator commands (status, jobs, logs, retry, replay, send) against a fake admin API, then the real daemon.
+"""The operator commands (status, reload, jobs, logs, retry, replay, send) against a fake admin API, then the real
+daemon.
 
 The fake is a real aiohttp server on 127.0.0.1 that answers as the admin API is specified: it pins table
 formatting, the requests the commands make and their exit codes. The end-to-end tests at the bottom run the
-same commands against the daemon itself. Commands call asyncio.run, so async tests run them in a thread.
+same commands against the daemon itself: found by its runtime file with no --config or --url, reloaded, and
+the README's Quick start as typed. Commands call asyncio.run, so async tests run them in a thread.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import argparse
 import asyncio
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -23,11 +30,12 @@ import structlog
 import yaml
 from aiohttp import web
 
+import daemon
 import daemon.service
 from daemon import admin_client
 from daemon.admin_client import Target, UsageError, add_commands, target_from
 
-from .conftest import Receiver, free_port, wait_until, webhook
+from .conftest import REPO, Receiver, free_port, wait_until, webhook
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -198,7 +206,8 @@ async def test_status_shows_the_header_the_failed_reload_and_one_aligned_row_per
     assert out == (
         "eventrelay 1.2.3, up 4h 12m (since 2026-11-27 07:48:00Z)\n"
         "config /etc/eventrelay/config.yaml: reload 3m ago FAILED; the daemon still runs the previous "
-        "configuration. Fix these, check with `eventrelay check-config`, reload again:\n"
+        "configuration. Fix these, check with `eventrelay check-config --config /etc/eventrelay/config.yaml`, "
+        "reload again:\n"
         "  integrations[0].configuration.url: not an http(s) URL\n"
         "  listen.token: must be a string\n"
         "\n"
@@ -556,7 +565,7 @@ def test_bad_url_is_a_usage_error() -> None:
 
 def test_every_command_is_registered_with_the_common_options() -> None:
     cases = {"status": [], "jobs": ["erp"], "logs": ["erp"], "retry": ["erp", "5"], "replay": ["erp", "--dead"],
-             "send": ["order.paid"]}
+             "send": ["order.paid"], "reload": []}
     for name, extra in cases.items():
         args = parse(name, *extra, "-c", "/x.yaml", "--url", "http://h:1", "--token", "t", "--json")
         assert args.func is getattr(admin_client, f"cmd_{name}")
@@ -681,3 +690,256 @@ async def test_e2e_address_and_token_from_the_daemons_config(start_daemon, tmp_p
     assert "bearer token" in capsys.readouterr().err
     assert await run("jobs", "nope", "--config", config) == 1
     assert "nope" in capsys.readouterr().err
+
+
+# -- finding the running daemon without being told, and `reload` --------------------------------------------
+
+@pytest.fixture
+def nothing_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No --config, no $EVENTRELAY_CONFIG, and a default config file that does not exist: what an operator's
+    shell has in the README's Quick start. Returns the default's path."""
+    monkeypatch.delenv("EVENTRELAY_CONFIG")
+    default = tmp_path / "etc" / "config.yaml"
+    monkeypatch.setattr(admin_client, "DEFAULT_CONFIG", str(default))
+    return default
+
+
+def rewrite(path: Path, change: Any) -> None:
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw))
+
+
+async def test_status_finds_a_daemon_on_any_port_and_shows_its_pid_and_config(start_daemon, tmp_path, capsys,
+                                                                              nothing_named, quiet_daemon) -> None:
+    # The config says port 0 (any free port) and no command is told where the config is.
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/")], listen={"token": "t0ken"})
+    assert await run("status") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"eventrelay {daemon.__version__}, pid {os.getpid()}, up ")
+    assert out[1] == f"config {(tmp_path / 'config.yaml').resolve()}: as loaded at start, not reloaded since"
+    assert target_from(None, None, None) == Target(d.url, "t0ken")  # the token: from the file it runs on
+
+    await d.shutdown()
+    assert await run("status") == 2  # stopped cleanly: its record went with it, and the default file is absent
+    err = capsys.readouterr().err
+    assert f"cannot find the daemon from {nothing_named}" in err
+    assert f"no running daemon recorded in {os.environ['EVENTRELAY_RUNTIME_DIR']}" in err
+
+
+async def test_reload_applies_a_good_edit_and_refuses_a_broken_file(start_daemon, receiver: Receiver, tmp_path,
+                                                                    capsys, nothing_named, quiet_daemon) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)], listen={"token": "t0ken"})
+    config = tmp_path / "config.yaml"
+    assert await run("reload") == 0
+    assert capsys.readouterr().out == "configuration reloaded: no changes\n"
+
+    rewrite(config, lambda raw: raw["integrations"].append(webhook("crm", receiver.url + "/crm")))
+    assert await run("reload") == 0
+    assert capsys.readouterr().out == "configuration reloaded, 1 change(s):\n  added crm\n"
+    assert sorted(d.service.dispatchers) == ["crm", "erp"]
+
+    # A typo the daemon refuses: every error is printed, and it keeps running what it had.
+    config.write_text(config.read_text().replace("integration_type: webhook", "integration_type: webhok", 1))
+    assert await run("reload") == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == ("eventrelay: reload refused: the daemon still runs the previous configuration. Fix these, check "
+                   f"with `eventrelay check-config --config {config.resolve()}`, reload again:\n"
+                   "  integrations[0].integration_type: 'webhok' is not one of webhook, aws_sqs, stomp\n")
+    assert sorted(d.service.dispatchers) == ["crm", "erp"] and not d.task.done()  # still running the old one
+    assert await d.post({"id": "after-refusal", "type": "order.paid", "data": {}},
+                        {"Authorization": "Bearer t0ken"}) == (
+        202, {"data": [{"id": "after-refusal", "jobs": 2, "duplicate": False}]})
+
+    # `status` still finds the daemon (and its token) after the failed reload, and says it failed.
+    assert await run("status") == 0
+    out = capsys.readouterr().out
+    assert "reload just now FAILED" in out and "'webhok' is not one of" in out
+
+
+async def test_reload_json_exit_code_follows_ok(start_daemon, tmp_path, capsys, nothing_named,
+                                                quiet_daemon) -> None:
+    await start_daemon([])
+    args = parse("reload", "--json")
+    assert await asyncio.to_thread(args.func, args) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    (tmp_path / "config.yaml").write_text("listen: [\n")
+    assert await asyncio.to_thread(args.func, args) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["ok"] is False and "invalid YAML" in document["errors"][0]
+
+
+async def test_reload_over_http_needs_the_token_and_coalesces_through_the_lock(start_daemon, tmp_path,
+                                                                               quiet_daemon) -> None:
+    d = await start_daemon([], listen={"token": "t0ken"})
+    async with d.http.post(f"{d.url}/v1/reload") as resp:
+        assert resp.status == 401
+    auth = {"Authorization": "Bearer t0ken"}
+
+    async def reload() -> dict[str, Any]:
+        async with d.http.post(f"{d.url}/v1/reload", headers=auth) as resp:
+            assert resp.status == 200
+            return (await resp.json())["data"]
+
+    answers = await asyncio.gather(*(reload() for _ in range(5)))  # one at a time behind the lock, each answered
+    assert all(a["ok"] and a["errors"] == [] and a["changes"] == [] and a["at"].endswith("Z") for a in answers)
+    (tmp_path / "config.yaml").write_text("listen: {http: nowhere}\n")
+    refused = await reload()  # 200: the request worked; ok=false says the reload did not
+    assert refused["ok"] is False and refused["errors"] and refused["changes"] == []
+
+
+async def test_a_token_the_broken_file_no_longer_gives_is_named_in_the_401_hint(start_daemon, tmp_path, capsys,
+                                                                               nothing_named, quiet_daemon) -> None:
+    await start_daemon([], listen={"token": "t0ken"})
+    (tmp_path / "config.yaml").write_text("listen: {http: '127.0.0.1:0', token: t0ken\n")  # unclosed mapping
+    assert await run("status") == 1
+    err = capsys.readouterr().err
+    assert "missing or wrong bearer token" in err
+    assert f"listen.token could not be read from {(tmp_path / 'config.yaml').resolve()}" in err
+    assert await run("status", "--token", "t0ken") == 0
+
+
+async def test_the_fake_reload_answer_is_printed_in_words(fake, capsys) -> None:
+    async def reload(request: web.Request) -> web.Response:
+        return web.json_response({"data": {"ok": True, "errors": [], "at": iso(NOW),
+                                           "changes": ["added crm", "changed erp-orders", "log settings"]}})
+
+    # The fake has no /v1/reload, like a daemon older than the command: an error answer, exit 1.
+    assert await run("reload", "--url", fake.url) == 1
+    assert "404" in capsys.readouterr().err
+    app = web.Application()
+    app.router.add_post("/v1/reload", reload)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        assert await run("reload", "--url", f"127.0.0.1:{runner.addresses[0][1]}") == 0
+    finally:
+        await runner.cleanup()
+    assert capsys.readouterr().out == ("configuration reloaded, 3 change(s):\n  added crm\n  changed erp-orders\n"
+                                       "  log settings\n")
+
+
+def test_check_config_and_run_default_to_the_environment_then_etc(tmp_path, monkeypatch, capsys,
+                                                                   nothing_named) -> None:
+    from daemon.cli import main as cli_main
+
+    assert cli_main(["check-config"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{nothing_named}: invalid configuration:\n  cannot read the file")
+    assert "the default, as neither --config nor $EVENTRELAY_CONFIG is set; name another file with --config" in err
+
+    good = write_listen(tmp_path, {"http": "127.0.0.1:8787"})
+    monkeypatch.setenv("EVENTRELAY_CONFIG", str(good))
+    assert cli_main(["check-config"]) == 0
+    assert capsys.readouterr().out == f"{good}: OK, 0 integration(s), 0 enabled\n"
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listen: {htp: x}\n")
+    monkeypatch.setenv("EVENTRELAY_CONFIG", str(broken))
+    assert cli_main(["run"]) == 78  # refused before anything starts
+    err = capsys.readouterr().err
+    assert err.startswith(f"{broken}: invalid configuration, not starting:\n  listen.htp: unknown key")
+    assert f"(read {broken}: named by $EVENTRELAY_CONFIG" in err
+    assert cli_main(["check-config", "--config", str(good)]) == 0  # --config wins over the environment
+
+
+# -- the README's Quick start, as an operator types it ----------------------------------------------------------
+
+EVENTRELAY = Path(sys.executable).with_name("eventrelay")  # the command `make` installs into .venv/bin
+
+
+@pytest.mark.skipif(not EVENTRELAY.exists(), reason="the eventrelay command is not installed next to this Python")
+def test_quick_start_commands_work_as_written(tmp_path) -> None:
+    """`make run` in one terminal; `.venv/bin/eventrelay receive`, `status`, `jobs erp-orders` and `reload` in
+    others, from the same directory and with no --config or --url. Only the example's two ports are changed,
+    to free ones, so that this test runs beside anything else on the host."""
+    clone = tmp_path / "clone"
+    (clone / "var").mkdir(parents=True)  # what `make run` does first
+    api_port, hook_port = free_port(), free_port()
+    example = (REPO / "config.example.yaml").read_text()
+    assert example.count("127.0.0.1:8787") == 1 and example.count("127.0.0.1:9000") == 1
+    config = clone / "config.example.yaml"
+    config.write_text(example.replace("127.0.0.1:8787", f"127.0.0.1:{api_port}")
+                      .replace("127.0.0.1:9000", f"127.0.0.1:{hook_port}"))
+    env = {k: v for k, v in os.environ.items() if k not in ("EVENTRELAY_CONFIG", "EVENTRELAY_TOKEN")}
+    assert env["EVENTRELAY_RUNTIME_DIR"]  # from conftest: this test's own, away from the host's /run/eventrelay
+
+    def command(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(EVENTRELAY), *argv], cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    with open(tmp_path / "daemon.log", "wb") as daemon_log, open(tmp_path / "receiver.log", "wb") as receiver_log:
+        daemon_proc = subprocess.Popen([str(EVENTRELAY), "run", "--config", "config.example.yaml"], cwd=clone,
+                                       env=env, stdout=daemon_log, stderr=subprocess.STDOUT)
+        receiver_proc = subprocess.Popen([str(EVENTRELAY), "receive", "--port", str(hook_port)], cwd=clone,
+                                         env=env, stdout=receiver_log, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(api_port, daemon_proc, tmp_path / "daemon.log")
+
+            status = command("status")
+            assert status.returncode == 0, status.stderr
+            lines = status.stdout.splitlines()
+            assert lines[0].startswith(f"eventrelay {daemon.__version__}, pid {daemon_proc.pid}, up ")
+            assert lines[1] == f"config {config.resolve()}: as loaded at start, not reloaded since"
+            assert lines[4].split()[:3] == ["erp-orders", "webhook", "yes"]
+
+            sent = command("send", "order.paid", "--id", "evt-1001", "--data", '{"type": "order", "id": "o-1001"}')
+            assert (sent.returncode, sent.stdout) == (0, "event evt-1001 accepted: 1 job(s) queued\n"), sent.stderr
+            _wait_for(lambda: b"order.paid id=evt-1001 attempt=1 integration=erp-orders" in
+                      (tmp_path / "receiver.log").read_bytes(), "the receiver printing the delivery")
+
+            jobs = command("jobs", "erp-orders")
+            assert jobs.returncode == 0, jobs.stderr
+            assert "evt-1001" in jobs.stdout and jobs.stdout.endswith("jobs of erp-orders 1-1 of 1, newest first\n")
+
+            reload = command("reload")
+            assert (reload.returncode, reload.stdout) == (0, "configuration reloaded: no changes\n"), reload.stderr
+            config.write_text(config.read_text().replace("      timeout: 10s", "      timeout: 5s"))
+            reload = command("reload")
+            assert (reload.returncode, reload.stdout) == (0, "configuration reloaded, 1 change(s):\n"
+                                                             "  changed erp-orders\n"), reload.stderr
+
+            config.write_text(config.read_text().replace("integration_type: webhook", "integration_type: webhok"))
+            reload = command("reload")
+            assert reload.returncode == 1 and reload.stdout == ""
+            assert "reload refused: the daemon still runs the previous configuration" in reload.stderr
+            assert "integrations[0].integration_type: 'webhok' is not one of" in reload.stderr
+            assert daemon_proc.poll() is None
+            status = command("status")
+            assert status.returncode == 0, status.stderr
+            assert f"pid {daemon_proc.pid}" in status.stdout and "FAILED" in status.stdout
+            check = command("check-config", "--config", "config.example.yaml")
+            assert check.returncode == 1 and "'webhok' is not one of" in check.stderr
+        finally:
+            for proc in (daemon_proc, receiver_proc):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            assert daemon_proc.wait(30) == 0, (tmp_path / "daemon.log").read_text()
+            receiver_proc.wait(30)
+    assert list(Path(env["EVENTRELAY_RUNTIME_DIR"]).iterdir()) == []  # a clean stop takes its record away
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                if b" 200 " in s.recv(100):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"daemon not ready within {timeout}s:\n{log.read_text()}")
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
