@@ -521,12 +521,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 async def _retry(client: _Client, args: argparse.Namespace) -> int:
     path = f"{_integration_path(args.integration)}/jobs/{quote(args.job, safe='')}/retry"
-    job = (await client.post(path, {}))["data"]
+    answer = await client.post(path, {})
+    job = answer["data"]
     if args.json:
         _print_json(job)
         return EXIT_OK
+    held_by = (answer.get("meta") or {}).get("held_by")
+    when = f"held: {held_by}" if held_by else "it goes now"
     print(f"job {job.get('id', args.job)} of {args.integration} re-queued ({job.get('state', 'pending')}, "
-          f"{_num(job.get('attempts'))} attempt(s) so far); follow it with "
+          f"{_num(job.get('attempts'))} attempt(s) so far); {when}; follow it with "
           f"`eventrelay logs {args.integration} --job {job.get('id', args.job)}`")
     return EXIT_OK
 
@@ -543,6 +546,21 @@ async def _enable(client: _Client, args: argparse.Namespace) -> int:
         print(f"{args.integration} enabled again: its pending jobs are being delivered")
     else:
         print(f"{args.integration} was not disabled: nothing to do")
+    return EXIT_OK
+
+
+def cmd_close_circuit(args: argparse.Namespace) -> int:
+    return _run(args, _close_circuit)
+
+
+async def _close_circuit(client: _Client, args: argparse.Namespace) -> int:
+    data = (await client.post(f"{_integration_path(args.integration)}/close-circuit", {}))["data"]
+    if args.json:
+        _print_json(data)
+    elif data.get("was") == "closed":
+        print(f"the circuit of {args.integration} was not open: nothing to do")
+    else:
+        print(f"the circuit of {args.integration} is closed (it was {data.get('was')}): deliveries resume now")
     return EXIT_OK
 
 
@@ -726,6 +744,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                                    help="turn an integration back on after its target answered 410 Gone")
     enable.add_argument("integration", help="its name, as in the config")
     enable.set_defaults(func=cmd_enable)
+
+    close = subparsers.add_parser("close-circuit", parents=[common],
+                                  help="close an integration's open circuit now (its target is fixed)")
+    close.add_argument("integration", help="its name, as in the config")
+    close.set_defaults(func=cmd_close_circuit)
 
     replay = subparsers.add_parser(
         "replay", parents=[common], help="re-queue an integration's dead jobs, or its jobs of a time range",

@@ -306,7 +306,8 @@ async def test_retry_requeues_and_says_how_to_follow_the_job(fake, capsys) -> No
     fake.jobs = [job("5", "dead", 9, "connection refused"), job("7", "delivered", 1)]
     assert await run("retry", "erp", "5", "--url", fake.url) == 0
     assert capsys.readouterr().out == (
-        "job 5 of erp re-queued (pending, 9 attempt(s) so far); follow it with `eventrelay logs erp --job 5`\n")
+        "job 5 of erp re-queued (pending, 9 attempt(s) so far); it goes now; follow it with "
+        "`eventrelay logs erp --job 5`\n")
     assert fake.requests[-1][:2] == ("POST", "/v1/integrations/erp/jobs/5/retry")
 
 
@@ -647,7 +648,8 @@ async def test_e2e_a_dead_job_is_listed_logged_retried_and_replayed(start_daemon
 
     receiver.respond = None  # the receiver is fixed: 204 from now on
     assert await run("retry", "erp", dead["id"], "--url", url) == 0
-    assert capsys.readouterr().out.startswith(f"job {dead['id']} of erp re-queued (pending, ")
+    out = capsys.readouterr().out
+    assert out.startswith(f"job {dead['id']} of erp re-queued (pending, ") and "; it goes now; " in out
     await wait_until(lambda: d.rows("SELECT state FROM jobs") == [("delivered",)])
     assert await run("retry", "erp", dead["id"], "--url", url) == 1  # delivered: 409
     assert "delivered" in capsys.readouterr().err
@@ -943,3 +945,33 @@ def _wait_for(predicate: Any, what: str, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+@needs_admin_api
+async def test_e2e_close_circuit_and_a_retry_held_by_a_410(start_daemon, receiver: Receiver, capsys,
+                                                          quiet_daemon) -> None:
+    from aiohttp import web as aioweb
+
+    receiver.respond = lambda r: aioweb.Response(status=503)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "retry": {"initial": "1h", "max_interval": "1h", "max_age": "1h"},
+        "breaker": {"failures": 2, "cooldown": "5m", "max_cooldown": "5m"}})])
+    for i in range(3):
+        assert await run("send", "order.paid", "--id", f"c{i}", "--url", d.url) == 0
+    await wait_until(lambda: d.service.dispatchers["erp"].breaker.state == "open")
+    capsys.readouterr()
+    receiver.respond = None
+    assert await run("close-circuit", "erp", "--url", d.url) == 0
+    assert capsys.readouterr().out == "the circuit of erp is closed (it was open): deliveries resume now\n"
+    assert await run("close-circuit", "erp", "--url", d.url) == 0
+    assert capsys.readouterr().out == "the circuit of erp was not open: nothing to do\n"
+
+    # A 410 disables the integration: a retry then says what holds it, and how to lift it.
+    receiver.respond = lambda r: aioweb.Response(status=410)
+    assert await run("send", "order.paid", "--id", "gone", "--url", d.url) == 0
+    await wait_until(lambda: d.service.dispatchers["erp"].disabled is not None)
+    gone = next(j for j in await cli_json("jobs", "erp", "--state", "pending", "--url", d.url)
+                if j["event_id"] == "gone")
+    capsys.readouterr()
+    assert await run("retry", "erp", gone["id"], "--url", d.url) == 0
+    assert "held: the integration is disabled: the target answered 410 Gone" in capsys.readouterr().out
