@@ -167,7 +167,8 @@ class ListenConfig:
     max_body_size: int = 1024 * 1024  # HTTP body, and socket line
     max_depth: int = 64  # JSON nesting
     max_connections: int = 1024  # open connections, on each listener
-    idle_timeout: float = 75.0  # seconds an HTTP connection may sit without a request before it is closed
+    idle_timeout: float = 75.0  # seconds a connection may sit without a request (HTTP) or a line (socket)
+    request_timeout: float = 30.0  # seconds an HTTP request may take to arrive, headers and body
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +423,7 @@ class _Parser:
 
     def listen(self, raw: Any) -> ListenConfig:
         s = self.section(raw, "listen", ("http", "socket", "socket_mode", "token", "max_body_size", "max_depth",
-                                         "max_connections", "idle_timeout"))
+                                         "max_connections", "idle_timeout", "request_timeout"))
         d = ListenConfig()
         http = self.value(s, "http", "listen", _host_port, d.http, nullable=True)
         sock = self.value(s, "socket", "listen", self.path, None, nullable=True)
@@ -436,6 +437,7 @@ class _Parser:
             max_depth=self.value(s, "max_depth", "listen", _int_range(2, 10_000), d.max_depth),
             max_connections=self.value(s, "max_connections", "listen", _int_range(1, 1_000_000), d.max_connections),
             idle_timeout=self.value(s, "idle_timeout", "listen", _positive_duration, d.idle_timeout),
+            request_timeout=self.value(s, "request_timeout", "listen", _positive_duration, d.request_timeout),
         )
 
     def storage(self, raw: Any) -> StorageConfig:

@@ -232,8 +232,9 @@ class Service:
         assert self._http_runner.server is not None
         self._http.serve_events_first(self._http_runner.server)
         ingestor = self._ingestor
-        self._http_cap = ConnectionCap(self._http_runner.server, listen.max_connections,
+        self._http_cap = ConnectionCap(self._http_runner.server, listen.max_connections, listen.request_timeout,
                                        lambda: ingestor.refused_connection("http"))
+        self._http_cap.start()
         if listen.http is not None:
             await self._bind_http(listen.http)
 
@@ -262,6 +263,9 @@ class Service:
             runner, self._http_runner = self._http_runner, None
             stopping.append(runner.cleanup())
         await asyncio.gather(*stopping)
+        if self._http_cap is not None:  # its request timeouts held while the open requests drained
+            cap, self._http_cap = self._http_cap, None
+            await cap.close()
 
     # -- reload --------------------------------------------------------------------------------------------
 
@@ -365,6 +369,7 @@ class Service:
         self._http.update(n)
         if self._http_cap is not None:
             self._http_cap.limit = n.max_connections
+            self._http_cap.request_timeout = n.request_timeout
         if n.http != o.http:
             if n.http is None:
                 if self._http_server is not None:

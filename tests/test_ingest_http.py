@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import time
 
 import pytest
 
@@ -199,3 +200,96 @@ async def test_max_depth_counts_the_batch_array_and_each_event(start_daemon) -> 
     status, body = await d.post([[[[[[1]]]]]])  # not events at all, and too deep
     assert status == 400 and "listen.max_depth" in body["errors"][0]["detail"]
     assert count(d, "events") == 3
+
+
+# -- slow, broken and failing requests --------------------------------------------------------------------------
+
+async def exchange(d, parts: list[bytes], gap: float = 0.0, timeout: float = 10.0) -> tuple[int, dict, dict | None]:
+    """Send `parts` on a new connection, `gap` seconds apart, while reading: (status, headers, JSON body) of the
+    answer, which must come within `timeout` s and end with the connection closed."""
+    host, port = d.service.http_address
+    reader, writer = await asyncio.open_connection(host, port)
+
+    async def send() -> None:
+        for part in parts:
+            if writer.is_closing():
+                return
+            writer.write(part)
+            await asyncio.sleep(gap)
+
+    sending = asyncio.create_task(send())
+    try:
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        sending.cancel()
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split(" ")[1]), headers, json.loads(body) if body else None
+
+
+POST_HEAD = (b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+
+
+async def test_a_request_slower_than_request_timeout_is_answered_408(start_daemon) -> None:
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["customer.created"])],
+                           listen={"request_timeout": "500ms"})
+    body = json.dumps({"type": "order.paid", "data": {}}).encode()
+    request = POST_HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    slow = [
+        [request[i:i + 1] for i in range(60)],  # the headers, a byte at a time
+        [request[:-len(body)]] + [body[i:i + 1] for i in range(len(body))],  # then the body
+        # An admin route reading its body (the replay of an integration)
+        [b"POST /v1/integrations/erp/replay HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"] + [b" "] * 100,
+    ]
+    for parts in slow:
+        started = time.monotonic()
+        status, headers, answer = await exchange(d, parts, gap=0.1)
+        assert status == 408 and headers.get("Connection") == "close", (status, headers, answer)
+        assert answer["errors"][0]["status"] == "408" and "listen.request_timeout (0.5 s)" in \
+            answer["errors"][0]["detail"], answer
+        assert 0.4 < time.monotonic() - started < 3.0
+    assert count(d, "events") == 0
+    # A request sent at once is not affected, nor a keep-alive connection idle for longer between requests.
+    host, port = d.service.http_address
+    reader, writer = await asyncio.open_connection(host, port)
+    for _ in range(2):
+        writer.write(request)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 202")
+        await asyncio.wait_for(reader.readuntil(b"}]}"), 5)
+        await asyncio.sleep(1.0)
+    writer.close()
+
+
+async def test_a_chunk_broken_after_the_headers_is_answered_at_once(start_daemon) -> None:
+    # aiohttp's parser fails on the broken chunk, but leaves the handler waiting for the rest of the body.
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])])
+    for head in (POST_HEAD, b"POST /v1/integrations/erp/replay HTTP/1.1\r\nHost: x\r\n"):
+        status, headers, answer = await exchange(
+            d, [head + b"Transfer-Encoding: chunked\r\n\r\n5\r\n[1,2]\r\n", b"zz\r\nabc\r\n0\r\n\r\n"], gap=0.3,
+            timeout=5)
+        assert status == 400 and answer["errors"][0]["detail"] == (
+            "the body cannot be read: its Content-Encoding or chunked framing is corrupt"), answer
+
+
+async def test_an_unexpected_failure_of_a_handler_is_a_json_500(start_daemon, tmp_path) -> None:
+    import random
+    import sqlite3
+
+    d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])])
+    assert (await d.post([{"type": "order.paid", "data": {"n": "x" * 300}}] * 1000))[0] == 202
+    # What a failing disk does to the file under a running daemon, once the WAL is checkpointed into it.
+    with sqlite3.connect(d.db_path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = d.db_path.stat().st_size
+    with open(d.db_path, "r+b") as f:
+        f.seek(3 * 4096)
+        f.write(random.Random(7).randbytes(size - 4 * 4096))
+    for path in ("/v1/status", "/v1/integrations/erp/jobs", "/metrics"):
+        async with d.http.get(d.url + path) as resp:
+            assert resp.status == 500 and resp.content_type == "application/json", await resp.text()
+            (error,) = (await resp.json())["errors"]
+        assert error["title"] == "Internal Server Error"
+        assert error["detail"].startswith(f"the database {d.db_path} is damaged (SQLite: database disk image "
+                                          "is malformed)") and "restore a backup" in error["detail"], error

@@ -6,8 +6,9 @@ import asyncio
 import json
 import os
 import stat
+import time
 
-from .conftest import webhook
+from .conftest import wait_until, webhook
 
 
 async def talk(path, payload: bytes, answers: int, timeout: float = 10.0) -> list[dict]:
@@ -95,3 +96,88 @@ async def test_connections_beyond_the_limit_are_refused_with_a_reason(start_daem
     await asyncio.sleep(0.05)
     answers = await talk(d.socket_path, b'{"type": "order.paid", "data": {}}\n', 1)  # room again
     assert answers[0]["ok"] is True
+
+
+def lines(n: int, tag: str) -> bytes:
+    return b"".join(json.dumps({"id": f"{tag}-{i}", "type": "order.paid", "data": {}}).encode() + b"\n"
+                    for i in range(n))
+
+
+async def test_producers_that_hang_up_without_reading_free_their_slots(start_daemon) -> None:
+    # Each writes lines and goes (half of them with a reset) before reading a single answer: writing those
+    # answers fails, and each failure must still free the connection's slot.
+    d = await start_daemon([], listen={"max_connections": 4})
+    for i in range(8):
+        reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+        writer.write(lines(2000, f"rude{i}"))
+        await writer.drain()
+        if i % 2:
+            writer.transport.abort()
+        else:
+            writer.close()
+    await asyncio.sleep(0.3)  # their events committing, their answers failing
+    await wait_until(lambda: answered_ok(d.socket_path), timeout=5)
+    await wait_until(lambda: not d.service._socket._connections, timeout=5)
+    started = time.monotonic()
+    await d.shutdown()
+    assert time.monotonic() - started < 2.0  # nothing left waiting out the drain
+
+
+async def test_idle_connections_are_closed_after_idle_timeout(start_daemon) -> None:
+    d = await start_daemon([], listen={"idle_timeout": "300ms"})
+
+    async def closed_after(reader: asyncio.StreamReader) -> tuple[bytes, float]:
+        started = time.monotonic()
+        return await asyncio.wait_for(reader.read(), 5), time.monotonic() - started
+
+    # Connected, never sends.
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    assert (await closed_after(reader))[0] == b""
+    writer.close()
+    # Trickles a line that never ends: bytes come, but no line.
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    trickle = asyncio.create_task(_trickle(writer, b'{"type": "order.paid", "data": {"x": "' + b"y" * 100))
+    assert (await closed_after(reader))[0] == b""
+    trickle.cancel()
+    writer.close()
+    # Sends a line, then nothing, and reads only later: its answer is written before the close.
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    writer.write(b'{"id": "late-reader", "type": "order.paid", "data": {}}\n')
+    await asyncio.sleep(1.0)
+    rest, _ = await closed_after(reader)
+    assert [json.loads(line)["id"] for line in rest.splitlines()] == ["late-reader"]
+    writer.close()
+    # A producer that keeps sending lines is not idle.
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    for i in range(8):
+        writer.write(json.dumps({"id": f"busy-{i}", "type": "order.paid", "data": {}}).encode() + b"\n")
+        assert json.loads(await asyncio.wait_for(reader.readline(), 5))["ok"] is True
+        await asyncio.sleep(0.1)
+    writer.close()
+
+
+async def _trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
+    for i in range(len(data)):
+        writer.write(data[i:i + 1])
+        await asyncio.sleep(0.05)
+
+
+async def test_a_producer_that_reads_no_answers_is_let_go_after_idle_timeout(start_daemon) -> None:
+    # It keeps its connection open and reads nothing: the answers fill the socket buffers, the daemon stops
+    # reading (backpressure), and only the idle timeout can free the slot.
+    d = await start_daemon([], listen={"idle_timeout": "500ms", "max_connections": 1})
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    writer.write(lines(40_000, "deaf"))  # about 3 MB of answers; the transport sends what the daemon takes
+    await asyncio.sleep(0.2)
+    assert not await answered_ok(d.socket_path)  # its slot is taken
+    await wait_until(lambda: answered_ok(d.socket_path), timeout=10)
+    writer.transport.abort()
+
+
+async def answered_ok(path) -> bool:
+    """One line sent on a new connection is answered ok (False if refused, or reset after the refusal)."""
+    try:
+        answers = await talk(path, b'{"type": "order.paid", "data": {}}\n', 1)
+    except ConnectionError:
+        return False
+    return answers[0]["ok"] is True

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import cast
+from http import HTTPStatus
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .. import codec
 from ..config import ListenConfig
@@ -26,8 +29,6 @@ log = structlog.get_logger(component="ingest.http")
 
 def error_response(status: int, detail: str | list[str], headers: dict[str, str] | None = None) -> web.Response:
     """JSON:API-style errors, as the seed system answers them."""
-    from http import HTTPStatus
-
     details = [detail] if isinstance(detail, str) else detail
     title = HTTPStatus(status).phrase
     return web.json_response({"errors": [{"status": str(status), "title": title, "detail": d} for d in details]},
@@ -35,36 +36,252 @@ def error_response(status: int, detail: str | list[str], headers: dict[str, str]
 
 
 class ConnectionCap:
-    """aiohttp's protocol factory behind a cap on open connections, which aiohttp itself does not have.
+    """aiohttp's protocol factory behind a cap on open connections, which aiohttp itself does not have, and one
+    check, about once a second, that times out requests arriving too slowly (aiohttp has no read timeout).
 
-    Past `limit`, a client gets a 503 that says which setting to raise, then the connection closes: better
-    than a silent reset, and the cap keeps a flood of idle clients from taking every file descriptor (the
-    database and the Unix socket need some too). `limit` may change on reload.
+    Past `limit`, the connection idle the longest is closed to make room, if one has been idle for longer than
+    a request may take (request_timeout: a client between two requests keeps its connection); else the new
+    client gets a 503 that says which setting to raise, then the connection closes: better than a silent
+    reset, and the cap keeps a flood of clients from taking every file descriptor (the database and the Unix
+    socket need some too). `limit` and `request_timeout` may change on reload.
     """
 
-    def __init__(self, server: web.Server, limit: int, on_refused: Callable[[], None] = lambda: None):
+    def __init__(self, server: web.Server, limit: int, request_timeout: float,
+                 on_refused: Callable[[], None] = lambda: None):
         self._server = server
         self.limit = limit
+        self.request_timeout = request_timeout
         self._on_refused = on_refused
         # Connections accepted in this turn of the loop. The loop accepts a burst of connections, making their
         # protocols, before it runs their connection_made (where aiohttp counts a connection), so a count of
         # aiohttp's alone would let a burst overshoot. Those calls and the reset below are scheduled in the same
         # turn, so all have run before the loop accepts again.
         self._burst = 0
+        # No connection was idle enough to close at the last look: refusals skip the scan until the next check,
+        # so that a flood of refused clients costs no scan of every connection each.
+        self._none_idle = False
+        self._work = asyncio.Event()  # set while connections are open: the check runs only then
+        self._watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch(), name="http-request-timeouts")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
 
     def __call__(self) -> asyncio.BaseProtocol:
-        # `connections` copies a list: a few microseconds per accept at the default cap, and accepts are rare
-        # next to requests, which reuse their connection.
-        if len(self._server.connections) + self._burst < self.limit:
-            if not self._burst:
-                asyncio.get_running_loop().call_soon(self._end_burst)
-            self._burst += 1
-            return self._server()
-        self._on_refused()
-        return _Refusal(self.limit)
+        server = self._server
+        if len(server._connections) + self._burst >= self.limit and not self._make_room():
+            self._on_refused()
+            return _Refusal(self.limit)
+        if not self._burst:
+            asyncio.get_running_loop().call_soon(self._end_burst)
+        self._burst += 1
+        self._work.set()
+        # What aiohttp's Server.__call__ does, with our protocol class.
+        return _Connection(server, loop=server._loop, **server._kwargs)
 
     def _end_burst(self) -> None:
         self._burst = 0
+
+    def _make_room(self) -> bool:
+        """At the cap: True if there is room after all (connections closing count as gone) or after closing
+        the connection idle the longest, if one has been idle for longer than request_timeout."""
+        if self._none_idle:
+            return False
+        latest = asyncio.get_running_loop().time() - self.request_timeout  # idle since then or before
+        open_, oldest, oldest_since = 0, None, latest
+        for connection in self._server._connections:  # oldest connection first: it wins a tie
+            if connection.transport is None:
+                continue  # closing already
+            open_ += 1
+            since = cast(_Connection, connection).idle_since()
+            if since is not None and since <= latest and (oldest is None or since < oldest_since):
+                oldest, oldest_since = connection, since
+        if open_ + self._burst < self.limit:
+            return True
+        if oldest is None:
+            self._none_idle = True
+            return False
+        oldest.force_close()  # what aiohttp's keep-alive timeout does to it, only sooner
+        return True
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._server._connections:
+                self._work.clear()
+                await self._work.wait()
+            await asyncio.sleep(min(1.0, self.request_timeout / 4))
+            self._none_idle = False
+            now, timeout = loop.time(), self.request_timeout
+            for connection in list(self._server._connections):
+                cast(_Connection, connection).check(now, timeout)
+
+
+class _SlowRequest(Exception):
+    """Set on a request's body when the request took longer than listen.request_timeout to arrive."""
+
+
+def _too_slow(timeout: float) -> str:
+    return (f"the request did not arrive within listen.request_timeout ({timeout:g} s); send it at once, "
+            f"or raise listen.request_timeout")
+
+
+class _Connection(RequestHandler):
+    """aiohttp's HTTP protocol, with the request timeout, our JSON errors, and log lines through structlog.
+
+    The timeout is enforced by ConnectionCap's check; all a request costs here is data_received noting when the
+    first bytes of a request arrive (the first read while aiohttp waits for a request): no timer per request.
+    """
+
+    __slots__ = ("_began", "_began_on", "_began_count", "_timed", "_timed_since")
+
+    def __init__(self, manager: web.Server, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._began_on: asyncio.Future[None] | None = None  # aiohttp's wait for a request, when bytes came in it
+        self._began = 0.0  # when they came
+        self._began_count = -1  # requests received on the connection before that one
+        self._timed: web.BaseRequest | None = None  # the request whose body the check times
+        self._timed_since = 0.0
+
+    def data_received(self, data: bytes, _base: Callable[[RequestHandler, bytes], None] = RequestHandler.data_received
+                      ) -> None:
+        waiter = self._waiter
+        if waiter is not None and waiter is not self._began_on:
+            self._began_on = waiter
+            self._began_count = self._request_count
+            self._began = self._loop.time()
+        _base(self, data)
+
+    def idle_since(self) -> float | None:
+        """When the connection began to wait for a request, if it still waits and nothing of one has come."""
+        waiter = self._waiter
+        if waiter is None or waiter.done() or waiter is self._began_on:
+            return None
+        # aiohttp's keep-alive deadline: the moment the connection became idle, plus the keep-alive timeout.
+        return self._next_keepalive_close_time - self.keepalive_timeout
+
+    def check(self, now: float, timeout: float) -> None:
+        """Answer 408 and close if the request being received has taken `timeout` seconds."""
+        if self.transport is None:
+            return
+        request = self._current_request
+        if request is None:
+            self._timed = None
+            waiter = self._waiter
+            if self._close and not self._request_in_progress:
+                self.force_close()  # a 408 went out a check ago: the client had time to read it
+            elif waiter is not None and waiter is self._began_on and not waiter.done() and \
+                    now - self._began >= timeout:
+                self._headers_too_slow(timeout)
+            return
+        payload = request.content
+        if payload.is_eof():
+            return  # the body is in: the request is being handled, not received
+        if self._messages and isinstance(error := self._messages[0][0], _ErrInfo):
+            # The body's framing broke after the handler started reading it (a bad chunk size): aiohttp
+            # queues an error for after the request, which never ends, as the body is never complete.
+            self._end_body(RequestPayloadError(error.message), "malformed HTTP request refused",
+                           _first_line(error.message))
+            return
+        if self._timed is not request:
+            self._timed = request
+            # Its first bytes came while aiohttp waited for it, or (pipelined) with the request before it.
+            current = self._request_count - len(self._messages)
+            self._timed_since = self._began if current == self._began_count + 1 else now
+        if now - self._timed_since >= timeout:
+            self._end_body(_SlowRequest(_too_slow(timeout)), "request timed out", "body")
+
+    def _end_body(self, error: Exception, event: str, detail: str) -> None:
+        """Make the handler's read of the body fail with `error` (it answers), and close after the answer."""
+        assert self._current_request is not None
+        log.info(event, peer=_peer(self._current_request), detail=detail)
+        self.close()  # ignore what else the client sends
+        self._current_request.content.set_exception(error)
+        self._current_request.content.feed_eof()  # nothing to drain after the answer
+
+    def _headers_too_slow(self, timeout: float) -> None:
+        assert self.transport is not None
+        log.info("request timed out", peer=_peer_of(self.transport), detail="headers")
+        body = codec.dumps({"errors": [{"status": "408", "title": "Request Timeout", "detail": _too_slow(timeout)}]})
+        self.transport.write((f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body.encode())
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        # Closing now, with the client still sending, could reset the connection before it reads the answer:
+        # ignore what it sends, and let the next check close the connection.
+        self.close()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse (400) or whose handler raised (500, 504): ours in
+        JSON, with one log line instead of a traceback through the standard library's logging."""
+        if status == 500 and exc is not None:
+            response = failure_response(request, exc)
+        else:
+            if status == 504:
+                detail = "the request took too long to handle; see the eventrelay log"
+                log.warning("request handler timed out", peer=_peer(request), method=request.method,
+                            path=request.path)
+            else:
+                detail = _malformed(exc, message)
+                log.info("malformed HTTP request refused", peer=_peer(request), detail=detail)
+            response = error_response(status, detail)
+        if request.writer.output_size > 0:
+            # As aiohttp: part of an answer went out already, so the connection is broken.
+            raise ConnectionError("an answer was under way; the connection cannot carry an error after it")
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's other failures ("Unhandled exception", ...): one log line."""
+        message = args[0] % args[1:] if len(args) > 1 else (args[0] if args else "HTTP connection failed")
+        log.error(str(message), exc_info=kw.get("exc_info"))
+
+
+def _peer(request: web.BaseRequest) -> str | None:
+    return request.remote
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> str | None:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else None
+
+
+def _first_line(text: str) -> str:
+    """What an aiohttp parser message says, on one line: the text before the quoted bytes and the caret."""
+    head = text.strip().split("\n\n", 1)[0]
+    return " ".join(part.strip() for part in head.splitlines()).rstrip(":")[:200]
+
+
+def _malformed(exc: BaseException | None, message: str | None) -> str:
+    if isinstance(exc, LineTooLong):
+        return f"a line of the request head is longer than {exc.args[1]} bytes"
+    return f"the request is not valid HTTP/1.1: {_first_line(message or str(exc or '')) or 'unreadable'}"
+
+
+def failure_response(request: web.BaseRequest, exc: BaseException) -> web.Response:
+    """A JSON 500 that says in a sentence what failed, for an exception no handler expected; one log line."""
+    fields = {"method": request.method, "path": request.path}
+    if isinstance(exc, ConnectionError) and (request.transport is None or request.transport.is_closing()):
+        # The client hung up while its request was handled: nobody to answer, nothing for the operator to do.
+        return error_response(500, "the client closed the connection")
+    if isinstance(exc, StoreError):
+        detail = str(exc)  # it says what failed and what to do
+        log.error("request failed", error=detail, **fields)
+    elif isinstance(exc, sqlite3.Error):
+        detail = f"the database could not be read: {exc}; check the disk and the database (eventrelay logs say more)"
+        log.error("request failed", error=detail, exc_info=exc, **fields)
+    else:
+        detail = (f"the request failed on an unexpected error ({type(exc).__name__}: {exc}); the eventrelay log "
+                  f"has its traceback")
+        log.error("request failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc, **fields)
+    return error_response(500, detail)
 
 
 class _Refusal(asyncio.Protocol):
@@ -104,7 +321,20 @@ class _Refusal(asyncio.Protocol):
 
 
 class _UnreadableBody(Exception):
-    pass
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+
+
+def _unreadable_body() -> _UnreadableBody:
+    return _UnreadableBody(400, "the body cannot be read: its Content-Encoding or chunked framing is corrupt")
+
+
+def _unreadable(e: _UnreadableBody) -> web.Response:
+    # The rest of the body is unreadable or late: the connection cannot carry another request.
+    response = error_response(e.status, str(e))
+    response.force_close()
+    return response
 
 
 class HttpIngest:
@@ -176,6 +406,10 @@ class HttpIngest:
                 raise
             return error_response(e.status, e.reason or e.text or "", headers={
                 k: v for k, v in e.headers.items() if k in ("Allow", "WWW-Authenticate")})
+        except (_SlowRequest, RequestPayloadError, ContentEncodingError) as e:  # reading the body of an admin POST
+            return _unreadable(_UnreadableBody(408, str(e)) if isinstance(e, _SlowRequest) else _unreadable_body())
+        except Exception as e:
+            return failure_response(request, e)
 
     async def post_events(self, request: web.Request) -> web.Response:
         """Store the events of a request and answer 202 once committed, or answer why not.
@@ -190,7 +424,7 @@ class HttpIngest:
         try:
             raw = await self._read_body(request)
         except _UnreadableBody as e:
-            return error_response(400, str(e))
+            return _unreadable(e)
         if raw is None:
             return self._too_large()
         try:
@@ -242,8 +476,9 @@ class HttpIngest:
                 chunks.append(chunk)
         except (RequestPayloadError, ContentEncodingError):
             # e.g. a Content-Encoding: gzip body that does not decompress, or a broken chunked encoding
-            raise _UnreadableBody("the body cannot be read: its Content-Encoding or chunked framing is corrupt") \
-                from None
+            raise _unreadable_body() from None
+        except _SlowRequest as e:  # set by ConnectionCap's check
+            raise _UnreadableBody(408, str(e)) from None
         return b"".join(chunks)
 
     def _too_large(self) -> web.Response:
