@@ -844,7 +844,8 @@ KNOWN_KEYS = ["listen", "storage", "delivery", "integrations", "shutdown_grace",
               "window", "cooldown", "max_cooldown", "name", "description", "enabled", "integration_type",
               "observes", "configuration", "url", "secret_key", "signing_secret", "region", "aws_access_key_id",
               "aws_secret_access_key", "endpoint_url", "message_group_id", "max_message_size", "addresses",
-              "destination", "username", "password", "vhost", "heartbeat", "ca_file"]
+              "destination", "username", "password", "vhost", "heartbeat", "ca_file", "request_timeout",
+              "file_mode", "store_id", "send_resources"]
 INTERESTING = ["10s", "250ms", "5m", "24h", "7d", "0s", "-1s", "1.5h", "1MiB", "512KiB", "0", "1GB", "0660", "0o777",
                "999", "127.0.0.1:8787", "[::1]:0", "localhost:99999", ":80", "order.paid", "order.*", "*", "Order",
                "webhook", "aws_sqs", "stomp", "http://127.0.0.1:9/h", "https://sqs.eu-west-1.amazonaws.com/1/q.fifo",

@@ -293,3 +293,18 @@ async def test_an_unexpected_failure_of_a_handler_is_a_json_500(start_daemon, tm
         assert error["title"] == "Internal Server Error"
         assert error["detail"].startswith(f"the database {d.db_path} is damaged (SQLite: database disk image "
                                           "is malformed)") and "restore a backup" in error["detail"], error
+
+
+async def test_a_repeated_key_is_refused_on_both_listeners_and_nothing_is_stored(start_daemon, receiver) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)])
+    # A proxy keeping the first `type` would route this as order.paid; we would have kept order.cancelled.
+    raw = b'{"id": "twice", "type": "order.paid", "data": {"id": "o1"}, "type": "order.cancelled"}'
+    status, body = await d.post(None, raw=raw)
+    assert status == 400
+    assert body["errors"][0]["detail"] == 'duplicate key "type" in an object: each key may appear once'
+    reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
+    writer.write(raw.replace(b"twice", b"twice-socket") + b"\n")
+    answer = json.loads(await reader.readline())
+    writer.close()
+    assert answer == {"ok": False, "error": 'duplicate key "type" in an object: each key may appear once'}
+    assert (await d.service.store.job_counts()) == {}
