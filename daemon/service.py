@@ -34,6 +34,7 @@ log = structlog.get_logger(component="service")
 USER_AGENT = f"eventrelay/{__version__}"
 _INGEST_DRAIN = 5.0  # seconds open requests get to finish once we stop listening
 _STATUS_EVERY = 30.0
+_SETTLE_MARGIN = 5.0  # seconds an operator's retry waits, past the delivery timeout, for an outcome's write
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +183,14 @@ class Service:
     async def retry(self, name: str, job_id: int) -> str | None:
         """Make a pending or dead job due now and send it ahead of the rest. Returns the state it had."""
         assert self.store is not None
+        dispatcher = self.dispatchers.get(name)
+        if dispatcher is not None:
+            with contextlib.suppress(TimeoutError):  # a delivery under way ends within its timeout
+                async with asyncio.timeout(dispatcher.integration.delivery.timeout + _SETTLE_MARGIN):
+                    await dispatcher.settled(job_id)
         previous = await self.store.retry(name, job_id)
-        if previous in (JobState.PENDING, JobState.DEAD) and name in self.dispatchers:
-            self.dispatchers[name].send_now([job_id])
+        if previous in (JobState.PENDING, JobState.DEAD) and dispatcher is not None:
+            dispatcher.send_now([job_id])
         return previous
 
     async def replay(self, name: str, **selection: Any) -> int:

@@ -74,6 +74,7 @@ class Dispatcher:
         self.disabled = disabled  # (when, why) while the target says it is gone
         self.unwritable = False  # outcomes cannot be written: nothing new is sent until they can
         self._expedite: set[int] = set()  # jobs an operator asked to send now, to be claimed first
+        self._settling: dict[int, asyncio.Future[None]] = {}  # jobs someone waits to see recorded
         self._finished = False  # `run` has returned: outcomes still unwritten are given up
         self._loop = asyncio.get_running_loop()  # made by the service, on its loop
         self._wake = asyncio.Event()
@@ -118,6 +119,16 @@ class Dispatcher:
         self.breaker.probe_now(time.time())
         self._expedite.update(job_ids)
         self._wake.set()
+
+    async def settled(self, job_id: int) -> None:
+        """Return once `job_id` is not being delivered and its last outcome is written: an operator's retry
+        written before that outcome would be overwritten by it."""
+        if job_id not in self._claimed or any(job.id == job_id for job in self._ready):
+            return
+        waiter = self._settling.get(job_id)
+        if waiter is None:
+            waiter = self._settling[job_id] = self._loop.create_future()
+        await asyncio.shield(waiter)
 
     def close_circuit(self) -> str:
         """An operator says the target is fixed: close the circuit now. Returns the state it had."""
@@ -346,6 +357,11 @@ class Dispatcher:
     def _release(self, jobs: list[Job], chunks: int = 1) -> None:
         self._recording -= chunks
         self._claimed.difference_update(job.id for job in jobs)
+        if self._settling:
+            for job in jobs:
+                waiter = self._settling.pop(job.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
         if self._recording == 0:
             self._all_recorded.set()
         self._start_next()  # a send may have waited for this; a retry may now be the earliest due job
