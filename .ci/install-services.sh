@@ -15,6 +15,7 @@ missing=""
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
 command -v javac >/dev/null 2>&1 || missing="$missing default-jdk-headless"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"  # a receiver written like Elastic Path's examples
 
 [ -z "$missing" ] && exit 0
 
