@@ -23,6 +23,7 @@ a terminal send those to the whole group, and shutting down is the daemon's to o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import marshal
@@ -157,6 +158,7 @@ _WRITER_BATCH = 4096  # operations per transaction at most: bounds the time one 
 # each), webhook delivery 9,238 against 8,918 deliveries/s (6 rounds); fast targets reach 64 outcomes first.
 # Any other operation (an ingest, an admin write: someone waits for it) ends the wait at once.
 _RECORD_LINGER = 0.02
+_COUNTS_LINGER = 1.0  # seconds attempt counts may wait for a transaction to go with (Writer.write_counts)
 _RECORD_LINGER_BELOW = 64  # outcomes: a batch this large already shares its commit widely
 _RECEIVE_AT_ONCE = 8 << 20  # bytes read from the socket before the next commit, at most
 _ROWS_PER_STATEMENT = 500  # x at most 12 columns: well under SQLite's 32,766 bound parameters
@@ -253,6 +255,9 @@ class Writer:
         self._log = log
         self._next_event_seq = 1
         self._next_job_id = 1
+        self._minutes: dict[tuple[str, int], list[int]] = {}  # (integration, minute) -> attempts not yet written
+        self._counts_written = 0.0
+        self._counts_failing = False
         self._calls: dict[str, Callable[..., tuple[Any, Iterable[str]]]] = {
             "set_disabled": self._set_disabled, "retry": self._retry, "replay": self._replay, "prune": self._prune}
         self._afters: dict[str, Callable[[], None]] = {"incremental_vacuum": self._incremental_vacuum}
@@ -355,10 +360,11 @@ class Writer:
         """One group commit.
 
         A batch of ingests alone is one INSERT statement, committed on its own (autocommit), not BEGIN,
-        INSERT events, INSERT jobs, COMMIT: fewer statements to step. A statement is atomic: its rows are all
-        written, or none.
+        INSERT events, INSERT jobs, COMMIT; so is a batch of delivery outcomes alone: fewer statements to
+        step. A statement is atomic: its rows are all written, or none.
         """
         seq0, job0 = self._next_event_seq, self._next_job_id
+        minutes0 = {key: counts[:] for key, counts in self._minutes.items()}
         # Only acknowledgements need the fsync. A transaction of delivery outcomes alone commits without it:
         # WAL keeps commits in order, so power loss can only forget the last outcomes, and a forgotten
         # "delivered" means one more delivery (at least once), never a lost event. The next ingest commit
@@ -376,6 +382,11 @@ class Writer:
                     results[i] = self._plan_ingest(op.items, now, known, rows, woken)
             records = [r for op in batch if op.kind == "record" for r in op.items]
             kinds = {op.kind for op in batch}
+            if kinds == {"record"} and len(records) <= _ROWS_PER_STATEMENT and not _dead_letters(records):
+                self._write_records(records, now)
+                if time.monotonic() - self._counts_written >= _COUNTS_LINGER:
+                    self.write_counts()
+                return results, woken
             # One statement commits itself (autocommit).
             if kinds == {"ingest"} and len(rows) <= _ROWS_PER_STATEMENT:
                 _many(self._db, _INGEST, rows)  # no rows at all if every event was a duplicate
@@ -390,9 +401,11 @@ class Writer:
             if records:
                 self._write_records(records, now)
                 self._forward_dead(records, now, woken)
+            self.write_counts()
             self._db.execute("COMMIT")
         except BaseException:
             self._next_event_seq, self._next_job_id = seq0, job0
+            self._minutes = minutes0
             if self._db.in_transaction:  # a failed single statement has rolled itself back
                 try:
                     self._db.execute("ROLLBACK")
@@ -440,15 +453,46 @@ class Writer:
 
     def _write_records(self, records: Sequence[list[Any]], now: float) -> None:
         _many(self._db, _OUTCOME, [(*r[:_DEAD_LETTER], now) for r in records])
-        minutes: dict[tuple[str, int], list[int]] = {}
+        minutes = self._minutes
         for r in records:
-            counts = minutes.setdefault((r[_INTEGRATION], int(r[_STARTED_AT] // 60)), [0, 0, 0])
+            counts = minutes.get(key := (r[_INTEGRATION], int(r[_STARTED_AT] // 60)))
+            if counts is None:
+                counts = minutes[key] = [0, 0, 0]
             counts[_COUNTED[r[_STATE]]] += 1
-        self._db.executemany(
-            "INSERT INTO outcome_minutes (integration, minute, delivered, failed, dead) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (minute, integration) DO UPDATE SET delivered = delivered + excluded.delivered, "
-            "failed = failed + excluded.failed, dead = dead + excluded.dead",
-            [(name, minute, *counts) for (name, minute), counts in minutes.items()])
+
+    def write_counts(self) -> None:
+        """Add the attempts counted since the last call to outcome_minutes. They wait for a transaction that
+        is open anyway, or a second at most: a statement of their own in every commit of outcomes cost
+        that commit its single-statement form. A crash loses at most that second of counts, not outcomes."""
+        if self._minutes:
+            rows = [(name, minute, *counts) for (name, minute), counts in self._minutes.items()]
+            alone = not self._db.in_transaction
+            if alone:
+                self._set_sync("NORMAL")
+                self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO outcome_minutes (integration, minute, delivered, failed, dead) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (minute, integration) DO UPDATE SET delivered = delivered + excluded.delivered, "
+                "failed = failed + excluded.failed, dead = dead + excluded.dead", rows)
+            if alone:
+                self._db.execute("COMMIT")
+            self._minutes = {}
+        self._counts_written = time.monotonic()
+        self._counts_failing = False
+
+    @property
+    def counts_waiting(self) -> bool:
+        return bool(self._minutes)
+
+    def counts_failed(self, e: sqlite3.Error) -> None:
+        """Counts that could not be written alone (a full disk): kept for the next try."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+        if not self._counts_failing:
+            self._log("warning", "attempt counts not written yet; will try again", {"error": str(e)})
+        self._counts_failing = True
+        self._counts_written = time.monotonic()
 
     def _forward_dead(self, records: Sequence[list[Any]], now: float, woken: set[str]) -> None:
         """A job that died here becomes an event for its dead-letter integration, in the same transaction."""
@@ -579,13 +623,19 @@ class _Channel:
         self._sock.sendall(wire_dumps(message))
 
 
-def _next_batch(channel: _Channel) -> list[_Op] | None:
+def _next_batch(channel: _Channel, writer: Writer) -> list[_Op] | None:
     """The operations for the next transaction: all that has arrived, up to _WRITER_BATCH, lingering a
-    little if they are only a few delivery outcomes. None once the daemon is done and nothing is left."""
+    little if they are only a few delivery outcomes. None once the daemon is done and nothing is left.
+    Attempt counts still in memory are written when nothing comes for a while (Writer.write_counts)."""
     while not channel.pending:
         if channel.closed:
             return None
-        channel.receive(None)
+        channel.receive(_COUNTS_LINGER if writer.counts_waiting else None)
+        if not channel.pending and writer.counts_waiting:
+            try:
+                writer.write_counts()
+            except sqlite3.Error as e:
+                writer.counts_failed(e)
     channel.receive(0)
     deadline = time.monotonic() + _RECORD_LINGER
     while (sum(len(op.items) for op in channel.pending) < _RECORD_LINGER_BELOW and not channel.closed
@@ -641,9 +691,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.set_threshold(100_000, 50, 100)
     channel.send(["ready"])
     try:
-        while (batch := _next_batch(channel)) is not None:
+        while (batch := _next_batch(channel, writer)) is not None:
             for answer in writer.commit(batch):
                 channel.send(["done", *answer])
+        with contextlib.suppress(sqlite3.Error):
+            writer.write_counts()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon is gone: nobody is waiting for these answers
     finally:

@@ -174,8 +174,15 @@ async def test_status_figures_come_from_the_records_and_survive_a_reload(start_d
     assert (await d.service.reload()).changes == ("changed erp",)
     await d.post({"id": "ok-after", "type": "order.paid", "data": {}})
     await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(22,)])
-    (erp,) = (await get(d, "/v1/status"))[1]["data"]["integrations"]
-    assert (erp["delivered_last_hour"], erp["failed_last_hour"]) == (21, 1)
+    async def erp_status() -> dict:
+        return (await get(d, "/v1/status"))[1]["data"]["integrations"][0]
+
+    async def counted() -> bool:
+        erp = await erp_status()
+        return (erp["delivered_last_hour"], erp["failed_last_hour"]) == (21, 1)
+
+    await wait_until(counted, timeout=5)  # counted in the database, within a second of the attempts
+    erp = await erp_status()
     # A success after the failure: the failure and its error are still there to read.
     assert erp["last_success_at"] > erp["last_failure_at"]
     assert erp["last_error"] == "Received a status code outside of 2xx range (500)"
