@@ -43,7 +43,7 @@ from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the daemon package, for its loop choice
-from daemon.cli import event_loop_factory  # noqa: E402
+from eventrelay.cli import event_loop_factory  # noqa: E402
 
 T = TypeVar("T")
 
@@ -524,7 +524,7 @@ class Daemon:
     def command(config_path: Path) -> list[str]:
         # `python -m daemon` works whether or not the console script was installed.
         python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-        return [python, "-m", "daemon", "run", "--config", str(config_path)]
+        return [python, "-m", "eventrelay", "run", "--config", str(config_path)]
 
     @property
     def pid(self) -> int:

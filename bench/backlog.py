@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import Daemon, Receiver, environment, print_header, webhook_integration  # noqa: E402
 
-from daemon.store import Store  # noqa: E402
+from eventrelay.store import Store  # noqa: E402
 
 PAYLOAD = '{"data":{"type":"order","id":"o-1","status":"complete","payment":"paid"}}'
 

@@ -70,15 +70,15 @@ from _common import (
 from deliver import webhook_baseline
 
 # The daemon package: importing _common put the repository's root on sys.path.
-from daemon import config as config_module
-from daemon import log as log_setup
-from daemon.cli import _tune_gc  # private, but a copy of its thresholds would drift from the daemon's
-from daemon.delivery.dispatcher import Dispatcher
-from daemon.delivery.senders.webhook import WebhookSender
-from daemon.events import parse_event
-from daemon.jobs import Job, Outcome
-from daemon.service import USER_AGENT
-from daemon.store import Store
+from eventrelay import config as config_module
+from eventrelay import log as log_setup
+from eventrelay.cli import _tune_gc  # private, but a copy of its thresholds would drift from the daemon's
+from eventrelay.delivery.dispatcher import Dispatcher
+from eventrelay.delivery.senders.webhook import WebhookSender
+from eventrelay.events import parse_event
+from eventrelay.jobs import Job, Outcome
+from eventrelay.service import USER_AGENT
+from eventrelay.store import Store
 
 CONCURRENCY = 8  # delivery.concurrency, and the baseline client's concurrency
 INTEGRATION = "bench-hook"

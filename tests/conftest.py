@@ -21,8 +21,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from daemon import config as config_module
-from daemon.service import Service
+from eventrelay import config as config_module
+from eventrelay.service import Service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,7 +198,7 @@ class DaemonProcess:
 
     def start(self, timeout: float = 15.0) -> None:
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "eventrelay", "run", "--config", str(self.config)],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -30,10 +30,10 @@ import structlog
 import yaml
 from aiohttp import web
 
-import daemon
-import daemon.service
-from daemon import admin_client
-from daemon.admin_client import Target, UsageError, add_commands, target_from
+import eventrelay
+import eventrelay.service
+from eventrelay import admin_client
+from eventrelay.admin_client import Target, UsageError, add_commands, target_from
 
 from .conftest import REPO, Receiver, free_port, wait_until, webhook
 
@@ -578,7 +578,7 @@ def test_every_command_is_registered_with_the_common_options() -> None:
 
 # -- end to end, against the real daemon ------------------------------------------------------------------
 
-needs_admin_api = pytest.mark.skipif(not hasattr(daemon.service.Service, "reload"),
+needs_admin_api = pytest.mark.skipif(not hasattr(eventrelay.service.Service, "reload"),
                                      reason="the daemon has no admin API yet (Service.reload is missing)")
 
 @pytest.fixture
@@ -718,7 +718,7 @@ async def test_status_finds_a_daemon_on_any_port_and_shows_its_pid_and_config(st
     d = await start_daemon([webhook("erp", "http://127.0.0.1:9/")], listen={"token": "t0ken"})
     assert await run("status") == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"eventrelay {daemon.__version__}, pid {os.getpid()}, up ")
+    assert out[0].startswith(f"eventrelay {eventrelay.__version__}, pid {os.getpid()}, up ")
     assert out[1] == f"config {(tmp_path / 'config.yaml').resolve()}: as loaded at start, not reloaded since"
     assert target_from(None, None, None) == Target(d.url, "t0ken")  # the token: from the file it runs on
 
@@ -825,7 +825,7 @@ async def test_the_fake_reload_answer_is_printed_in_words(fake, capsys) -> None:
 
 def test_check_config_and_run_default_to_the_environment_then_etc(tmp_path, monkeypatch, capsys,
                                                                    nothing_named) -> None:
-    from daemon.cli import main as cli_main
+    from eventrelay.cli import main as cli_main
 
     assert cli_main(["check-config"]) == 1
     err = capsys.readouterr().err
@@ -883,7 +883,7 @@ def test_quick_start_commands_work_as_written(tmp_path) -> None:
             status = command("status")
             assert status.returncode == 0, status.stderr
             lines = status.stdout.splitlines()
-            assert lines[0].startswith(f"eventrelay {daemon.__version__}, pid {daemon_proc.pid}, up ")
+            assert lines[0].startswith(f"eventrelay {eventrelay.__version__}, pid {daemon_proc.pid}, up ")
             assert lines[1] == f"config {config.resolve()}: as loaded at start, not reloaded since"
             assert lines[4].split()[:3] == ["erp-orders", "webhook", "yes"]
 

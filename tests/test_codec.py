@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from daemon import codec
+from eventrelay import codec
 
 # JSON values as the standard library would decode them: any int, finite floats, any text without lone
 # surrogates (those are not Unicode, and both paths reject their escapes).

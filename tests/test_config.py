@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config as cfg
-from daemon.cli import main as cli_main
+from eventrelay import config as cfg
+from eventrelay.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from daemon.delivery.deadlines import Deadlines
+from eventrelay.delivery.deadlines import Deadlines
 
 RESOLUTION = 0.02
 

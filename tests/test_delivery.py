@@ -9,7 +9,7 @@ import sqlite3
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from daemon.formats import integration_id
+from eventrelay.formats import integration_id
 
 from .conftest import Receiver, wait_until, webhook
 

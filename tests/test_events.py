@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.events import EventError, Observes, is_observe_pattern, parse_event
+from eventrelay.events import EventError, Observes, is_observe_pattern, parse_event
 
 
 @pytest.mark.parametrize("key", ["order.paid", "account-member.created", "stock-transaction.created",

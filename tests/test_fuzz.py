@@ -36,8 +36,8 @@ from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from daemon import config as config_module
-from daemon.config import ConfigError, ListenConfig
+from eventrelay import config as config_module
+from eventrelay.config import ConfigError, ListenConfig
 
 from .conftest import REPO, Receiver, wait_until, webhook
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.metrics import Metrics
+from eventrelay.metrics import Metrics
 
 
 def sample(text: str, name: str) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.notify import Notifier, watchdog_loop
+from eventrelay.notify import Notifier, watchdog_loop
 
 
 class FakeSystemd:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from daemon.delivery.policy import RetryPolicy
-from daemon.jobs import Job, JobState, Outcome
+from eventrelay.delivery.policy import RetryPolicy
+from eventrelay.jobs import Job, JobState, Outcome
 
 POLICY = RetryPolicy(initial=1.0, max_interval=60.0, max_age=3600.0)
 

@@ -9,9 +9,9 @@ from email.utils import formatdate
 
 from aiohttp import web
 
-from daemon.config import BreakerConfig
-from daemon.delivery.policy import CircuitBreaker, RetryPolicy, TokenBucket
-from daemon.jobs import Job, JobState, Outcome
+from eventrelay.config import BreakerConfig
+from eventrelay.delivery.policy import CircuitBreaker, RetryPolicy, TokenBucket
+from eventrelay.jobs import Job, JobState, Outcome
 
 from .conftest import Receiver, wait_until, webhook
 
@@ -154,7 +154,7 @@ async def test_410_disables_the_integration_until_enabled(start_daemon, receiver
     await asyncio.sleep(0.3)
     assert states(d) == {"pending": 5}
     gone = False
-    from daemon.cli import main as cli_main
+    from eventrelay.cli import main as cli_main
 
     assert await asyncio.to_thread(cli_main, ["enable", "erp", "--url", d.url]) == 0
     await wait_until(lambda: states(d) == {"delivered": 5})

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from daemon.delivery.dispatcher import UNRECORDED_FACTOR
+from eventrelay.delivery.dispatcher import UNRECORDED_FACTOR
 
 from .conftest import REPO, Receiver, wait_until, webhook
 
@@ -74,7 +74,7 @@ def writer_pid(daemon_pid: int) -> int:
     """The daemon's database writer: its one child process."""
     children = open(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read().split()
     assert len(children) == 1, f"expected one child (the writer), found {children}"
-    assert b"daemon.writer" in open(f"/proc/{children[0]}/cmdline", "rb").read()
+    assert b"eventrelay.writer" in open(f"/proc/{children[0]}/cmdline", "rb").read()
     return int(children[0])
 
 
@@ -181,7 +181,7 @@ async def test_sigterm_past_the_grace_keeps_jobs_pending_for_the_next_run(daemon
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "eventrelay", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
 
 
@@ -238,8 +238,8 @@ async def test_logs_are_json_and_never_show_secrets(daemon_process, receiver: Re
 async def test_a_low_open_file_limit_is_raised_for_the_listeners(daemon_process) -> None:
     import resource
 
-    from daemon import config as config_module
-    from daemon.limits import descriptors_needed
+    from eventrelay import config as config_module
+    from eventrelay.limits import descriptors_needed
 
     d = daemon_process([webhook("erp", "http://127.0.0.1:9/hook")])
     need = descriptors_needed(config_module.load(d.config))
@@ -260,8 +260,8 @@ def test_an_open_file_limit_too_low_to_raise_is_a_warning_that_says_what_to_do(t
     script = (
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))\n"
-        "from daemon import config, log\n"
-        "from daemon.limits import ensure_descriptors\n"
+        "from eventrelay import config, log\n"
+        "from eventrelay.limits import ensure_descriptors\n"
         "c = config.parse('listen: {max_connections: 500}')\n"
         "log.setup(c.log)\n"
         "print('limit', ensure_descriptors(c), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")

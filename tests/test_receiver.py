@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from daemon.receiver import DebugReceiver, SigningSecretError
+from eventrelay.receiver import DebugReceiver, SigningSecretError
 
 from .conftest import REPO, wait_until, webhook
 
@@ -140,7 +140,7 @@ def test_a_secret_that_is_not_one_is_refused_before_listening(secret) -> None:
 
 def test_receive_with_a_bad_secret_exits_2() -> None:
     # A subprocess with a time limit: were the secret taken, the receiver would listen until stopped.
-    result = subprocess.run([sys.executable, "-m", "daemon", "receive", "--port", "0", "--secret", "whsec_!"],
+    result = subprocess.run([sys.executable, "-m", "eventrelay", "receive", "--port", "0", "--secret", "whsec_!"],
                             capture_output=True, text=True, timeout=30, cwd=REPO)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "eventrelay: --secret is not whsec_ followed by base64: copy the integration's " \

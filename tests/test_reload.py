@@ -65,7 +65,7 @@ async def test_pending_jobs_of_a_removed_integration_wait_for_its_return(start_d
     assert d.rows("SELECT state FROM jobs") == [("pending",)]  # kept, not delivered, not lost
     orphaned = await (await d.http.get(d.url + "/v1/jobs/orphaned")).json()
     assert orphaned == {"data": [{"integration": "erp", "pending": 1, "dead": 0}]}
-    from daemon.cli import main as cli_main
+    from eventrelay.cli import main as cli_main
 
     code = await asyncio.to_thread(cli_main, ["jobs", "--orphaned", "--url", d.url])
     assert code == 0

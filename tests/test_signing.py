@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from daemon import config as cfg
+from eventrelay import config as cfg
 
 from .conftest import Receiver, wait_until, webhook
 

@@ -12,10 +12,10 @@ import boto3
 import pytest
 from aiohttp import web
 
-from daemon import config as cfg
-from daemon.delivery.senders.sqs import SqsSender
-from daemon.formats import integration_id
-from daemon.jobs import Job
+from eventrelay import config as cfg
+from eventrelay.delivery.senders.sqs import SqsSender
+from eventrelay.formats import integration_id
+from eventrelay.jobs import Job
 
 from .conftest import wait_until
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.events import Event, parse_event
-from daemon.jobs import AttemptRecord, JobState, Outcome
-from daemon.store import MIGRATIONS, Store, StoreError
-from daemon.writer import WireReader, wire_dumps
+from eventrelay.events import Event, parse_event
+from eventrelay.jobs import AttemptRecord, JobState, Outcome
+from eventrelay.store import MIGRATIONS, Store, StoreError
+from eventrelay.writer import WireReader, wire_dumps
 
 
 @pytest.fixture

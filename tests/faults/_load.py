@@ -192,7 +192,7 @@ class Load:
 def spawn(d: DaemonProcess) -> None:
     """Start the daemon subprocess without waiting for it to be ready (to kill it during start-up)."""
     d.log = open(d.log_path, "ab")  # closed by d.wait(), as with d.start()
-    d.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(d.config)],
+    d.proc = subprocess.Popen([sys.executable, "-m", "eventrelay", "run", "--config", str(d.config)],
                               stdout=d.log, stderr=subprocess.STDOUT, cwd=REPO)
 
 

@@ -19,7 +19,7 @@ import boto3
 import pytest
 from aiohttp import web
 
-from daemon.delivery.dispatcher import UNRECORDED_FACTOR
+from eventrelay.delivery.dispatcher import UNRECORDED_FACTOR
 
 from ..conftest import Receiver, wait_until, webhook
 from ..test_sqs import CREDS, sqs_integration

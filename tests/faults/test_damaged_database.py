@@ -66,7 +66,7 @@ async def test_a_damaged_database_is_refused_at_start_with_one_sentence(filled_d
         (filled_database.parent / extra).unlink(missing_ok=True)
     damage(db)
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "daemon", "run", "--config", str(filled_database)],
+        subprocess.run, [sys.executable, "-m", "eventrelay", "run", "--config", str(filled_database)],
         capture_output=True, text=True, timeout=60, cwd=REPO)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output

@@ -185,7 +185,7 @@ async def test_start_on_a_full_disk_fails_clearly_then_starts_once_space_returns
     d = daemon_process([webhook("erp", receiver.url)], storage={"path": str(small_disk.path / "er.db")})
     await asyncio.to_thread(small_disk.fill)
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "daemon", "run", "--config", str(d.config)],
+        subprocess.run, [sys.executable, "-m", "eventrelay", "run", "--config", str(d.config)],
         capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
     assert "No space left on device" in result.stderr or "disk" in result.stderr, result.stderr[-2000:]

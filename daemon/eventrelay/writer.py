@@ -1,6 +1,6 @@
 """The writer process: the one connection that writes the database, in a process of its own.
 
-`Store` (daemon/store.py) starts it with `python -m daemon.writer` and talks to it over a Unix socket pair:
+`Store` (store.py) starts it with `python -m eventrelay.writer` and talks to it over a Unix socket pair:
 one frame (`wire_dumps`) per turn of the event loop carries every operation queued in that turn (sent sooner
 when 500 rows wait, or 32 events and the writer is idle), and one frame comes back per transaction. The
 writer takes all that has arrived, commits it as one transaction (group commit: a thousand concurrent
@@ -661,7 +661,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m daemon.writer", description="eventrelay's database writer "
+    ap = argparse.ArgumentParser(prog="python -m eventrelay.writer", description="eventrelay's database writer "
                                  "(started by the daemon; not to be run by hand)")
     ap.add_argument("--socket-fd", type=int, required=True)
     ap.add_argument("--parent", type=int, required=True)
