@@ -1,8 +1,7 @@
 """JSON in and out, the same everywhere in the daemon.
 
-orjson does the work (a profile of ingest put the standard library's decoder and encoder at 43% of the
-daemon's CPU; orjson does the same in a sixth of the time), with the standard library as the reference
-behind it:
+orjson does the work (the standard library's decoder and encoder were the largest part of ingest's CPU),
+with the standard library as the reference behind it:
 
 * orjson turns an integer beyond 64 bits into a float, and a relay must not turn an order number into
   1.2345678901234568e+29. A body with a run of 19 or more digits anywhere (a cheap C-speed check) is

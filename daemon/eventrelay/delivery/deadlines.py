@@ -12,8 +12,8 @@ class Deadlines:
     """Cancels a task still inside an armed section once the section's deadline has passed.
 
     aiohttp's per-request `total` timeout arms a timer context, a timeout handle and a loop timer for every
-    request and cancels them after: 6-9 of the 70-73 µs a webhook post costs the event loop
-    (bench/parts.py, part 2, three alternating pairs). Here a request costs a dict entry, and one task per
+    request and cancels them after, a tenth of what a webhook post costs the event loop (the figures are in
+    docs/performance-notes.md). Here a request costs a dict entry, and one task per
     sender checks the entries `resolution` seconds apart, so a timeout fires between its deadline and one
     resolution later. The check sleeps while nothing is armed.
 
