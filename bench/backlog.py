@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import Daemon, Receiver, environment, print_header, webhook_integration  # noqa: E402
 
-from eventrelay.store import Store  # noqa: E402
+from eventrelay.config import StorageConfig  # noqa: E402
+from eventrelay.store import open_store  # noqa: E402
 
 PAYLOAD = '{"data":{"type":"order","id":"o-1","status":"complete","payment":"paid"}}'
 
@@ -34,7 +35,7 @@ def build(path: Path, jobs: int, integration: str) -> float:
     started = time.monotonic()
 
     async def schema() -> None:
-        store = await Store.open(path)
+        store = await open_store(StorageConfig(path))
         await store.close()
 
     asyncio.run(schema())
@@ -55,7 +56,7 @@ def build(path: Path, jobs: int, integration: str) -> float:
 def claim_cost(path: Path, integration: str, rounds: int = 200) -> float:
     """Median seconds of one claim of a page (32 jobs, 16 excluded as in flight) through the daemon's store."""
     async def measure() -> float:
-        store = await Store.open(path)
+        store = await open_store(StorageConfig(path))
         try:
             times = []
             in_flight = [j.id for j in await store.claim(integration, time.time(), 16)]

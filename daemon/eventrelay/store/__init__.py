@@ -1,0 +1,25 @@
+"""Storage: the API everything above it uses (api.py), and `open_store`, which picks the engine behind it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .api import (DEAD_LETTER_TYPE, WATCHED_STATES, Accepted, AttemptView, JobState, JobView, LastAttempts,
+                  OutcomeCounts, Route, Store, StoredEvent, StoreError)
+
+if TYPE_CHECKING:
+    from ..config import StorageConfig
+
+__all__ = ["DEAD_LETTER_TYPE", "WATCHED_STATES", "Accepted", "AttemptView", "JobState", "JobView", "LastAttempts",
+           "OutcomeCounts", "Route", "Store", "StoreError", "StoredEvent", "open_store"]
+
+
+async def open_store(storage: StorageConfig) -> Store:
+    """Open the store `storage` describes, ready for use; the caller runs `run()` beside it and `close()`s it.
+
+    The one place an engine is chosen: SQLite is the only one so far. A second engine (PostgreSQL) would be
+    picked here from a `storage.backend` key, and imported only when picked.
+    """
+    from .sqlite.engine import SqliteStore
+
+    return await SqliteStore.open(storage.path, storage.synchronous, storage.file_mode)

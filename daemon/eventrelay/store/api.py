@@ -1,0 +1,230 @@
+"""The storage API: the one interface the service, the dispatchers, ingest, the admin API and behaviour tests
+use. An engine (store/sqlite/ today) implements `Store`; nothing above this package knows SQL or which engine
+runs. In the spirit of huey's BaseStorage: every operation the daemon needs, documented here once.
+
+What every engine guarantees (DESIGN rules 1, 3, 4 and 8):
+
+* `ingest` returns only once its events and their jobs are durable, and stores a batch all or none.
+* A producer-given event id is stored once across the whole store; a repeat is answered as a duplicate and
+  queues nothing.
+* The database is the queue: `claim` hands out due jobs in bounded pages, never one its caller holds
+  (`exclude`: claimed and not yet recorded). After a crash, whatever was claimed and not recorded is due
+  again (at least once, never lost).
+* Outcomes may be written behind and in batches (`record_later`); `record` waits for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from ..jobs import JobState
+
+if TYPE_CHECKING:  # the writer process imports this module too, and needs none of these
+    import asyncio
+
+    from ..events import Event
+    from ..jobs import AttemptRecord, Job
+
+__all__ = ["DEAD_LETTER_TYPE", "Accepted", "AttemptView", "JobState", "JobView", "LastAttempts", "OutcomeCounts",
+           "Route", "Store", "StoreError", "StoredEvent", "WATCHED_STATES"]
+
+Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key (or None)
+
+# The type of the event a job becomes when it dies and its integration names a dead-letter integration.
+DEAD_LETTER_TYPE = "eventrelay.dead_letter"
+
+# The states an operator watches: `job_counts` counts these unless asked for others.
+WATCHED_STATES = (JobState.PENDING, JobState.DEAD)
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; nothing of that operation was written. The message says what
+    to do about it."""
+
+
+class Accepted(NamedTuple):
+    """What ingest answers for one event. A named tuple, as `Event` is: one is made per event."""
+
+    id: str
+    jobs: int  # jobs queued for it (for a duplicate: those queued when it was first stored)
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A job as the admin API and the CLI show it."""
+
+    id: int
+    integration: str
+    event_id: str
+    event_type: str
+    state: JobState
+    attempts: int  # attempts made so far
+    created_at: float  # unix seconds
+    updated_at: float
+    next_attempt_at: float | None  # when a pending job is due; None in the other states
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptView:
+    """One line of the attempt log."""
+
+    id: int
+    job_id: int
+    integration: str
+    attempt: int  # 1 for the first attempt of the job
+    succeeded: bool
+    created_at: float  # when the attempt started, unix seconds
+    duration: float  # seconds
+    status_code: int | None
+    error_detail: str | None
+    body: str | None  # the target's answer, truncated
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored."""
+
+    id: str
+    type: str
+    payload: str  # JSON text of {"data": …, "included": …}, as sent to targets
+    accepted_at: float  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class LastAttempts:
+    """An integration's latest successful and latest failed attempt."""
+
+    success_at: float | None
+    failure_at: float | None
+    failure_error: str | None  # the latest failure's error, still shown after a success follows it
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeCounts:
+    """Attempts of an integration over a span of time, by what they came to."""
+
+    delivered: int = 0
+    failed: int = 0  # failed attempts whose job is retried
+    dead: int = 0  # attempts that left their job dead
+
+
+class Store(Protocol):
+    """Everything the daemon asks of its storage. Every method may raise StoreError."""
+
+    # Called after each commit with the integrations that got new jobs, so their dispatchers wake at once.
+    on_jobs_added: Callable[[set[str]], None]
+    # Called after each commit with (operations in it, seconds it took): the group-commit metrics.
+    on_commit: Callable[[int, float], None]
+    commits: int  # transactions committed so far: concurrent operations share them (group commit)
+
+    # -- life -----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Own the engine's background work until `stop`, and return once what was queued is written.
+        Raises StoreError if the engine fails for good: nothing more can be stored, and every operation
+        still unanswered has failed (so nothing unacknowledged is lost); the daemon stops."""
+
+    def stop(self) -> None:
+        """Write what is queued so far, then end `run`. Later writes fail with StoreError."""
+
+    async def close(self) -> None:
+        """Release everything (waits for `run`'s work to end); the store cannot be used after."""
+
+    async def ping(self) -> bool:
+        """The store can read and write: for readiness and the watchdog."""
+
+    # -- ingest ---------------------------------------------------------------------------------------------
+
+    async def ingest(self, events: Sequence[Event], routes: Sequence[Sequence[Route]]) -> list[Accepted]:
+        """Store events and one job per route, all or none; returns once committed. `routes[i]` lists, for
+        events[i], the integrations to queue it for with the job's ordering key (or None). An event whose
+        producer-given id is already stored (or repeated in the same call) is a duplicate: acknowledged, and
+        nothing is queued for it. Events without a producer-given id (`id_given` False) never are."""
+
+    # -- delivery -------------------------------------------------------------------------------------------
+
+    async def claim(self, integration: str, now: float, limit: int, exclude: Iterable[int] = (),
+                    ordered: bool = False, only: Iterable[int] | None = None) -> list[Job]:
+        """Up to `limit` pending jobs of one integration due at `now`, earliest due first (then oldest first),
+        skipping `exclude` (those in flight). `only`: among these jobs alone. `ordered`: only the head of each
+        ordering key, i.e. no earlier job of the same key is still pending, so a key's jobs go one at a time,
+        in order. Claims are cheap and bounded by `limit`, whatever the backlog."""
+
+    async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
+        """When the earliest pending job of an integration (outside `exclude`) falls due; None if none."""
+
+    def record_later(self, records: Sequence[AttemptRecord]) -> asyncio.Future[None]:
+        """Queue delivery outcomes (the job's new state, a line in the attempt log, a dead letter if the job
+        died and its integration names one) for a coming commit; the future resolves once committed."""
+
+    async def record(self, records: Sequence[AttemptRecord]) -> None:
+        """`record_later`, waiting for the commit."""
+
+    # -- integration state ----------------------------------------------------------------------------------
+
+    async def disabled(self) -> dict[str, tuple[float, str]]:
+        """Integrations disabled by their target (410 Gone): name → (when, why)."""
+
+    async def set_disabled(self, name: str, reason: str | None) -> None:
+        """Disable an integration with a reason, or (reason None) enable it again. Survives restarts."""
+
+    # -- reads for status and the admin API -------------------------------------------------------------------
+
+    async def job_counts(self, states: Iterable[JobState] = WATCHED_STATES) -> dict[tuple[str, JobState], int]:
+        """(integration, state) → number of jobs, for the states asked (by default pending and dead); pairs
+        without jobs are left out."""
+
+    async def oldest_pending(self) -> dict[str, float]:
+        """integration → when its oldest pending job was created."""
+
+    async def outcomes_since(self, since: float) -> dict[str, OutcomeCounts]:
+        """integration → its attempts started since `since` (to the minute), by outcome. These counts outlive
+        reloads and restarts, are pruned with the attempt log, and may lag the latest outcomes by a second."""
+
+    async def last_attempts(self, integration: str) -> LastAttempts:
+        """The latest successful and failed attempt of an integration."""
+
+    async def jobs(self, integration: str | None = None, state: JobState | None = None, limit: int = 25,
+                   offset: int = 0, event_id: str | None = None) -> tuple[list[JobView], int]:
+        """A page of jobs, newest first, and how many match in all. None means any integration or state."""
+
+    async def job(self, integration: str, job_id: int) -> JobView | None:
+        """One job of an integration; None if it has no such job."""
+
+    async def logs(self, integration: str | None = None, job_id: int | None = None, limit: int = 25,
+                   offset: int = 0) -> tuple[list[AttemptView], int]:
+        """A page of the attempt log, newest first, and how many entries match in all."""
+
+    async def attempts(self, job_id: int) -> list[AttemptView]:
+        """Every attempt of one job, oldest first."""
+
+    async def events(self, limit: int = 25, offset: int = 0) -> tuple[list[StoredEvent], int]:
+        """A page of the stored events, newest first, and how many there are in all (those no integration
+        observes included, until retention removes them)."""
+
+    async def event(self, event_id: str) -> StoredEvent | None:
+        """One stored event by its id; None if it is not stored."""
+
+    # -- admin writes -----------------------------------------------------------------------------------------
+
+    async def retry(self, integration: str, job_id: int) -> JobState | None:
+        """Make a pending or dead job due now, with a fresh max_age window. Returns the state the job had
+        (a delivered job is left alone: replay is for that); None if the integration has no such job."""
+
+    async def replay(self, integration: str, *, dead: bool = False, since: float | None = None,
+                     until: float | None = None, not_requeued_since: float | None = None,
+                     limit: int = 10_000) -> int:
+        """Re-queue up to `limit` jobs, due now: the dead ones (`dead`), or those created in [since, until)
+        whatever their state. Jobs already pending are left alone (they are on their way). Each replayed job
+        gets a fresh max_age window. `not_requeued_since` skips jobs re-queued since then, so a replay done
+        in batches ends. Returns how many were re-queued."""
+
+    async def prune(self, delivered_before: float, dead_before: float, batch: int = 1000) -> int:
+        """Delete one batch of finished jobs past their retention (delivered ones last updated before
+        `delivered_before`, dead ones before `dead_before`), their attempts, the events nothing needs any
+        more, and outcome counts older than `delivered_before`. A short operation, so ingest never waits
+        long: call again until it returns 0. Returns how many rows went."""

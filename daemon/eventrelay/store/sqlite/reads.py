@@ -1,0 +1,236 @@
+"""Every read of the SQLite engine, through connections of its own, which WAL lets run beside the writer:
+the dispatchers' claims through one on the event loop's thread (see `claim`), everything else (status, the
+admin API) through aiosqlite's thread."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ...jobs import Job, JobState
+from ..api import AttemptView, JobView, LastAttempts, OutcomeCounts, StoredEvent, StoreError
+from .errors import read_failure
+
+# The claims' connection runs on the event loop's thread, so how long a busy database may stall it is
+# bounded: a WAL reader waits only in rare moments (another connection recovering the WAL), and a claim
+# that times out is retried by its dispatcher a second later.
+_CLAIMS_BUSY_TIMEOUT_MS = 200
+
+_JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, "
+                "j.next_at, j.last_error")
+_ATTEMPT_COLUMNS = ("id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, "
+                    "body")
+_EVENT_COLUMNS = "id, type, payload, accepted_at"
+
+
+class Reads:
+    def __init__(self, path: Path, reader: aiosqlite.Connection, claims: sqlite3.Connection):
+        self.path = path
+        self._reader = reader
+        self._claims = claims  # used only on the event loop's thread
+
+    @classmethod
+    async def open(cls, path: Path) -> Reads:
+        """Connections to a database the writer has prepared (WAL mode, the schema)."""
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await reader.execute("PRAGMA busy_timeout=5000")
+            claims = sqlite3.connect(path, isolation_level=None)
+        except BaseException:
+            await _close_quietly(reader)
+            raise
+        try:
+            claims.execute(f"PRAGMA busy_timeout={_CLAIMS_BUSY_TIMEOUT_MS}")
+            claims.execute("PRAGMA query_only=ON")
+        except BaseException:
+            claims.close()
+            await _close_quietly(reader)
+            raise
+        return cls(path, reader, claims)
+
+    async def close(self) -> None:
+        await _close_quietly(self._reader)
+        self._claims.close()
+
+    # -- claims, on the event loop's thread ---------------------------------------------------------------
+
+    def claim(self, integration: str, now: float, limit: int, exclude: Iterable[int], ordered: bool,
+              only: Iterable[int] | None) -> list[Job]:
+        """Store.claim. On the event loop's thread, not aiosqlite's: a claim is a walk of the `jobs_due`
+        index bounded by `limit`, whatever the backlog, while in another thread each row fetched cost a
+        hand-over of the GIL, waiting for a turn of the busy loop, and claims came so late that a
+        dispatcher's buffer of ready jobs ran dry."""
+        excluded = _padded(exclude)
+        chosen = _padded(only) if only is not None else []
+        heads_only = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
+                      "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
+                      "AND k.id < j.id)) ") if ordered else ""
+        rows = self._read_claims(
+            "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at, coalesce(j.requeued_at, e.accepted_at) "
+            "FROM jobs j "
+            "JOIN events e ON e.seq = j.event_seq "
+            "WHERE j.integration = ? AND j.state = 'pending' AND j.next_at <= ? "
+            f"{_not_in('j.id', excluded)} {_in('j.id', chosen, only is not None)} {heads_only}"
+            "ORDER BY j.next_at, j.id LIMIT ?",
+            (integration, now, *excluded, *chosen, limit))
+        return [Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3],
+                    payload=r[4], accepted_at=r[5], age_from=r[6]) for r in rows]
+
+    def next_due(self, integration: str, exclude: Iterable[int]) -> float | None:
+        """Store.next_due; on the event loop's thread, as `claim`: one step down the `jobs_due` index."""
+        excluded = _padded(exclude)
+        rows = self._read_claims(
+            "SELECT next_at FROM jobs WHERE integration = ? AND state = 'pending' "
+            f"{_not_in('id', excluded)} ORDER BY next_at LIMIT 1", (integration, *excluded))
+        return rows[0][0] if rows else None
+
+    def _read_claims(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        # fetchall() steps the statement to its end, which resets it: no read transaction stays open to hold
+        # back the writer's checkpoints.
+        try:
+            return self._claims.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read due jobs from {self.path}: {e}") from e
+
+    # -- status and the admin API, in aiosqlite's thread ------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a read; a failure is a StoreError that says what to do."""
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as e:
+            raise StoreError(read_failure(self.path, e)) from e
+
+    async def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._fetch(sql, params)
+        return rows[0][0] if rows else None
+
+    async def ping(self) -> bool:
+        try:
+            return await self._scalar("SELECT 1") == 1
+        except (StoreError, ValueError):
+            return False
+
+    async def disabled(self) -> dict[str, tuple[float, str]]:
+        rows = await self._fetch(
+            "SELECT name, disabled_at, disabled_reason FROM integration_state WHERE disabled_at IS NOT NULL")
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    async def job_counts(self, states: Iterable[JobState]) -> dict[tuple[str, JobState], int]:
+        wanted = [JobState(s).value for s in states]
+        rows = await self._fetch(
+            f"SELECT integration, state, count(*) FROM jobs WHERE state IN ({_marks(wanted)}) "
+            "GROUP BY integration, state", wanted)
+        return {(r[0], JobState(r[1])): r[2] for r in rows}
+
+    async def oldest_pending(self) -> dict[str, float]:
+        rows = await self._fetch(
+            "SELECT integration, min(created_at) FROM jobs WHERE state = 'pending' GROUP BY integration")
+        return {r[0]: r[1] for r in rows}
+
+    async def outcomes_since(self, since: float) -> dict[str, OutcomeCounts]:
+        rows = await self._fetch(
+            "SELECT integration, sum(delivered), sum(failed), sum(dead) FROM outcome_minutes WHERE minute >= ? "
+            "GROUP BY integration", (int(since // 60),))
+        return {r[0]: OutcomeCounts(r[1], r[2], r[3]) for r in rows}
+
+    async def last_attempts(self, integration: str) -> LastAttempts:
+        latest: dict[int, tuple[float, str | None] | None] = {}
+        for succeeded in (1, 0):
+            rows = await self._fetch(
+                "SELECT created_at, error_detail FROM attempts WHERE integration = ? AND succeeded = ? "
+                "ORDER BY id DESC LIMIT 1", (integration, succeeded))
+            latest[succeeded] = (rows[0][0], rows[0][1]) if rows else None
+        success, failure = latest[1], latest[0]
+        return LastAttempts(success_at=success[0] if success else None, failure_at=failure[0] if failure else None,
+                            failure_error=failure[1] if failure else None)
+
+    async def jobs(self, integration: str | None, state: JobState | None, limit: int, offset: int,
+                   event_id: str | None) -> tuple[list[JobView], int]:
+        clauses, params = _where(("j.integration = ?", integration), ("j.state = ?", JobState(state).value if state else None),
+                                 ("j.event_seq IN (SELECT seq FROM events WHERE id = ?)", event_id))
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq {clauses} "
+            "ORDER BY j.id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
+        total = await self._scalar(f"SELECT count(*) FROM jobs j {clauses}", params)
+        return [_job_view(r) for r in rows], total
+
+    async def job(self, integration: str, job_id: int) -> JobView | None:
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq "
+            "WHERE j.integration = ? AND j.id = ?", (integration, job_id))
+        return _job_view(rows[0]) if rows else None
+
+    async def logs(self, integration: str | None, job_id: int | None, limit: int, offset: int
+                   ) -> tuple[list[AttemptView], int]:
+        clauses, params = _where(("integration = ?", integration), ("job_id = ?", job_id))
+        rows = await self._fetch(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts {clauses} ORDER BY id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset))
+        total = await self._scalar(f"SELECT count(*) FROM attempts {clauses}", params)
+        return [_attempt_view(r) for r in rows], total
+
+    async def events(self, limit: int, offset: int) -> tuple[list[StoredEvent], int]:
+        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                 (limit, offset))
+        total = await self._scalar("SELECT count(*) FROM events")
+        return [StoredEvent(*r) for r in rows], total
+
+    async def event(self, event_id: str) -> StoredEvent | None:
+        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,))
+        return StoredEvent(*rows[0]) if rows else None
+
+
+def _job_view(r: tuple[Any, ...]) -> JobView:
+    state = JobState(r[4])
+    return JobView(id=r[0], integration=r[1], event_id=r[2], event_type=r[3], state=state, attempts=r[5],
+                   created_at=r[6], updated_at=r[7], next_attempt_at=r[8] if state is JobState.PENDING else None,
+                   last_error=r[9])
+
+
+def _attempt_view(r: tuple[Any, ...]) -> AttemptView:
+    return AttemptView(id=r[0], job_id=r[1], integration=r[2], attempt=r[3], succeeded=bool(r[4]), created_at=r[5],
+                       duration=r[6], status_code=r[7], error_detail=r[8], body=r[9])
+
+
+def _where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause of the filters whose value is not None, and their parameters."""
+    chosen = [(clause, value) for clause, value in filters if value is not None]
+    if not chosen:
+        return "", []
+    return "WHERE " + " AND ".join(clause for clause, _ in chosen), [value for _, value in chosen]
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
+
+
+def _not_in(column: str, values: list[int]) -> str:
+    return f"AND {column} NOT IN ({_marks(values)})" if values else ""
+
+
+def _in(column: str, values: list[int], filtered: bool) -> str:
+    if not filtered:
+        return ""
+    return f"AND {column} IN ({_marks(values)})" if values else "AND 0"
+
+
+def _padded(ids: Iterable[int]) -> list[int]:
+    """Ids to exclude, padded with -1 (never a job id) to a power of two: a handful of distinct statement
+    texts, which the sqlite3 module's statement cache keeps prepared (a claim excludes a different number of
+    jobs each time, and preparing the statement anew cost more than running it)."""
+    values = list(ids)
+    if values:
+        values += [-1] * ((1 << (len(values) - 1).bit_length()) - len(values))
+    return values
+
+
+async def _close_quietly(reader: aiosqlite.Connection) -> None:
+    try:
+        await reader.close()
+    except Exception:  # noqa: BLE001 - closing what may be half-open; nothing to do about it
+        pass
