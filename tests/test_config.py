@@ -8,6 +8,9 @@ import pytest
 
 from eventrelay import config as cfg
 from eventrelay.cli import main as cli_main
+from eventrelay.delivery.targets.sqs import SqsConfig
+from eventrelay.delivery.targets.stomp import StompAddress, StompConfig
+from eventrelay.units import parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,16 +65,17 @@ integrations:
     assert d.retry == cfg.RetryConfig(initial=0.25, max_interval=300.0, max_age=7 * 86400.0)
 
 
+# One grammar for the config and the CLI (see tests/test_units.py): weeks are a unit too.
 @pytest.mark.parametrize("text,seconds", [("250ms", 0.25), ("10s", 10), ("5m", 300), ("24h", 86400),
-                                          ("7d", 604800), (30, 30.0), ("1.5s", 1.5)])
+                                          ("7d", 604800), (30, 30.0), ("1.5s", 1.5), ("1w", 604800)])
 def test_durations(text: object, seconds: float) -> None:
-    assert cfg._duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["10", "ten seconds", "5 minutes", "-1s", True, "1w"])
+@pytest.mark.parametrize("bad", ["10", "ten seconds", "5 minutes", "-1s", True, "1y", "1 week"])
 def test_bad_durations_are_errors(bad: object) -> None:
     with pytest.raises(ValueError, match="duration|negative"):
-        cfg._duration(bad)
+        parse_duration(bad)
 
 
 def test_environment_expansion() -> None:
@@ -158,11 +162,11 @@ integrations:
 def test_sqs_and_stomp_integrations() -> None:
     config = cfg.parse(QUEUES, environ={"AWS_SECRET": "aws-secret-XYZW", "CRM_MQ_PASSWORD": "mq-password-PSYQ"})
     sqs, stomp = (i.configuration for i in config.integrations)
-    assert isinstance(sqs, cfg.SqsConfig) and isinstance(stomp, cfg.StompConfig)
+    assert isinstance(sqs, SqsConfig) and isinstance(stomp, StompConfig)
     assert sqs.region == "eu-west-1" and sqs.fifo and sqs.message_group_id == "{data.relationships.order.id}"
     assert sqs.endpoint_url is None and sqs.aws_secret_access_key == "aws-secret-XYZW"
-    assert stomp.addresses == (cfg.StompAddress("b-1.mq.eu-west-1.amazonaws.com", 61614, True),
-                               cfg.StompAddress("127.0.0.1", 61613, False))
+    assert stomp.addresses == (StompAddress("b-1.mq.eu-west-1.amazonaws.com", 61614, True),
+                               StompAddress("127.0.0.1", 61613, False))
     assert (stomp.destination, stomp.username, stomp.vhost, stomp.heartbeat) == ("/queue/crm.customers", "crm",
                                                                                  "/shop", 5.0)
     shown = [i.public() for i in config.integrations]

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,9 @@ import yaml
 
 from . import config as config_module
 from . import runtime
+from .clock import iso_time, parse_datetime
+from .text import one_line
+from .units import format_duration, http_url, parse_duration
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -56,8 +58,6 @@ DEFAULT_PAGE = 25  # rows of `jobs` and `logs`; the server takes at most 100 per
 _ERROR_WIDTH = 60  # error texts are cut to this in tables; `--json` or `logs --job` show them whole
 # Connecting is local and instant when the daemon runs; reading may wait behind a large replay batch.
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 # -- errors, each with its exit code -------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def _normalise_url(url: str) -> str:
     if "://" not in url:
         url = f"http://{url}"  # `--url 127.0.0.1:8787` is what people type
     try:
-        return config_module.http_url(url)
+        return http_url(url)
     except ValueError:
         raise UsageError(f"--url {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8787)") from None
 
@@ -638,18 +638,16 @@ def parse_time_arg(text: str, now: datetime, option: str = "time") -> datetime:
     text = text.strip()
     if text == "now":
         return now
-    matches = list(_DURATION.finditer(text))
-    if matches and "".join(m.group(0) for m in matches).replace(" ", "") == text.replace(" ", ""):
-        seconds = sum(float(m.group(1)) * _DURATION_UNITS[m.group(2)] for m in matches)
-        return now - timedelta(seconds=seconds)
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        return now - timedelta(seconds=parse_duration(text))
+    except (ValueError, OverflowError):
+        pass  # not a duration: a time, then
+    try:
+        # Without a zone: the operator's local time, as they read it on their clock.
+        return parse_datetime(text, naive="local")
+    except (ValueError, OverflowError):
         raise UsageError(f"{option} {text!r} is neither a time (2026-11-27T14:00:00Z, 2026-11-27 14:00) nor a "
                          "duration ago (30m, 2h, 7d)") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.astimezone()  # the operator's local time, as they read it on their clock
-    return parsed.astimezone(timezone.utc)
 
 
 # -- send ---------------------------------------------------------------------------------------------------
@@ -818,17 +816,17 @@ def _now() -> datetime:
 
 
 def _parse_time(value: Any) -> datetime | None:
+    """A time the daemon sent (ISO 8601 in UTC), or None when it is absent or not one."""
     if not isinstance(value, str):
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        return parse_datetime(value, naive="utc")
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _iso(at: datetime) -> str:
-    return at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_time(at.timestamp())
 
 
 def _when(value: Any) -> str:
@@ -849,14 +847,7 @@ def _ago(value: Any, now: datetime) -> str:
 
 def _span(seconds: Any) -> str:
     """A duration in its two largest units: 45s, 2m 5s, 4h 12m, 3d 4h."""
-    if not isinstance(seconds, (int, float)):
-        return "?"
-    s = int(seconds)
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if s >= size:
-            rest = (s % size) // sub_size
-            return f"{s // size}{unit}" + (f" {rest}{sub}" if rest else "")
-    return f"{s}s"
+    return format_duration(seconds) if isinstance(seconds, (int, float)) else "?"
 
 
 def _seconds(value: Any) -> str:
@@ -871,9 +862,4 @@ def _num(value: Any) -> str:
 
 def _one_line(text: Any, width: int | None) -> str:
     """Whitespace (newlines of an HTML error page, say) collapsed; cut to `width` with an ellipsis."""
-    if text is None or text == "":
-        return "-"
-    flat = " ".join(str(text).split())
-    if width is not None and len(flat) > width:
-        return flat[:width - 1] + "…"
-    return flat
+    return "-" if text is None or text == "" else one_line(str(text), width, ellipsis="…")

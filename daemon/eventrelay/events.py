@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import codec
+from .text import quoted
 
 # resource.action, lower case; resources such as `account-member` or `stock-transaction` carry dashes.
 EVENT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
@@ -57,7 +58,8 @@ def parse_event(obj: Any, max_depth: int | None = None, outer_levels: int = 0) -
     if etype is None:
         raise EventError("type: required (an event key such as order.paid)")
     if type(etype) is not str or not _is_event_key(etype):
-        raise EventError(f"type: {_short(etype)} is not an event key (resource.action, lower case, e.g. order.paid)")
+        raise EventError(f"type: {quoted(etype, 60)} is not an event key "
+                         "(resource.action, lower case, e.g. order.paid)")
     data = obj.get("data")
     if not isinstance(data, dict):
         raise EventError("data: required, must be a JSON object" if data is None else
@@ -139,8 +141,3 @@ class Observes:
 def _json_kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

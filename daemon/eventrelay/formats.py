@@ -9,20 +9,17 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
-from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
+from .clock import iso_time
 from .codec import dumps
-from .config import Integration
 from .jobs import Job
+
+if TYPE_CHECKING:
+    from .config import Integration
 
 # Integration ids are derived from the name, so a receiver sees the same id across restarts and reloads.
 _INTEGRATION_NAMESPACE = uuid.UUID("5b0c5f4e-8f7a-4c55-9a43-2f7f3f1d0e61")
-
-
-def iso_time(timestamp: float) -> str:
-    """Unix seconds as ISO 8601 UTC with milliseconds: 2026-11-27T22:00:00.123Z."""
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def integration_id(name: str) -> str:

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
+from .aio import wait_event
+
 log = structlog.get_logger(component="notify")
 
 # systemd ignores a whole notification bigger than its 4096-byte buffer, so an over-long STATUS would take the
@@ -170,8 +172,4 @@ async def watchdog_loop(notifier: Notifier, healthy: Callable[[], Awaitable[bool
             was_healthy = ok
         if ok and not stop.is_set():
             notifier.watchdog()
-        try:
-            async with asyncio.timeout(max(period - (loop.time() - started), 0.0)):
-                await stop.wait()
-        except TimeoutError:
-            pass
+        await wait_event(stop, max(period - (loop.time() - started), 0.0))

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import __version__
-from .formats import iso_time
+from .clock import iso_time
 
 if TYPE_CHECKING:
     from .service import Service

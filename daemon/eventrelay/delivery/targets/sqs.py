@@ -1,4 +1,8 @@
-"""Amazon SQS: CloudEvents bodies sent with SendMessageBatch, ten jobs a call, through one long-lived client."""
+"""Amazon SQS: CloudEvents bodies sent with SendMessageBatch, ten jobs a call, through one long-lived client.
+
+aiobotocore and botocore are imported when a sender starts, not with this module: they take long to load,
+and a daemon without SQS targets never needs them.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,78 @@ import hashlib
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-from ...config import Integration, SqsConfig
+from ...config_yaml import Reader, default
 from ...formats import CloudEvent, event_fields, render_template
 from ...jobs import Job, Outcome
+from ...units import http_url, parse_size, string, template
+from .base import SenderContext, TargetType
+
+if TYPE_CHECKING:
+    from ...config import Integration
 
 MAX_BATCH = 10  # SQS's limit of entries per SendMessageBatch
+MAX_MESSAGE_SIZE = 1024 * 1024  # SQS's limit for one message, whatever the queue is set to
+
+
+@dataclass(frozen=True, slots=True)
+class SqsConfig:
+    url: str
+    region: str
+    aws_access_key_id: str | None = None  # both keys or neither: without them, the default AWS chain
+    aws_secret_access_key: str | None = None
+    endpoint_url: str | None = None
+    message_group_id: str = "{data.id}"  # FIFO queues only: a template over the event's fields
+    max_message_size: int = 256 * 1024  # the seed system's limit; queues made since 2025 may take 1 MiB
+
+    @property
+    def fifo(self) -> bool:
+        return self.url.endswith(".fifo")
+
+
+def parse(reader: Reader, raw: Any, path: str) -> SqsConfig | None:
+    if raw is None:
+        reader.error(path, "required for aws_sqs: at least url")
+        return None
+    s = reader.section(raw, path, ("url", "region", "aws_access_key_id", "aws_secret_access_key", "endpoint_url",
+                                   "message_group_id", "max_message_size"))
+    if "url" not in s:
+        reader.error(f"{path}.url", "required: the queue URL")
+    url = reader.value(s, "url", path, http_url, None)
+    endpoint = reader.value(s, "endpoint_url", path, http_url, None, nullable=True)
+    key_id = reader.value(s, "aws_access_key_id", path, string, None, nullable=True) or None
+    secret = reader.value(s, "aws_secret_access_key", path, string, None, nullable=True) or None
+    if (key_id is None) != (secret is None):
+        reader.error(path, "give both aws_access_key_id and aws_secret_access_key, or neither "
+                           "(then the default AWS credential chain is used)")
+    region = reader.value(s, "region", path, string, None, nullable=True) or (url and _region_of(url))
+    if url and not region:
+        reader.error(f"{path}.region", "required: the queue URL does not name a region")
+    group = reader.value(s, "message_group_id", path, template, default(SqsConfig, "message_group_id"))
+    max_size = reader.value(s, "max_message_size", path, parse_size, default(SqsConfig, "max_message_size"))
+    if max_size > MAX_MESSAGE_SIZE:
+        reader.error(f"{path}.max_message_size", "SQS takes at most 1MiB per message")
+    if not url or not region:
+        return None
+    return SqsConfig(url=url, region=region, aws_access_key_id=key_id, aws_secret_access_key=secret,
+                     endpoint_url=endpoint, message_group_id=group, max_message_size=max_size)
+
+
+def _region_of(url: str) -> str | None:
+    m = re.match(r"https://sqs[.-]([a-z0-9-]+)\.amazonaws\.com", url)
+    return m.group(1) if m else None
+
+
+def make_sender(integration: Integration, context: SenderContext) -> SqsSender:
+    return SqsSender(integration, context.event_source, context.store_id)
+
+
+TARGET = TargetType(
+    name="aws_sqs", config_class=SqsConfig, parse=parse, sender=make_sender,
+    secret_fields=("aws_secret_access_key",), url_fields=("url", "endpoint_url"), uses_event_source=True,
+)
 
 
 class SqsSender:
@@ -40,8 +105,14 @@ class SqsSender:
         self._max_bytes = conf.max_message_size
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._failures: tuple[type[BaseException], ...] = (TimeoutError,)  # and botocore's, once started
 
     async def start(self) -> None:
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._failures = (ClientError, BotoCoreError, TimeoutError)
         conf = self._conf
         # botocore's own retries are off: the dispatcher retries with backoff and records every attempt.
         config = AioConfig(connect_timeout=self._timeout, read_timeout=self._timeout,
@@ -100,7 +171,7 @@ class SqsSender:
             async with asyncio.timeout(self._timeout):
                 response = await self._client.send_message_batch(
                     QueueUrl=self._conf.url, Entries=[entry for _, entry in batch])
-        except (ClientError, BotoCoreError, TimeoutError) as e:
+        except self._failures as e:
             duration = time.monotonic() - started
             error, status = _describe(e, self._timeout)
             return [Outcome(job.id, False, duration, status_code=status, error=error) for job, _ in batch]
@@ -128,9 +199,11 @@ def message_group_id(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def _describe(e: Exception, timeout: float) -> tuple[str, int | None]:
+def _describe(e: BaseException, timeout: float) -> tuple[str, int | None]:
     if isinstance(e, TimeoutError):
         return f"no answer from SQS within the timeout ({timeout:g}s)", None
+    from botocore.exceptions import ClientError, NoCredentialsError  # loaded already: the sender has started
+
     if isinstance(e, NoCredentialsError):
         return ("no AWS credentials: set aws_access_key_id and aws_secret_access_key, or provide them through "
                 "the environment, a profile or an instance role"), None

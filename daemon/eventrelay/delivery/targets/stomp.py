@@ -4,6 +4,9 @@ One connection per integration, kept by a supervisor task: it tries the configur
 keeps the first that answers, watches its heart-beats, and rebuilds it with backoff when it dies. stompman's
 own reconnection gives up after a few attempts and ends its client; a broker down for minutes is normal, so
 the supervisor, not the library, decides that we keep trying.
+
+stompman is imported when a sender is made, not with this module: a daemon without STOMP targets never
+loads it.
 """
 
 from __future__ import annotations
@@ -14,30 +17,123 @@ import re
 import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-import stompman
-from stompman.connection import Connection
 import structlog
-from stompman.errors import ConnectionLostError, FailedAllConnectAttemptsError, FailedAllWriteAttemptsError
-from stompman.frames import AnyServerFrame, ConnectFrame, ErrorFrame
 
-from ...config import Integration, StompAddress, StompConfig
+from ...aio import Backoff, wait_event
+from ...config_yaml import Reader, default
 from ...formats import CloudEvent
 from ...jobs import Job, Outcome
+from ...text import first_line, shorten
+from ...units import positive_duration, string
+from .base import SenderContext, TargetType
 
+if TYPE_CHECKING:
+    import stompman
+    from stompman.connection import Connection
+    from stompman.frames import AnyClientFrame, AnyServerFrame, ErrorFrame
+
+    from ...config import Integration
+
+SCHEMES = {"stomp": False, "tcp": False, "stomp+ssl": True, "stomp+tls": True, "ssl": True}  # scheme -> TLS
 _RECONNECT_MAX = 30.0  # seconds between connection attempts at most
+_CLOSE_WAIT = 5.0  # seconds the supervisor gets to disconnect cleanly before it is cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class StompAddress:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'stomp+ssl' if self.tls else 'stomp'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class StompConfig:
+    addresses: tuple[StompAddress, ...]  # tried in order: the first that answers is used (failover)
+    destination: str
+    username: str | None = None
+    password: str | None = None
+    vhost: str | None = None  # the STOMP `host` header; RabbitMQ reads it as the virtual host
+    heartbeat: float = 10.0
+    ca_file: Path | None = None  # for brokers whose certificate a private CA signed
+
+
+def parse(reader: Reader, raw: Any, path: str) -> StompConfig | None:
+    if raw is None:
+        reader.error(path, "required for stomp: at least addresses and destination")
+        return None
+    s = reader.section(raw, path, ("addresses", "destination", "username", "password", "vhost", "heartbeat",
+                                   "ca_file"))
+    addresses = s.get("addresses")
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    parsed: list[StompAddress] = []
+    if not isinstance(addresses, list) or not addresses:
+        reader.error(f"{path}.addresses", "required: a list of broker URIs, e.g. [stomp+ssl://b-1.mq.example:61614]")
+    else:
+        for i, address in enumerate(addresses):
+            try:
+                parsed.append(broker_address(address))
+            except ValueError as e:
+                reader.error(f"{path}.addresses[{i}]", str(e))
+    destination = reader.value(s, "destination", path, string, None)
+    if not destination:
+        reader.error(f"{path}.destination", "required, e.g. /queue/orders")
+    config = StompConfig(
+        addresses=tuple(parsed), destination=destination or "",
+        username=reader.value(s, "username", path, string, None, nullable=True) or None,
+        password=reader.value(s, "password", path, string, None, nullable=True) or None,
+        vhost=reader.value(s, "vhost", path, string, None, nullable=True) or None,
+        heartbeat=reader.value(s, "heartbeat", path, positive_duration, default(StompConfig, "heartbeat")),
+        ca_file=reader.value(s, "ca_file", path, reader.existing_file, None, nullable=True),
+    )
+    return config if parsed and destination and len(parsed) == len(addresses) else None
+
+
+def broker_address(value: Any) -> StompAddress:
+    hint = "is not a broker URI (e.g. stomp+ssl://b-1.mq.eu-west-1.amazonaws.com:61614 or stomp://127.0.0.1:61613)"
+    try:
+        parts = urlsplit(value if isinstance(value, str) else "")
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{value!r} {hint}") from None
+    if parts.scheme not in SCHEMES or not parts.hostname or port is None:
+        raise ValueError(f"{value!r} {hint}")
+    return StompAddress(parts.hostname, port, SCHEMES[parts.scheme])
+
+
+def make_sender(integration: Integration, context: SenderContext) -> StompSender:
+    return StompSender(integration, context.event_source, context.store_id)
+
+
+TARGET = TargetType(
+    name="stomp", config_class=StompConfig, parse=parse, sender=make_sender,
+    secret_fields=("password",), uses_event_source=True,
+)
 
 
 class StompSender:
     max_batch = 1  # STOMP has no batch SEND; throughput comes from many receipts awaited at once
 
     def __init__(self, integration: Integration, source: str, store_id: str | None = None):
+        import stompman
+        from stompman.errors import ConnectionLostError, FailedAllConnectAttemptsError, FailedAllWriteAttemptsError
+
         conf = integration.configuration
         assert isinstance(conf, StompConfig)
         self._conf = conf
         self._timeout = integration.delivery.timeout
         self._cloudevent = CloudEvent(integration, source, store_id)
         self._store_headers = {"storeid": store_id} if store_id else {}
+        self._receipt_failure = stompman.SendReceiptError
+        self._connection_lost = (ConnectionLostError, FailedAllConnectAttemptsError, FailedAllWriteAttemptsError)
         self._client: stompman.Client | None = None
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
@@ -55,10 +151,8 @@ class StompSender:
     async def close(self) -> None:
         self._closing.set()
         if self._supervisor is not None:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow a cancellation.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await asyncio.shield(self._supervisor)
+            # asyncio.wait neither cancels the supervisor when the time is up nor swallows our cancellation.
+            await asyncio.wait([self._supervisor], timeout=_CLOSE_WAIT)
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
@@ -81,9 +175,9 @@ class StompSender:
             error = (f"no receipt from the broker within the timeout ({self._timeout:g}s)" if self._client else
                      f"not connected to any broker: {self._last_error}")
             return Outcome(job.id, False, time.monotonic() - started, error=error)
-        except stompman.SendReceiptError as e:
+        except self._receipt_failure as e:
             return Outcome(job.id, False, time.monotonic() - started, error=_receipt_error(e))
-        except (ConnectionLostError, FailedAllConnectAttemptsError, FailedAllWriteAttemptsError) as e:
+        except self._connection_lost as e:
             return Outcome(job.id, False, time.monotonic() - started,
                            error=f"connection to the broker lost before the receipt: {type(e).__name__}")
         return Outcome(job.id, True, time.monotonic() - started)
@@ -95,25 +189,24 @@ class StompSender:
                 return self._client
 
     async def _supervise(self) -> None:
-        delay = 1.0
+        backoff = Backoff(1.0, _RECONNECT_MAX)
         while not self._closing.is_set():
             for address in self._conf.addresses:
                 if self._closing.is_set():
                     return
                 try:
                     await self._hold(address)
-                    delay = 1.0  # we were connected: start the backoff anew
+                    backoff.reset()  # we were connected: start the backoff anew
                 except Exception as e:  # noqa: BLE001 - any failure of one connection is logged and retried
                     error = _describe(e, self._refusal)
                     self._last_error = f"{address}: {error}"
                     self._log.warning("broker connection failed", address=str(address), error=error)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):  # not wait_for (see close)
-                    await self._closing.wait()
-            delay = min(delay * 2, _RECONNECT_MAX)
+            await wait_event(self._closing, backoff.next())
 
     async def _hold(self, address: StompAddress) -> None:
         """Connect to one broker and keep the connection until it dies or we close."""
+        import stompman
+
         conf = self._conf
         heartbeat_ms = int(conf.heartbeat * 1000)
         self._refusal = None
@@ -140,9 +233,7 @@ class StompSender:
                 # A dead broker (or a cut network) is noticed through missing heart-beats, not by the library.
                 check = max(0.2, conf.heartbeat / 2) if conf.heartbeat else 1.0
                 while client.is_alive() and not self._closing.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(check):  # not wait_for (see close)
-                            await self._closing.wait()
+                    await wait_event(self._closing, check)
             finally:
                 self._connected.clear()
                 self._client = None
@@ -159,6 +250,10 @@ class StompSender:
 
 
 def _connection_class(vhost: str | None, refused: Callable[[ErrorFrame], None]) -> type[Connection]:
+    from stompman.connection import Connection
+    from stompman.errors import ConnectionLostError
+    from stompman.frames import ConnectFrame, ErrorFrame
+
     class SenderConnection(Connection):
         """Hands an ERROR frame that answers CONNECT to `refused` and ends the attempt there. stompman drops
         such a frame when the broker closes (leaving only ConnectionLostOnLifespanEnter) and never passes
@@ -181,7 +276,7 @@ def _connection_class(vhost: str | None, refused: Callable[[ErrorFrame], None]) 
                 yield frame
 
         if vhost is not None:
-            async def write_frame(self, frame: stompman.frames.AnyClientFrame) -> None:
+            async def write_frame(self, frame: AnyClientFrame) -> None:
                 # stompman puts the TCP host in CONNECT's `host` header; RabbitMQ reads it as the vhost.
                 if isinstance(frame, ConnectFrame):
                     frame.headers["host"] = vhost
@@ -215,7 +310,7 @@ def _surrogate_pair(match: re.Match[str]) -> str:
 def _error_text(frame: ErrorFrame) -> str:
     """An ERROR frame's `message` header and the first line of its body (RabbitMQ says why only there)."""
     message = frame.headers.get("message", "").strip()
-    detail = frame.body.decode(errors="replace").strip().partition("\n")[0][:300]
+    detail = first_line(frame.body.decode(errors="replace"), 300)
     if detail and detail != message:
         return f"{message}: {detail}" if message else detail
     return message or "(no message)"
@@ -224,7 +319,7 @@ def _error_text(frame: ErrorFrame) -> str:
 def _receipt_error(e: stompman.SendReceiptError) -> str:
     if e.reason == "rejected" and e.frame is not None:
         message = e.frame.headers.get("message", "")
-        detail = e.frame.body.decode(errors="replace").strip()[:500]
+        detail = shorten(e.frame.body.decode(errors="replace").strip(), 500)
         return f"the broker refused the message (ERROR frame): {message}" + (f": {detail}" if detail else "")
     if e.reason == "timeout":
         return "no receipt from the broker within the timeout"
@@ -235,6 +330,8 @@ def _describe(e: BaseException, refusal: str | None = None) -> str:
     """One line for the operator; `refusal` is the ERROR frame's text if the broker answered CONNECT with one."""
     if isinstance(e, BaseExceptionGroup):
         return "; ".join(_describe(inner, refusal) for inner in e.exceptions)
+    from stompman.errors import FailedAllConnectAttemptsError  # loaded already: a sender was made
+
     if isinstance(e, FailedAllConnectAttemptsError):
         if refusal is not None:
             return f"the broker refused the connection (ERROR frame): {refusal}"
