@@ -74,11 +74,11 @@ from eventrelay import config as config_module
 from eventrelay import log as log_setup
 from eventrelay.cli import _tune_gc  # private, but a copy of its thresholds would drift from the daemon's
 from eventrelay.delivery.dispatcher import Dispatcher
-from eventrelay.delivery.senders.webhook import WebhookSender
+from eventrelay.delivery.targets.webhook import WebhookSender
 from eventrelay.events import parse_event
 from eventrelay.jobs import Job, Outcome
 from eventrelay.service import USER_AGENT
-from eventrelay.store import Store
+from eventrelay.store import open_store
 
 CONCURRENCY = 8  # delivery.concurrency, and the baseline client's concurrency
 INTEGRATION = "bench-hook"
@@ -268,8 +268,8 @@ async def _dispatcher_and_store(config: config_module.Config, n: int, timeout: f
     integration = bench_integration(config)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="eventrelay-parts-") as tmp:
-        store = await Store.open(Path(tmp) / "er.db", "full")
-        writer = asyncio.create_task(store.run_writer(), name="store-writer")
+        store = await open_store(config_module.StorageConfig(Path(tmp) / "er.db", "full"))
+        writer = asyncio.create_task(store.run(), name="store-writer")
         try:
             sender = InstantSender(n)
             dispatcher = Dispatcher(integration, store, sender)
@@ -298,9 +298,9 @@ async def _dispatcher_and_store(config: config_module.Config, n: int, timeout: f
             await asyncio.wait_for(run, 30)
             # Counts pending and dead jobs only: none left means every outcome was committed as delivered.
             counts = await store.job_counts()
-            out["left"] = {state: k for (name, state), k in counts.items() if name == INTEGRATION}
+            out["left"] = {state.value: k for (name, state), k in counts.items() if name == INTEGRATION}
         finally:
-            store.stop_writer()
+            store.stop()
             try:
                 await asyncio.wait_for(writer, 30)
             finally:

@@ -166,7 +166,7 @@ def _sqs_client(endpoint: str, concurrency: int) -> Any:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
-    # The daemon's client settings (daemon/delivery/senders/sqs.py): no botocore retries, a pool of
+    # The daemon's client settings (daemon/eventrelay/delivery/targets/sqs.py): no botocore retries, a pool of
     # `concurrency` connections.
     config = AioConfig(connect_timeout=SEND_TIMEOUT, read_timeout=SEND_TIMEOUT, max_pool_connections=concurrency,
                        retries={"max_attempts": 1, "mode": "standard"})
@@ -242,7 +242,7 @@ async def _stomp_send_loop(client: Any, destination: str, n: int, window: int, d
             body = (prefix + eid + suffix).encode()
             state["bytes"] += len(body)
             try:
-                # The daemon's SEND (daemon/delivery/senders/stomp.py), headers included.
+                # The daemon's SEND (daemon/eventrelay/delivery/targets/stomp.py), headers included.
                 await client.send(body, destination, content_type="application/json",
                                   headers={"persistent": "true", "type": "order.paid", "id": eid},
                                   add_content_length=False, receipt_timeout=SEND_TIMEOUT)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -22,9 +22,13 @@ import yaml
 from aiohttp import web
 
 from eventrelay import config as config_module
+from eventrelay.jobs import JobState
 from eventrelay.service import Service
+from eventrelay.store import AttemptView, JobView, Store, StoredEvent, open_store
 
 REPO = Path(__file__).resolve().parent.parent
+_ALL = 10**9  # a page size that takes everything a test stores
+T = TypeVar("T")
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
@@ -39,6 +43,37 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+async def wait_for(read: Callable[[], Awaitable[T]], want: Any, timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll `await read()` until it equals `want` (or, `want` being a function, until `want(value)` is truthy);
+    returns that value. Fails the test after `timeout` seconds, showing the last value read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await read()
+        if want(value) if callable(want) else value == want:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last read: {value!r}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def stored(path: Path) -> AsyncIterator[Store]:
+    """The store a stopped (or killed) daemon left at `path`, opened through the storage API to read it."""
+    store = await open_store(config_module.StorageConfig(path))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def states_of(store: Store) -> dict[str, int]:
+    """Jobs by state over every integration, e.g. {"delivered": 3, "pending": 1}; states without jobs left out."""
+    counts: dict[str, int] = {}
+    for (_, state), n in (await store.job_counts(tuple(JobState))).items():
+        counts[state.value] = counts.get(state.value, 0) + n
+    return counts
 
 
 @dataclass
@@ -139,10 +174,41 @@ class RunningDaemon:
             text = await resp.text()
             return resp.status, (json.loads(text) if text else None)
 
-    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Read the database directly, as an operator would with sqlite3."""
-        with sqlite3.connect(self.db_path) as db:
-            return db.execute(sql, params).fetchall()
+    # -- what the daemon stored, through the storage API (store/api.py) --------------------------------------
+
+    @property
+    def store(self) -> Store:
+        assert self.service.store is not None, "the daemon's store is not open"
+        return self.service.store
+
+    async def states(self, integration: str | None = None) -> dict[str, int]:
+        """Jobs by state, e.g. {"delivered": 3, "pending": 1}: of every integration, or of one. States without
+        jobs are left out."""
+        if integration is None:
+            return await states_of(self.store)
+        counts = await self.store.job_counts(tuple(JobState))
+        return {state.value: n for (name, state), n in counts.items() if name == integration}
+
+    async def jobs(self, integration: str | None = None, state: JobState | None = None,
+                   event_id: str | None = None) -> list[JobView]:
+        """Every job (of one integration, in one state, of one event), oldest first."""
+        jobs, _ = await self.store.jobs(integration, state, limit=_ALL, offset=0, event_id=event_id)
+        return jobs[::-1]
+
+    async def job(self, event_id: str, integration: str | None = None) -> JobView:
+        """The one job of an event (for one integration)."""
+        (job,) = await self.jobs(integration, event_id=event_id)
+        return job
+
+    async def attempts(self, integration: str | None = None, job_id: int | None = None) -> list[AttemptView]:
+        """The attempt log (of one integration, of one job), oldest first."""
+        entries, _ = await self.store.logs(integration, job_id, limit=_ALL, offset=0)
+        return entries[::-1]
+
+    async def events(self) -> list[StoredEvent]:
+        """Every stored event, in the order they were accepted."""
+        events, _ = await self.store.events(limit=_ALL)
+        return events[::-1]
 
     async def shutdown(self) -> None:
         self.stop.set()

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .conftest import Receiver, wait_until, webhook
+from .conftest import Receiver, wait_for, wait_until, webhook
 
 FAST = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"}}
 # For tests whose receiver fails many jobs on purpose: a breaker that never opens (tested on its own).
@@ -33,7 +33,7 @@ async def test_status_and_integrations(start_daemon, receiver: Receiver) -> None
                             webhook("off", receiver.url, enabled=False)])
     await d.post([{"id": "ok1", "type": "order.paid", "data": {}}, {"id": "bad", "type": "order.paid", "data": {}}])
     await wait_until(lambda: len(receiver.requests) == 2)
-    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(2,)])
+    await wait_for(d.attempts, lambda attempts: len(attempts) == 2)
     status, body = await get(d, "/v1/status")
     assert status == 200
     data = body["data"]
@@ -60,7 +60,7 @@ async def test_jobs_and_logs_are_paginated_like_the_seed_system(start_daemon, re
     # Every job fails once: keep the circuit breaker out of this test (it would rightly hold deliveries back).
     d = await start_daemon([webhook("erp", receiver.url, delivery={**FAST, "breaker": NO_BREAKER})])
     await d.post([{"id": f"e{i:02}", "type": "order.paid", "data": {}} for i in range(30)])
-    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(30,)])
+    await wait_for(d.states, lambda states: states.get("delivered") == 30)
 
     status, body = await get(d, "/v1/integrations/erp/jobs?page[limit]=10&page[offset]=20&state=delivered")
     assert status == 200
@@ -100,19 +100,19 @@ async def test_retry_and_replay(start_daemon, receiver: Receiver) -> None:
     d = await start_daemon([webhook("erp", receiver.url, delivery={
         "retry": {"initial": "50ms", "max_interval": "50ms", "max_age": "200ms"}, "breaker": NO_BREAKER})])
     await d.post([{"id": f"r{i}", "type": "order.paid", "data": {}} for i in range(3)])
-    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'dead'") == [(3,)], timeout=10)
+    await wait_for(d.states, lambda states: states.get("dead") == 3, timeout=10)
     failing = False
 
     status, body = await post(d, "/v1/integrations/erp/jobs/1/retry")
     assert status == 200 and body["data"]["state"] == "pending"
-    await wait_until(lambda: d.rows("SELECT state FROM jobs WHERE id = 1") == [("delivered",)])
+    await wait_for(lambda: d.store.job("erp", 1), lambda job: job.state == "delivered")
     status, body = await post(d, "/v1/integrations/erp/jobs/1/retry")
     assert status == 409 and "replay" in body["errors"][0]["detail"]
     assert (await post(d, "/v1/integrations/erp/jobs/999/retry"))[0] == 404
 
     status, body = await post(d, "/v1/integrations/erp/replay", {"state": "dead"})
     assert status == 200 and body["data"] == {"queued": 2}
-    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(3,)])
+    await wait_for(d.states, lambda states: states.get("delivered") == 3)
 
     before = len(receiver.requests)
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
@@ -131,7 +131,7 @@ async def test_metrics(start_daemon, receiver: Receiver) -> None:
     d = await start_daemon([webhook("erp", receiver.url)], listen={"token": "t"})
     auth = {"Authorization": "Bearer t"}
     await d.post([{"type": "order.paid", "data": {}}] * 3, headers=auth)
-    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(3,)])
+    await wait_for(d.states, lambda states: states.get("delivered") == 3)
     assert (await get(d, "/metrics"))[0] == 401  # same token as the rest of the API
     status, text = await get(d, "/metrics", auth)
     assert status == 200
@@ -152,9 +152,10 @@ async def test_retention_prunes_delivered_and_keeps_what_is_needed(start_daemon,
         storage={"retention": "300ms", "dead_retention": "1h", "prune_interval": "200ms"})
     await d.post([{"id": "done", "type": "order.paid", "data": {}}, {"id": "dead", "type": "order.paid", "data": {}},
                   {"id": "nobody", "type": "customer.created", "data": {}}])
-    await wait_until(lambda: d.rows("SELECT id FROM events ORDER BY seq") == [("dead",)], timeout=10)
-    assert d.rows("SELECT state FROM jobs") == [("dead",)]
-    assert d.rows("SELECT count(*) FROM attempts WHERE job_id = (SELECT id FROM jobs)")[0][0] >= 1
+    await wait_for(d.events, lambda events: [e.id for e in events] == ["dead"], timeout=10)
+    (job,) = await d.jobs()
+    assert job.state == "dead"
+    assert len(await d.attempts(job_id=job.id)) >= 1
     # A pruned id is a new event again: its dedup window was the retention.
     assert (await d.post({"id": "done", "type": "order.paid", "data": {}}))[1]["data"][0]["duplicate"] is False
     await asyncio.sleep(0)
@@ -167,13 +168,13 @@ async def test_status_figures_come_from_the_records_and_survive_a_reload(start_d
     d = await start_daemon([webhook("erp", receiver.url, delivery={"retry": {"initial": "10s", "max_interval": "10s"}})])
     await d.post([{"id": f"ok{i}", "type": "order.paid", "data": {}} for i in range(20)] +
                  [{"id": "bad", "type": "order.paid", "data": {}}])
-    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(21,)])
+    await wait_for(d.attempts, lambda attempts: len(attempts) == 21)
     # A reload that changes the integration starts a new dispatcher: the figures must not start again at 0.
     config = tmp_path / "config.yaml"
     config.write_text(config.read_text().replace("max_interval: 10s", "max_interval: 20s"))
     assert (await d.service.reload()).changes == ("changed erp",)
     await d.post({"id": "ok-after", "type": "order.paid", "data": {}})
-    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(22,)])
+    await wait_for(d.attempts, lambda attempts: len(attempts) == 22)
     async def erp_status() -> dict:
         return (await get(d, "/v1/status"))[1]["data"]["integrations"][0]
 

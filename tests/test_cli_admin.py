@@ -35,7 +35,7 @@ import eventrelay.service
 from eventrelay import admin_client
 from eventrelay.admin_client import Target, UsageError, add_commands, target_from
 
-from .conftest import REPO, Receiver, free_port, wait_until, webhook
+from .conftest import REPO, Receiver, free_port, wait_for, wait_until, webhook
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -650,7 +650,7 @@ async def test_e2e_a_dead_job_is_listed_logged_retried_and_replayed(start_daemon
     assert await run("retry", "erp", dead["id"], "--url", url) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"job {dead['id']} of erp re-queued (pending, ") and "; it goes now; " in out
-    await wait_until(lambda: d.rows("SELECT state FROM jobs") == [("delivered",)])
+    await wait_for(d.jobs, lambda jobs: [job.state for job in jobs] == ["delivered"])
     assert await run("retry", "erp", dead["id"], "--url", url) == 1  # delivered: 409
     assert "delivered" in capsys.readouterr().err
     assert await run("retry", "erp", "999", "--url", url) == 1
@@ -661,14 +661,14 @@ async def test_e2e_a_dead_job_is_listed_logged_retried_and_replayed(start_daemon
     receiver.respond = lambda r: aioweb.Response(status=500)
     for i in (2, 3):
         assert await run("send", "order.paid", "--id", f"evt-{i}", "--url", url) == 0
-    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'dead'") == [(2,)], timeout=10)
+    await wait_for(d.states, lambda states: states.get("dead") == 2, timeout=10)
     receiver.respond = None
     capsys.readouterr()
     assert await run("replay", "erp", "--dead", "--batch", "1", "--url", url) == 0
     out, err = capsys.readouterr()
     assert out == "re-queued 2 dead job(s) of erp\n"
     assert err.splitlines() == [f"replay erp: {n} dead job(s) re-queued so far" for n in (1, 2)]
-    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(3,)])
+    await wait_for(d.states, lambda states: states.get("delivered") == 3)
     assert await run("replay", "erp", "--dead", "--url", url) == 0
     assert capsys.readouterr().out == "nothing to replay: no dead job(s) of erp\n"
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 from aiohttp import web
 from structlog.testing import capture_logs
 
 from eventrelay.formats import integration_id
 
-from .conftest import Receiver, wait_until, webhook
+from .conftest import Receiver, wait_for, wait_until, webhook
+from .store.sqlite_faults import table_away
 
 FAST_RETRY = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"}}
 
 
-def states(d) -> dict[str, str]:
-    return {str(job_id): state for job_id, state in d.rows("SELECT id, state FROM jobs")}
+async def states(d) -> dict[str, str]:
+    """job id -> its state."""
+    return {str(job.id): job.state.value for job in await d.jobs()}
 
 
 async def test_envelope_and_headers(start_daemon, receiver: Receiver) -> None:
@@ -40,7 +41,7 @@ async def test_envelope_and_headers(start_daemon, receiver: Receiver) -> None:
     assert got.headers["X-MOLTIN-SECRET-KEY"] == "s3cret-PSYQ"
     assert got.headers["User-Agent"].startswith("eventrelay/")
     assert b"s3cret" not in got.body  # the secret travels in its header only, never echoed in the body
-    await wait_until(lambda: states(d) == {"1": "delivered"})
+    await wait_for(lambda: states(d), {"1": "delivered"})
 
 
 async def test_no_secret_header_without_secret_and_only_observers_get_events(start_daemon, receiver) -> None:
@@ -62,14 +63,14 @@ async def test_failing_receiver_is_retried_until_it_succeeds(start_daemon, recei
     receiver.respond = lambda r: next(answers)
     d = await start_daemon([webhook("erp", receiver.url, delivery=FAST_RETRY)])
     await d.post({"id": "evt-r", "type": "order.paid", "data": {}})
-    await wait_until(lambda: states(d) == {"1": "delivered"})
+    await wait_for(lambda: states(d), {"1": "delivered"})
     assert [r.json["attempt"] for r in receiver.requests] == [1, 2, 3]
     assert {r.json["id"] for r in receiver.requests} == {"evt-r"}  # stable across retries: receivers dedupe
-    log = await d.service.store.attempts(1)
-    assert [(a["attempt"], a["succeeded"], a["status_code"], a["body"]) for a in log] == [
+    log = await d.store.attempts(1)
+    assert [(a.attempt, a.succeeded, a.status_code, a.body) for a in log] == [
         (1, False, 500, "database down"), (2, False, 503, ""), (3, True, 200, "thanks")]
-    assert log[0]["error_detail"] == "Received a status code outside of 2xx range (500)"
-    assert all(a["duration"] >= 0 for a in log)
+    assert log[0].error_detail == "Received a status code outside of 2xx range (500)"
+    assert all(a.duration >= 0 for a in log)
 
 
 async def test_timeout_is_a_failed_attempt(start_daemon, receiver: Receiver) -> None:
@@ -85,11 +86,11 @@ async def test_timeout_is_a_failed_attempt(start_daemon, receiver: Receiver) -> 
     receiver.respond = slow_once
     d = await start_daemon([webhook("erp", receiver.url, delivery={"timeout": "300ms", **FAST_RETRY})])
     await d.post({"id": "evt-t", "type": "order.paid", "data": {}})
-    await wait_until(lambda: states(d) == {"1": "delivered"})
-    first, second = await d.service.store.attempts(1)
-    assert not first["succeeded"] and first["error_detail"] == "no complete answer within the timeout (0.3s)"
-    assert 0.25 < first["duration"] < 1.5
-    assert second["succeeded"]
+    await wait_for(lambda: states(d), {"1": "delivered"})
+    first, second = await d.store.attempts(1)
+    assert not first.succeeded and first.error_detail == "no complete answer within the timeout (0.3s)"
+    assert 0.25 < first.duration < 1.5
+    assert second.succeeded
 
 
 async def test_redirects_are_failures_and_not_followed(start_daemon, receiver: Receiver) -> None:
@@ -99,9 +100,9 @@ async def test_redirects_are_failures_and_not_followed(start_daemon, receiver: R
     await d.post({"id": "evt-3", "type": "order.paid", "data": {}})
     await wait_until(lambda: len(receiver.requests) >= 2)
     assert all(r.path == "/hook" for r in receiver.requests)
-    (attempt, *_) = await d.service.store.attempts(1)
-    assert attempt["status_code"] == 301 and "redirect (301) not followed" in attempt["error_detail"]
-    assert states(d) == {"1": "pending"}
+    (attempt, *_) = await d.store.attempts(1)
+    assert attempt.status_code == 301 and "redirect (301) not followed" in attempt.error_detail
+    assert await states(d) == {"1": "pending"}
 
 
 async def test_job_dies_after_max_age_and_is_kept(start_daemon, receiver: Receiver) -> None:
@@ -109,11 +110,11 @@ async def test_job_dies_after_max_age_and_is_kept(start_daemon, receiver: Receiv
     d = await start_daemon([webhook("erp", receiver.url, delivery={
         "retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "500ms"}})])
     await d.post({"id": "evt-d", "type": "order.paid", "data": {}})
-    await wait_until(lambda: states(d) == {"1": "dead"}, timeout=10)
-    attempts = await d.service.store.attempts(1)
-    assert len(attempts) >= 3 and not any(a["succeeded"] for a in attempts)
-    (row,) = d.rows("SELECT attempts, last_error FROM jobs")
-    assert row == (len(attempts), "Received a status code outside of 2xx range (500)")
+    await wait_for(lambda: states(d), {"1": "dead"}, timeout=10)
+    attempts = await d.store.attempts(1)
+    assert len(attempts) >= 3 and not any(a.succeeded for a in attempts)
+    (job,) = await d.jobs()
+    assert (job.attempts, job.last_error) == (len(attempts), "Received a status code outside of 2xx range (500)")
     count = len(receiver.requests)
     await asyncio.sleep(0.3)
     assert len(receiver.requests) == count  # a dead job is not retried
@@ -123,9 +124,9 @@ async def test_long_answers_are_truncated_in_the_attempt_log(start_daemon, recei
     receiver.respond = lambda r: web.Response(status=200, text="é" * 10_000)
     d = await start_daemon([webhook("erp", receiver.url)])
     await d.post({"type": "order.paid", "data": {}})
-    await wait_until(lambda: states(d) == {"1": "delivered"})
-    (attempt,) = await d.service.store.attempts(1)
-    assert 2040 <= len(attempt["body"]) <= 2048  # 4 KiB of two-byte characters
+    await wait_for(lambda: states(d), {"1": "delivered"})
+    (attempt,) = await d.store.attempts(1)
+    assert 2040 <= len(attempt.body) <= 2048  # 4 KiB of two-byte characters
 
 
 async def test_concurrency_is_bounded_per_integration(start_daemon, receiver: Receiver) -> None:
@@ -152,7 +153,7 @@ async def test_a_hanging_target_does_not_delay_another(start_daemon, receiver: R
                             webhook("healthy", receiver.url + "/ok")], shutdown_grace="200ms")
     await d.post([{"type": "order.paid", "data": {"n": i}} for i in range(100)])
     await wait_until(lambda: sum(r.path.endswith("/ok") for r in receiver.requests) == 100, timeout=10)
-    assert json.loads(d.rows("SELECT payload FROM events WHERE seq = 100")[0][0]) == {"data": {"n": 99}}
+    assert json.loads((await d.events())[99].payload) == {"data": {"n": 99}}
 
 
 async def test_a_failing_claim_pauses_the_dispatcher_until_the_database_answers(start_daemon, receiver) -> None:
@@ -164,15 +165,12 @@ async def test_a_failing_claim_pauses_the_dispatcher_until_the_database_answers(
     with capture_logs() as logs:
         d = await start_daemon([webhook("erp", receiver.url, delivery=retry)])
         await d.post({"id": "evt-c", "type": "order.paid", "data": {}})
-        await wait_until(lambda: d.rows("SELECT state, attempts FROM jobs") == [("pending", 1)])
-        with sqlite3.connect(d.db_path) as db:
-            db.execute("ALTER TABLE jobs RENAME TO jobs_away")
-        await wait_until(lambda: any(e["event"] == "cannot claim jobs" for e in logs), timeout=10)
-        failed = next(e for e in logs if e["event"] == "cannot claim jobs")
-        assert "no such table: jobs" in failed["error"] and failed["integration"] == "erp"
-        with sqlite3.connect(d.db_path) as db:
-            db.execute("ALTER TABLE jobs_away RENAME TO jobs")
-        await wait_until(lambda: states(d) == {"1": "delivered"}, timeout=10)
+        await wait_for(lambda: d.jobs(), lambda jobs: [(j.state, j.attempts) for j in jobs] == [("pending", 1)])
+        with table_away(d.db_path, "jobs"):
+            await wait_until(lambda: any(e["event"] == "cannot claim jobs" for e in logs), timeout=10)
+            failed = next(e for e in logs if e["event"] == "cannot claim jobs")
+            assert "no such table: jobs" in failed["error"] and failed["integration"] == "erp"
+        await wait_for(lambda: states(d), {"1": "delivered"}, timeout=10)
     assert [r.json["attempt"] for r in receiver.requests] == [1, 2]
     assert not d.task.done()
 
@@ -194,7 +192,7 @@ async def test_a_backlog_with_retries_is_delivered_whole_and_each_event_once(sta
     d = await start_daemon([webhook("erp", receiver.url, delivery={**FAST_RETRY, "concurrency": 4})])
     for batch in range(4):
         await d.post([{"id": f"bl-{batch * 100 + i}", "type": "order.paid", "data": {}} for i in range(100)])
-    await wait_until(lambda: set(states(d).values()) == {"delivered"} and len(states(d)) == 400, timeout=30)
+    await wait_for(lambda: states(d), lambda s: set(s.values()) == {"delivered"} and len(s) == 400, timeout=30)
     assert len(answered) == 400
     assert {k: v for k, v in answered.items() if v.count(204) != 1} == {}  # never two deliveries of one job
     assert {k for k, v in answered.items() if v == [500, 204]} == {f"bl-{i}" for i in range(0, 400, 7)}

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Receiver, wait_until, webhook
+from .conftest import Receiver, wait_for, wait_until, webhook
 
 NODE_RECEIVER = Path(__file__).parent / "receivers" / "elastic_path_receiver.js"
 SECRET = "secret_squirrel"
@@ -87,8 +87,9 @@ async def test_receivers_written_for_elastic_path_read_every_delivery(start_daem
         assert read[f"evt-product-deleted-{n}"] == {"type": "product", "trigger": "deleted", "id": f"p-{n}",
                                                     "resourceType": "product"}
     # Every one of them on the first attempt: none was answered 500 and retried.
-    await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(20,)])
-    assert d.rows("SELECT count(*), sum(succeeded) FROM attempts") == [(20, 20)]
+    await wait_for(d.attempts, lambda attempts: len(attempts) == 20)
+    attempts = await d.attempts()
+    assert (len(attempts), sum(a.succeeded for a in attempts)) == (20, 20)
 
 
 async def test_the_envelope_has_elastic_paths_documented_shapes(start_daemon, receiver: Receiver) -> None:

@@ -245,16 +245,21 @@ class Model:
             new[eid] = payload
 
 
-def counts(d: Any) -> tuple[int, int]:
-    return (d.rows("SELECT count(*) FROM events")[0][0], d.rows("SELECT count(*) FROM jobs")[0][0])
+async def stored_counts(d: Any) -> tuple[int, int]:
+    """How many events and jobs are stored."""
+    return (await d.store.events(limit=1))[1], (await d.store.jobs(limit=1))[1]
 
 
-def check_stored(d: Any, new: dict[str, dict[str, Any]]) -> None:
+def counts(d: Any, bridge: Bridge) -> tuple[int, int]:
+    return bridge(lambda: stored_counts(d))
+
+
+def check_stored(d: Any, bridge: Bridge, new: dict[str, dict[str, Any]]) -> None:
     """Every newly accepted event is stored, with exactly the data and included that were sent."""
     for eid, payload in new.items():
-        rows = d.rows("SELECT payload FROM events WHERE id = ?", (eid,))
-        assert len(rows) == 1, f"event {eid!r} answered as stored but not in the database"
-        assert decode_strict(rows[0][0].encode()) == payload
+        stored = bridge(lambda: d.store.event(eid))  # noqa: B023 - run at once, in this iteration
+        assert stored is not None, f"event {eid!r} answered as stored but not in the database"
+        assert decode_strict(stored.payload.encode()) == payload
 
 
 def check_error_shape(status: int, content_type: str, body: bytes) -> None:
@@ -461,13 +466,13 @@ async def test_http_ingest_answers_202_or_a_json_4xx_and_stores_exactly_what_it_
         want, items = expected_http(content_type, body)
         seen[want] += 1
         seen["chunked" if chunked else "content-length"] += 1
-        before = counts(d)
+        before = counts(d, bridge)
         status, ctype, answer = bridge(lambda: _post(d, body, content_type, chunked))
         note(f"answer: {status} {answer[:500]!r}")
         assert status == want, f"expected {want}, got {status}: {answer[:500]!r}"
         if status != 202:
             check_error_shape(status, ctype, answer)
-            assert counts(d) == before, "a rejected request stored something"
+            assert counts(d, bridge) == before, "a rejected request stored something"
         else:
             assert items is not None
             data = json.loads(answer)["data"]
@@ -476,8 +481,8 @@ async def test_http_ingest_answers_202_or_a_json_4xx_and_stores_exactly_what_it_
             for item, one in zip(items, data):
                 model.check_answer(item, one, new)
             jobs = sum(one["jobs"] for one in data if not one["duplicate"])
-            assert counts(d) == (before[0] + len(new), before[1] + jobs), "stored events/jobs differ from the answer"
-            check_stored(d, new)
+            assert counts(d, bridge) == (before[0] + len(new), before[1] + jobs), "stored events/jobs differ from the answer"
+            check_stored(d, bridge, new)
         assert_alive(d, bridge)
 
     started = time.monotonic()
@@ -581,14 +586,14 @@ async def test_socket_ingest_answers_each_line_in_order_and_ok_means_stored(rece
         seen.update(kind for kind, _ in expected)
         seen["connections"] += 1
         seen["chunks"] += len(chunks)
-        before = counts(d)
+        before = counts(d, bridge)
         answers = bridge(lambda: _exchange(d.socket_path, chunks, pause), 3 * REQUEST_TIMEOUT)
         note(f"answers: {answers}")
         new = check_socket_answers(expected, answers, model)
         stored = [json.loads(a) for a in answers if json.loads(a)["ok"]]
         jobs = sum(a["jobs"] for a in stored if not a["duplicate"])
-        assert counts(d) == (before[0] + len(new), before[1] + jobs), "stored events/jobs differ from the ok answers"
-        check_stored(d, new)
+        assert counts(d, bridge) == (before[0] + len(new), before[1] + jobs), "stored events/jobs differ from the ok answers"
+        check_stored(d, bridge, new)
         assert_alive(d, bridge)
 
     started = time.monotonic()
@@ -679,7 +684,7 @@ async def test_slow_senders_do_not_hold_up_other_clients(receiver: Receiver, sta
     assert json.loads(await asyncio.wait_for(stalled[2][0].readline(), REQUEST_TIMEOUT))["id"] == "stalled-sock"
     for _, writer in stalled:
         writer.close()
-    assert d.rows("SELECT count(*) FROM events")[0][0] == 20 + 20 + 2 * served + 1
+    assert len(await d.events()) == 20 + 20 + 2 * served + 1
     assert not d.task.done()
     async with d.http.get(f"{d.url}/healthz") as resp:
         assert resp.status == 200
@@ -1053,18 +1058,18 @@ async def test_max_depth_is_exact_whatever_the_shape(receiver: Receiver, start_d
         line = encode(ev, True, True)
         seen[depth(ev)] += 1
         accepted = depth(ev) <= limit
-        before = counts(d)
+        before = counts(d, bridge)
         status, ctype, body = bridge(lambda: _post(d, line, "application/json", False))
         assert status == (202 if accepted else 400), (depth(ev), status, body)
         answers = bridge(lambda: _exchange(d.socket_path, [line + b"\n"], 0))
         assert len(answers) == 1 and json.loads(answers[0])["ok"] is accepted, (depth(ev), answers)
         if accepted:
-            assert counts(d) == (before[0] + 2, before[1] + 2 * expected_jobs("order.paid"))
+            assert counts(d, bridge) == (before[0] + 2, before[1] + 2 * expected_jobs("order.paid"))
         else:
             check_error_shape(status, ctype, body)
             assert "listen.max_depth" in json.loads(body)["errors"][0]["detail"]
             assert "listen.max_depth" in json.loads(answers[0])["error"]
-            assert counts(d) == before
+            assert counts(d, bridge) == before
 
     await run_property(prop)
     print(f"max_depth {limit}: depths tried {dict(sorted(seen.items()))}")
@@ -1132,7 +1137,7 @@ async def test_http_max_connections_answers_503_and_frees_slots(start_daemon) ->
     # A client that sends its request first reads the same answer: the request is drained, not reset.
     await refused(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 34\r\n\r\n{\"type\": \"order.paid\", \"data\": {}}")
-    assert d.rows("SELECT count(*) FROM events") == [(0,)], "a refused request must store nothing"
+    assert await d.events() == [], "a refused request must store nothing"
 
     held[0][1].close()
     await held[0][1].wait_closed()

@@ -10,10 +10,12 @@ import time
 import pytest
 
 from .conftest import Receiver, webhook
+from .store.sqlite_faults import damage, failing_inserts
 
 
-def count(d, table: str) -> int:
-    return d.rows(f"SELECT count(*) FROM {table}")[0][0]
+async def count(d, what: str) -> int:
+    """How many events or jobs are stored."""
+    return len(await (d.events() if what == "events" else d.jobs()))
 
 
 async def test_one_event_is_stored_with_its_jobs_before_the_answer(start_daemon, receiver: Receiver) -> None:
@@ -26,8 +28,8 @@ async def test_one_event_is_stored_with_its_jobs_before_the_answer(start_daemon,
     assert status == 202
     assert body == {"data": [{"id": "evt-1", "jobs": 2, "duplicate": False}]}
     # The answer came after the commit: another connection sees the event and both jobs at once.
-    assert d.rows("SELECT id, type FROM events") == [("evt-1", "order.paid")]
-    assert sorted(d.rows("SELECT integration FROM jobs")) == [("crm",), ("erp",)]
+    assert [(e.id, e.type) for e in await d.events()] == [("evt-1", "order.paid")]
+    assert sorted(j.integration for j in await d.jobs()) == ["crm", "erp"]
 
 
 async def test_batch_answers_in_order_and_generates_ids(start_daemon) -> None:
@@ -37,7 +39,7 @@ async def test_batch_answers_in_order_and_generates_ids(start_daemon) -> None:
     assert status == 202 and len(body["data"]) == 1000
     ids = [item["id"] for item in body["data"]]
     assert len(set(ids)) == 1000
-    stored = dict(d.rows("SELECT id, payload FROM events"))
+    stored = {e.id: e.payload for e in await d.events()}
     assert all(json.loads(stored[ids[i]]) == {"data": {"n": i}} for i in (0, 500, 999))
 
 
@@ -49,7 +51,7 @@ async def test_same_id_again_is_a_duplicate_and_queues_nothing(start_daemon) -> 
     assert all(r == (202, {"data": [{"id": "evt-7", "jobs": 1, "duplicate": True}]}) for r in results)
     assert (await d.post([event, {"id": "evt-8", "type": "order.paid", "data": {}}]))[1]["data"] == [
         {"id": "evt-7", "jobs": 1, "duplicate": True}, {"id": "evt-8", "jobs": 1, "duplicate": False}]
-    assert count(d, "events") == 2 and count(d, "jobs") == 2
+    assert await count(d, "events") == 2 and await count(d, "jobs") == 2
 
 
 BAD_BODIES = [
@@ -75,7 +77,7 @@ async def test_bad_input_gets_a_clear_error_and_stores_nothing(start_daemon, raw
     assert got_status == status
     (error,) = body["errors"][:1]
     assert error["status"] == str(status) and detail in error["detail"], body
-    assert count(d, "events") == 0 and count(d, "jobs") == 0
+    assert await count(d, "events") == 0 and await count(d, "jobs") == 0
 
 
 async def test_all_or_none_reports_every_bad_item(start_daemon) -> None:
@@ -86,7 +88,7 @@ async def test_all_or_none_reports_every_bad_item(start_daemon) -> None:
     assert [e["detail"] for e in body["errors"]] == ["[5].data: required, must be a JSON object",
                                                      "[6].type: 1 is not an event key (resource.action, "
                                                      "lower case, e.g. order.paid)"]
-    assert count(d, "events") == 0
+    assert await count(d, "events") == 0
 
 
 async def test_size_content_type_and_method(start_daemon) -> None:
@@ -118,7 +120,7 @@ async def test_size_content_type_and_method(start_daemon) -> None:
         assert r.status == 405 and (await r.json())["errors"][0]["status"] == "405"
     async with d.http.get(f"{d.url}/nope") as r:
         assert r.status == 404 and (await r.json())["errors"][0]["title"] == "Not Found"
-    assert count(d, "events") == 1  # the small gzip body only
+    assert await count(d, "events") == 1  # the small gzip body only
 
 
 async def test_token(start_daemon) -> None:
@@ -127,7 +129,7 @@ async def test_token(start_daemon) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic t0ken"}):
         status, body = await d.post(event, headers=headers)
         assert status == 401 and "bearer token" in body["errors"][0]["detail"]
-    assert count(d, "events") == 0
+    assert await count(d, "events") == 0
     assert (await d.post(event, headers={"Authorization": "Bearer t0ken"}))[0] == 202
     async with d.http.get(f"{d.url}/healthz") as r:  # probes need no token
         assert r.status == 200
@@ -141,7 +143,7 @@ async def test_expect_100_continue(start_daemon) -> None:
         async with d.http.post(f"{d.url}/v1/events", data=body, expect100=True, headers={
                 "Content-Type": "application/json", "Authorization": f"Bearer {token}"}) as r:
             assert r.status == want, await r.text()
-    assert d.rows("SELECT id FROM events") == [("big",)]
+    assert [e.id for e in await d.events()] == ["big"]
 
 
 async def test_health_and_readiness(start_daemon) -> None:
@@ -153,15 +155,10 @@ async def test_health_and_readiness(start_daemon) -> None:
 
 
 async def test_storage_failure_answers_503_and_acknowledges_nothing(start_daemon) -> None:
-    import sqlite3
-
     d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])])
-    with sqlite3.connect(d.db_path) as db:
-        db.execute("CREATE TRIGGER full BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
-    status, body = await d.post({"id": "lost?", "type": "order.paid", "data": {}})
-    assert status == 503 and "not stored" in body["errors"][0]["detail"]
-    with sqlite3.connect(d.db_path) as db:
-        db.execute("DROP TRIGGER full")
+    with failing_inserts(d.db_path, "events", "disk is full"):
+        status, body = await d.post({"id": "lost?", "type": "order.paid", "data": {}})
+        assert status == 503 and "not stored" in body["errors"][0]["detail"]
     status, body = await d.post({"id": "lost?", "type": "order.paid", "data": {}})
     assert status == 202 and body["data"][0]["duplicate"] is False  # the failed attempt stored nothing
 
@@ -179,7 +176,7 @@ async def test_nesting_depth_limit(start_daemon) -> None:
     assert (await d.post({"type": "order.paid", "data": nested(6)}))[0] == 202
     status, body = await d.post({"type": "order.paid", "data": nested(7)})
     assert status == 400 and body["errors"][0]["detail"] == "JSON nested deeper than listen.max_depth (8 levels)"
-    assert d.rows("SELECT count(*) FROM events") == [(1,)]
+    assert await count(d, "events") == 1
 
 
 async def test_max_depth_counts_the_batch_array_and_each_event(start_daemon) -> None:
@@ -199,7 +196,7 @@ async def test_max_depth_counts_the_batch_array_and_each_event(start_daemon) -> 
     assert status == 202, body
     status, body = await d.post([[[[[[1]]]]]])  # not events at all, and too deep
     assert status == 400 and "listen.max_depth" in body["errors"][0]["detail"]
-    assert count(d, "events") == 3
+    assert await count(d, "events") == 3
 
 
 # -- slow, broken and failing requests --------------------------------------------------------------------------
@@ -250,7 +247,7 @@ async def test_a_request_slower_than_request_timeout_is_answered_408(start_daemo
         assert answer["errors"][0]["status"] == "408" and "listen.request_timeout (0.5 s)" in \
             answer["errors"][0]["detail"], answer
         assert 0.4 < time.monotonic() - started < 3.0
-    assert count(d, "events") == 0
+    assert await count(d, "events") == 0
     # A request sent at once is not affected, nor a keep-alive connection idle for longer between requests.
     host, port = d.service.http_address
     reader, writer = await asyncio.open_connection(host, port)
@@ -274,18 +271,9 @@ async def test_a_chunk_broken_after_the_headers_is_answered_at_once(start_daemon
 
 
 async def test_an_unexpected_failure_of_a_handler_is_a_json_500(start_daemon, tmp_path) -> None:
-    import random
-    import sqlite3
-
     d = await start_daemon([webhook("erp", "http://127.0.0.1:9/", ["order.paid"])])
     assert (await d.post([{"type": "order.paid", "data": {"n": "x" * 300}}] * 1000))[0] == 202
-    # What a failing disk does to the file under a running daemon, once the WAL is checkpointed into it.
-    with sqlite3.connect(d.db_path) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    size = d.db_path.stat().st_size
-    with open(d.db_path, "r+b") as f:
-        f.seek(3 * 4096)
-        f.write(random.Random(7).randbytes(size - 4 * 4096))
+    damage(d.db_path)  # what a failing disk does to the file under a running daemon
     for path in ("/v1/status", "/v1/integrations/erp/jobs", "/metrics"):
         async with d.http.get(d.url + path) as resp:
             assert resp.status == 500 and resp.content_type == "application/json", await resp.text()
@@ -307,4 +295,4 @@ async def test_a_repeated_key_is_refused_on_both_listeners_and_nothing_is_stored
     answer = json.loads(await reader.readline())
     writer.close()
     assert answer == {"ok": False, "error": 'duplicate key "type" in an object: each key may appear once'}
-    assert (await d.service.store.job_counts()) == {}
+    assert (await d.store.job_counts()) == {}

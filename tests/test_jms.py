@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import wait_until
+from .conftest import wait_for
 from .services import ACTIVEMQ_HOME
-from .test_stomp import FAST, queue, states, stomp_integration
+from .test_stomp import FAST, queue, stomp_integration
 
 _SOURCE = Path(__file__).parent / "jms" / "JmsRead.java"
 _JARS = ["activemq-client", "geronimo-jms_1.1_spec", "geronimo-j2ee-management-1.1-spec", "hawtbuf", "slf4j-api"]
@@ -71,7 +71,7 @@ async def test_a_jms_consumer_reads_astral_characters(start_daemon, activemq, jm
     sent = {f"j{i}": sample_data(i) for i in range(20)}
     d = await start_daemon([stomp_integration("crm", activemq, dest)], delivery=FAST)
     await d.post([{"id": event_id, "type": "customer.updated", "data": data} for event_id, data in sent.items()])
-    await wait_until(lambda: states(d) == {"delivered": 20}, timeout=30)
+    await wait_for(d.states, {"delivered": 20}, timeout=30)
     messages = await asyncio.to_thread(jms_read, jms_classpath, activemq, dest, 20)
     errors = [m for m in messages if "error" in m]
     # ActiveMQ's AMQ-8398: getText() throws UTFDataFormatException for a 4-byte UTF-8 sequence in a STOMP body.
@@ -89,7 +89,7 @@ async def test_jms_sees_type_as_jmstype_and_id_as_a_property(start_daemon, activ
     types = ["order.paid", "order.created", "customer.updated", "order.paid"] * 4
     d = await start_daemon([stomp_integration("crm", activemq, dest)], delivery=FAST)
     await d.post([{"id": f"t{i}", "type": t, "data": {"i": i}} for i, t in enumerate(types)])
-    await wait_until(lambda: states(d) == {"delivered": 16}, timeout=30)
+    await wait_for(d.states, {"delivered": 16}, timeout=30)
     paid = {f"t{i}" for i, t in enumerate(types) if t == "order.paid"}
 
     # Asks for all 16: only the selector can stop it at the 8 order.paid ones.

@@ -13,11 +13,7 @@ from eventrelay.config import BreakerConfig
 from eventrelay.delivery.policy import CircuitBreaker, RetryPolicy, TokenBucket
 from eventrelay.jobs import Job, JobState, Outcome
 
-from .conftest import Receiver, wait_until, webhook
-
-
-def states(d) -> dict[str, int]:
-    return dict(d.rows("SELECT state, count(*) FROM jobs GROUP BY state"))
+from .conftest import Receiver, wait_for, wait_until, webhook
 
 
 # -- units ----------------------------------------------------------------------------------------------------
@@ -82,10 +78,10 @@ async def test_a_receiver_down_for_a_while_sees_only_probes(start_daemon, receiv
     assert while_down <= 5 + 4 + 2.0 / 0.2 + 1, while_down
     status = await (await d.http.get(d.url + "/v1/status")).json()
     assert status["data"]["integrations"][0]["circuit"] in ("open", "half_open")
-    attempts = d.rows("SELECT count(*) FROM attempts")[0][0]
+    attempts = len(await d.attempts())
     assert attempts == while_down  # held-back jobs burnt no attempts and piled up no logs
     down = False
-    await wait_until(lambda: states(d) == {"delivered": 50}, timeout=15)
+    await wait_for(d.states, {"delivered": 50}, timeout=15)
     metrics = await (await d.http.get(d.url + "/metrics")).text()
     assert 'eventrelay_circuit_transitions_total{integration="erp",to="open"}' in metrics
     assert 'eventrelay_circuit_state{integration="erp"} 0.0' in metrics
@@ -108,7 +104,7 @@ async def test_retry_after_and_429_pause_the_whole_integration(start_daemon, rec
     await wait_until(lambda: len(receiver.requests) == 1)
     sent_at = receiver.requests[0].at
     await d.post({"id": "second", "type": "order.paid", "data": {}})  # another job: paused as well
-    await wait_until(lambda: states(d) == {"delivered": 2}, timeout=10)
+    await wait_for(d.states, {"delivered": 2}, timeout=10)
     assert all(r.at - sent_at >= 0.9 for r in receiver.requests[1:]), [r.at - sent_at for r in receiver.requests]
     assert {r.json["id"] for r in receiver.requests[1:]} == {"first", "second"}
 
@@ -126,7 +122,7 @@ async def test_retry_after_as_an_http_date(start_daemon, receiver: Receiver) -> 
     d = await start_daemon([webhook("erp", receiver.url, delivery={"retry": {
         "initial": "50ms", "max_interval": "10s", "max_age": "1h"}})])
     await d.post({"id": "x", "type": "order.paid", "data": {}})
-    await wait_until(lambda: states(d) == {"delivered": 1}, timeout=10)
+    await wait_for(d.states, {"delivered": 1}, timeout=10)
     first, second = receiver.requests
     assert second.at - first.at >= 1.0  # the date was honoured (to the second it is given in)
 
@@ -137,11 +133,10 @@ async def test_410_disables_the_integration_until_enabled(start_daemon, receiver
     integration = webhook("erp", receiver.url, delivery={"retry": {"initial": "50ms", "max_interval": "50ms"}})
     d = await start_daemon([integration])
     await d.post([{"id": f"g{i}", "type": "order.paid", "data": {}} for i in range(5)])
-    await wait_until(lambda: d.rows("SELECT count(*) FROM integration_state WHERE disabled_at IS NOT NULL")
-                     == [(1,)])
+    await wait_for(lambda: d.store.disabled(), lambda disabled: len(disabled) == 1)
     await asyncio.sleep(0.5)
     assert len(receiver.requests) <= 4  # only what was already in flight when the 410 came
-    assert states(d) == {"pending": 5}  # jobs stay pending, nothing dead
+    assert await d.states() == {"pending": 5}  # jobs stay pending, nothing dead
     status = await (await d.http.get(d.url + "/v1/status")).json()
     disabled = status["data"]["integrations"][0]["disabled"]
     assert disabled["reason"].startswith("the target answered 410 Gone") and disabled["at"].endswith("Z")
@@ -152,12 +147,12 @@ async def test_410_disables_the_integration_until_enabled(start_daemon, receiver
     await d.shutdown()
     d = await start_daemon([integration])
     await asyncio.sleep(0.3)
-    assert states(d) == {"pending": 5}
+    assert await d.states() == {"pending": 5}
     gone = False
     from eventrelay.cli import main as cli_main
 
     assert await asyncio.to_thread(cli_main, ["enable", "erp", "--url", d.url]) == 0
-    await wait_until(lambda: states(d) == {"delivered": 5})
+    await wait_for(d.states, {"delivered": 5})
 
 
 async def test_a_reload_that_changes_the_integration_enables_it(start_daemon, receiver: Receiver, tmp_path) -> None:
@@ -172,7 +167,7 @@ async def test_a_reload_that_changes_the_integration_enables_it(start_daemon, re
     raw["integrations"][0]["configuration"]["url"] = receiver.url + "/new"
     config.write_text(yaml.safe_dump(raw))
     assert (await d.service.reload()).changes == ("changed erp",)
-    await wait_until(lambda: states(d) == {"delivered": 1})
+    await wait_for(d.states, {"delivered": 1})
     assert receiver.requests[-1].path == "/hook/new"
 
 
@@ -204,7 +199,7 @@ async def test_per_resource_ordering(start_daemon, receiver: Receiver) -> None:
     events = [{"id": f"{order}-{step}", "type": "order.updated", "data": {"id": order}}
               for step in "abcd" for order in ("o1", "o2", "o3")]
     await d.post(events)
-    await wait_until(lambda: states(d) == {"delivered": 12}, timeout=15)
+    await wait_for(d.states, {"delivered": 12}, timeout=15)
     delivered = [r.json["id"] for r in receiver.requests]
     for order in ("o1", "o2", "o3"):  # each key in acceptance order, retries included
         sequence = [e for e in delivered if e.startswith(order)]
@@ -231,7 +226,7 @@ async def test_dead_jobs_go_to_the_dead_letter_integration(start_daemon, receive
     assert data["event"] == {"id": "lost-order", "type": "order.paid", "data": {"id": "o9"},
                              "included": {"items": []}}
     # Outcomes are written behind the answer: the database catches up with the receiver a moment later.
-    await wait_until(lambda: dict(d.rows("SELECT integration, state FROM jobs")) == {
+    await wait_for(d.jobs, lambda jobs: {job.integration: job.state for job in jobs} == {
         "erp": "dead", "ops": "delivered"})
 
 
@@ -255,8 +250,8 @@ async def test_connect_timeout_is_separate_from_the_total(start_daemon) -> None:
             "timeout": "5s", "connect_timeout": "300ms",
             "retry": {"initial": "10s", "max_interval": "10s", "max_age": "1h"}})])
         await d.post({"id": "c1", "type": "order.paid", "data": {}})
-        await wait_until(lambda: d.rows("SELECT count(*) FROM attempts") == [(1,)], timeout=10)
-        ((error, duration),) = d.rows("SELECT error_detail, duration FROM attempts")
+        await wait_for(d.attempts, lambda attempts: len(attempts) == 1, timeout=10)
+        ((error, duration),) = [(a.error_detail, a.duration) for a in await d.attempts()]
         assert error == "no connection within connect_timeout (0.3s)", error
         assert 0.25 < duration < 3.0  # the connect timeout, not the 5 s total
     finally:
@@ -272,10 +267,10 @@ async def test_an_operators_retry_goes_now_as_the_probe_of_an_open_circuit(start
         "concurrency": 1, "retry": {"initial": "1h", "max_interval": "1h", "max_age": "1h", "max_attempts": 1},
         "breaker": {"failures": 3, "cooldown": "5m", "max_cooldown": "5m"}})])
     await d.post([{"id": f"dead{i}", "type": "order.paid", "data": {}} for i in range(3)])
-    await wait_until(lambda: states(d) == {"dead": 3})
+    await wait_for(d.states, {"dead": 3})
     assert d.service.dispatchers["erp"].breaker.state == "open"  # for the next five minutes
     down = False
-    (job_id,) = d.rows("SELECT id FROM jobs WHERE event_seq = (SELECT seq FROM events WHERE id = 'dead1')")[0]
+    job_id = (await d.job("dead1")).id
     async with d.http.post(f"{d.url}/v1/integrations/erp/jobs/{job_id}/retry") as resp:
         assert resp.status == 200
         answer = await resp.json()
@@ -287,7 +282,7 @@ async def test_an_operators_retry_goes_now_as_the_probe_of_an_open_circuit(start
     # A replay likewise: the two other dead jobs go now.
     async with d.http.post(f"{d.url}/v1/integrations/erp/replay", json={"state": "dead"}) as resp:
         assert (await resp.json())["data"] == {"queued": 2}
-    await wait_until(lambda: states(d) == {"delivered": 3}, timeout=5)
+    await wait_for(d.states, {"delivered": 3}, timeout=5)
 
 
 async def test_a_retry_during_a_slow_down_pause_goes_now(start_daemon, receiver: Receiver) -> None:
@@ -297,10 +292,10 @@ async def test_a_retry_during_a_slow_down_pause_goes_now(start_daemon, receiver:
         "initial": "1s", "max_interval": "10m", "max_age": "1h"}})])
     await d.post({"id": "slow", "type": "order.paid", "data": {}})
     await wait_until(lambda: d.service.dispatchers["erp"].paused_until > time.time() + 60)
-    (job_id,) = d.rows("SELECT id FROM jobs")[0]
+    job_id = (await d.jobs())[0].id
     async with d.http.post(f"{d.url}/v1/integrations/erp/jobs/{job_id}/retry") as resp:
         assert resp.status == 200
-    await wait_until(lambda: states(d) == {"delivered": 1}, timeout=5)
+    await wait_for(d.states, {"delivered": 1}, timeout=5)
 
 
 async def test_an_operator_closes_a_circuit_by_hand(start_daemon, receiver: Receiver) -> None:
@@ -314,7 +309,7 @@ async def test_an_operator_closes_a_circuit_by_hand(start_daemon, receiver: Rece
     down = False
     async with d.http.post(f"{d.url}/v1/integrations/erp/close-circuit") as resp:
         assert (await resp.json())["data"] == {"name": "erp", "circuit": "closed", "was": "open"}
-    await wait_until(lambda: states(d) == {"delivered": 5}, timeout=5)
+    await wait_for(d.states, {"delivered": 5}, timeout=5)
     metrics = await (await d.http.get(d.url + "/metrics")).text()
     assert 'eventrelay_circuit_transitions_total{integration="erp",to="closed"} 1.0' in metrics
     async with d.http.post(f"{d.url}/v1/integrations/nope/close-circuit") as resp:

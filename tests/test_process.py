@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from aiohttp import web
 
 from eventrelay.delivery.dispatcher import UNRECORDED_FACTOR
 
-from .conftest import REPO, Receiver, wait_until, webhook
+from .conftest import REPO, Receiver, states_of, stored, wait_until, webhook
 
 
 async def post(session: aiohttp.ClientSession, url: str, events: list[dict]) -> list[str]:
@@ -74,7 +73,7 @@ def writer_pid(daemon_pid: int) -> int:
     """The daemon's database writer: its one child process."""
     children = open(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read().split()
     assert len(children) == 1, f"expected one child (the writer), found {children}"
-    assert b"eventrelay.writer" in open(f"/proc/{children[0]}/cmdline", "rb").read()
+    assert b"eventrelay.store.sqlite.writer" in open(f"/proc/{children[0]}/cmdline", "rb").read()
     return int(children[0])
 
 
@@ -152,8 +151,8 @@ async def test_sigterm_lets_deliveries_in_flight_finish(daemon_process, receiver
         except aiohttp.ClientConnectionError:
             pass
     assert await asyncio.to_thread(d.wait, 20) == 0
-    with sqlite3.connect(d.config.parent / "er.db") as db:
-        assert db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall() == [("delivered", 4)]
+    async with stored(d.config.parent / "er.db") as store:
+        assert await states_of(store) == {"delivered": 4}
 
 
 async def test_sigterm_past_the_grace_keeps_jobs_pending_for_the_next_run(daemon_process, receiver) -> None:

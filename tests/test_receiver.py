@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 
 from eventrelay.receiver import DebugReceiver, SigningSecretError
+from eventrelay.store import AttemptView
 
-from .conftest import REPO, wait_until, webhook
+from .conftest import REPO, wait_for, wait_until, webhook
 
 
 async def test_receiver_prints_deliveries_and_flags_a_wrong_secret(start_daemon) -> None:
@@ -33,14 +34,13 @@ async def test_receiver_prints_deliveries_and_flags_a_wrong_secret(start_daemon)
                     delivery={"retry": {"initial": "10s", "max_interval": "10s"}})])
         await d.post({"id": "evt-1", "type": "order.paid", "data": {"id": "o1"}})
         await wait_until(lambda: receiver.received >= 2)
-        await wait_until(lambda: d.rows("SELECT integration, state FROM jobs ORDER BY integration") ==
-                         [("bad", "pending"), ("good", "delivered")])
+        await wait_for(lambda: integration_states(d), [("bad", "pending"), ("good", "delivered")])
         text = out.getvalue()
         assert "order.paid id=evt-1 attempt=1 integration=good" in text
         assert "PROBLEM: X-MOLTIN-SECRET-KEY is wrong" in text
-        ((bad_job,),) = d.rows("SELECT id FROM jobs WHERE integration = 'bad'")
-        (bad_attempt,) = await d.service.store.attempts(bad_job)
-        assert bad_attempt["status_code"] == 401
+        (bad_job,) = await d.jobs("bad")
+        (bad_attempt,) = await d.store.attempts(bad_job.id)
+        assert bad_attempt.status_code == 401
     finally:
         await runner.cleanup()
 
@@ -68,10 +68,15 @@ def signed(name: str, url: str, secret: str | None, **extra) -> dict:
     return webhook(name, url, configuration=configuration, **extra)
 
 
-async def attempt_of(d, integration: str) -> dict:
-    ((job,),) = d.rows("SELECT id FROM jobs WHERE integration = ?", (integration,))
-    attempts = await d.service.store.attempts(job)
+async def attempt_of(d, integration: str) -> AttemptView:
+    (job,) = await d.jobs(integration)
+    attempts = await d.store.attempts(job.id)
     return attempts[0]
+
+
+async def integration_states(d) -> list[tuple[str, str]]:
+    """(integration, state) of every job, by integration."""
+    return sorted((job.integration, job.state.value) for job in await d.jobs())
 
 
 async def test_secret_accepts_the_daemons_signatures_and_refuses_any_other(start_daemon) -> None:
@@ -83,9 +88,8 @@ async def test_secret_accepts_the_daemons_signatures_and_refuses_any_other(start
                                 signed("other", url + "/other", OTHER, delivery=NO_RETRY_SOON),
                                 signed("unsigned", url + "/unsigned", None, delivery=NO_RETRY_SOON)])
         await d.post({"id": "evt-signed", "type": "order.paid", "data": {"id": "o1", "note": "crème brûlée"}})
-        await wait_until(lambda: d.rows("SELECT integration, state FROM jobs ORDER BY integration") ==
-                         [("good", "delivered"), ("other", "pending"), ("rotating", "delivered"),
-                          ("unsigned", "pending")])
+        await wait_for(lambda: integration_states(d), [("good", "delivered"), ("other", "pending"),
+                                                       ("rotating", "delivered"), ("unsigned", "pending")])
         await wait_until(lambda: receiver.received >= 4)
     blocks = deliveries(out.getvalue())
     assert blocks["/hooks/good"][-1] == "  signature verified"
@@ -98,8 +102,8 @@ async def test_secret_accepts_the_daemons_signatures_and_refuses_any_other(start
         "signing_secret, or something on the way dropped the header")
     for name in ("other", "unsigned"):  # the daemon records a failed attempt, and will retry
         attempt = await attempt_of(d, name)
-        assert (attempt["succeeded"], attempt["status_code"]) == (False, 401)
-    assert (await attempt_of(d, "good"))["status_code"] == 204
+        assert (attempt.succeeded, attempt.status_code) == (False, 401)
+    assert (await attempt_of(d, "good")).status_code == 204
 
 
 @pytest.mark.parametrize("skew, words", [(+330, "old"), (-400, "in the future")])
@@ -112,13 +116,13 @@ async def test_secret_refuses_a_timestamp_more_than_five_minutes_off(start_daemo
         d = await start_daemon([signed("erp", url, SECRET, delivery=NO_RETRY_SOON)])
         await d.post({"id": "evt-late", "type": "order.paid", "data": {}})
         await wait_until(lambda: receiver.received >= 1)
-        await wait_until(lambda: d.rows("SELECT attempts FROM jobs") == [(1,)])
+        await wait_for(d.jobs, lambda jobs: [job.attempts for job in jobs] == [1])
     # The header has whole seconds, the clock fractions: the age printed is the skew, give or take a second.
     seconds = "|".join(str(abs(skew) + d) for d in (-1, 0, 1))
     assert re.search(rf"PROBLEM: webhook-timestamp is (?:{seconds})s {words} \(more than 5 minutes\)",
                      out.getvalue()), out.getvalue()
     attempt = await attempt_of(d, "erp")
-    assert (attempt["succeeded"], attempt["status_code"]) == (False, 401)
+    assert (attempt.succeeded, attempt.status_code) == (False, 401)
 
 
 def deliveries(text: str) -> dict[str, list[str]]:

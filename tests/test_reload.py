@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .conftest import Receiver, free_port, wait_until, webhook
+from .conftest import Receiver, free_port, wait_for, wait_until, webhook
 
 
 def rewrite(path: Path, change) -> None:  # noqa: ANN001 - a function editing the decoded YAML in place
@@ -43,7 +43,7 @@ async def test_reload_applies_the_difference_by_name(start_daemon, receiver: Rec
     await wait_until(lambda: len(receiver.requests) == 3)
     await asyncio.sleep(0.2)
     assert sorted(r.path for r in receiver.requests) == ["/hook/keep", "/hook/move-new", "/hook/new"]
-    assert d.rows("SELECT integration FROM jobs WHERE integration = 'drop'") == []
+    assert await d.jobs("drop") == []
     status = await (await d.http.get(d.url + "/v1/status")).json()
     assert status["data"]["config"]["last_reload"]["ok"] is True
 
@@ -62,7 +62,7 @@ async def test_pending_jobs_of_a_removed_integration_wait_for_its_return(start_d
     assert (await d.service.reload()).changes == ("removed erp",)
     up = True
     await asyncio.sleep(0.3)
-    assert d.rows("SELECT state FROM jobs") == [("pending",)]  # kept, not delivered, not lost
+    assert [job.state for job in await d.jobs()] == ["pending"]  # kept, not delivered, not lost
     orphaned = await (await d.http.get(d.url + "/v1/jobs/orphaned")).json()
     assert orphaned == {"data": [{"integration": "erp", "pending": 1, "dead": 0}]}
     from eventrelay.cli import main as cli_main
@@ -71,7 +71,7 @@ async def test_pending_jobs_of_a_removed_integration_wait_for_its_return(start_d
     assert code == 0
     config.write_text(original)
     assert (await d.service.reload()).changes == ("added erp",)
-    await wait_until(lambda: d.rows("SELECT state FROM jobs") == [("delivered",)])
+    await wait_for(d.jobs, lambda jobs: [job.state for job in jobs] == ["delivered"])
 
 
 async def test_an_invalid_file_is_refused_and_the_old_config_keeps_running(start_daemon, receiver: Receiver,

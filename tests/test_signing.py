@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from eventrelay import config as cfg
 
-from .conftest import Receiver, wait_until, webhook
+from .conftest import Receiver, wait_for, wait_until, webhook
 
 FAST_RETRY = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"}}
 # Two shapes of secret a provider hands out: 24 bytes (base64 without padding) and 32 bytes (padded).
@@ -35,8 +35,9 @@ def webhook_headers(r) -> dict[str, str]:
     return {k.lower(): v for k, v in r.headers.items() if k.lower().startswith("webhook-")}
 
 
-def states(d) -> dict[str, str]:
-    return {str(job_id): state for job_id, state in d.rows("SELECT id, state FROM jobs")}
+async def states(d) -> dict[str, str]:
+    """job id -> its state."""
+    return {str(job.id): job.state.value for job in await d.jobs()}
 
 
 async def one_request(d, receiver: Receiver, event: dict = EVENT):
@@ -108,7 +109,7 @@ async def test_webhook_id_is_stable_across_retries_and_each_attempt_is_signed_af
     receiver.respond = lambda r: next(answers)
     d = await start_daemon([signed(receiver.url, [OLD, NEW], delivery=FAST_RETRY)])
     await d.post(EVENT)
-    await wait_until(lambda: states(d) == {"1": "delivered"})
+    await wait_for(lambda: states(d), {"1": "delivered"})
     first, retry = receiver.requests
     assert [r.json["attempt"] for r in (first, retry)] == [1, 2]
     # Same message for the receiver's de-duplication: same webhook-id, equal to the envelope id.

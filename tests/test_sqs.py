@@ -13,11 +13,11 @@ import pytest
 from aiohttp import web
 
 from eventrelay import config as cfg
-from eventrelay.delivery.senders.sqs import SqsSender
+from eventrelay.delivery.targets.sqs import SqsSender
 from eventrelay.formats import integration_id
 from eventrelay.jobs import Job
 
-from .conftest import wait_until
+from .conftest import wait_for
 
 CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
@@ -66,7 +66,7 @@ async def test_events_arrive_as_cloudevents_with_attributes(start_daemon, moto_s
     events = [{"id": f"e{i}", "type": "order.paid", "data": {"type": "order", "id": f"o{i}"},
                "included": {"items": [{"id": i}]}} for i in range(25)]
     assert (await d.post(events))[0] == 202
-    await wait_until(lambda: d.rows("SELECT count(*) FROM jobs WHERE state = 'delivered'") == [(25,)])
+    await wait_for(d.states, lambda states: states.get("delivered") == 25)
     messages = await asyncio.to_thread(drain, sqs, url, 25)
     bodies = {json.loads(m["Body"])["id"]: (json.loads(m["Body"]), m) for m in messages}
     assert sorted(bodies) == sorted(f"e{i}" for i in range(25))
@@ -78,9 +78,8 @@ async def test_events_arrive_as_cloudevents_with_attributes(start_daemon, moto_s
     assert message["MessageAttributes"] == {"type": {"DataType": "String", "StringValue": "order.paid"},
                                             "id": {"DataType": "String", "StringValue": "e7"}}
     # Ten jobs per SendMessageBatch: 25 jobs take 3 calls, and each attempt logs the message id SQS gave.
-    (job_id,) = d.rows("SELECT j.id FROM jobs j JOIN events e ON e.seq = j.event_seq WHERE e.id = 'e7'")[0]
-    (attempt,) = await d.service.store.attempts(job_id)
-    assert attempt["succeeded"] and attempt["status_code"] == 200 and attempt["body"] == message["MessageId"]
+    (attempt,) = await d.store.attempts((await d.job("e7")).id)
+    assert attempt.succeeded and attempt.status_code == 200 and attempt.body == message["MessageId"]
 
 
 async def test_fifo_group_ids_come_from_the_template(start_daemon, moto_server, sqs) -> None:
@@ -208,19 +207,18 @@ async def test_partial_batch_failures_fail_only_those_jobs(start_daemon, failing
         "retry": {"initial": "100ms", "max_interval": "200ms", "max_age": "1h"}})
     await d.post([{"id": f"p{i}", "type": "order.paid", "data": {}} for i in range(8)])
 
-    def state(event_id: str) -> str:
-        return d.rows("SELECT j.state FROM jobs j JOIN events e ON e.seq = j.event_seq WHERE e.id = ?",
-                      (event_id,))[0][0]
+    async def states() -> dict[str, str]:
+        """event id -> the state of its job."""
+        return {job.event_id: job.state.value for job in await d.jobs()}
 
-    await wait_until(lambda: all(state(f"p{i}") == "delivered" for i in range(8) if i not in (3, 5)))
-    await wait_until(lambda: state("p5") == "dead")  # sender fault: sending it again cannot help
-    await wait_until(lambda: d.rows("SELECT attempts FROM jobs j JOIN events e ON e.seq = j.event_seq "
-                                    "WHERE e.id = 'p3'")[0][0] >= 2)
-    assert state("p3") == "pending"  # a server-side failure is retried
+    await wait_for(states, lambda s: all(s.get(f"p{i}") == "delivered" for i in range(8) if i not in (3, 5)))
+    await wait_for(states, lambda s: s.get("p5") == "dead")  # sender fault: sending it again cannot help
+    await wait_for(lambda: d.job("p3"), lambda job: job.attempts >= 2)
+    assert (await states())["p3"] == "pending"  # a server-side failure is retried
     del fail["p3"]
-    await wait_until(lambda: state("p3") == "delivered")
-    (dead_error,) = d.rows("SELECT last_error FROM jobs j JOIN events e ON e.seq = j.event_seq WHERE e.id = 'p5'")
-    assert dead_error == ("SQS refused the message: InvalidParameterValue: bad attribute",)
+    await wait_for(states, lambda s: s["p3"] == "delivered")
+    dead_error = (await d.job("p5")).last_error
+    assert dead_error == "SQS refused the message: InvalidParameterValue: bad attribute"
     received = {json.loads(m["Body"])["id"] for m in await asyncio.to_thread(drain, sqs, url, 7)}
     assert received == {f"p{i}" for i in range(8)} - {"p5"}
 
@@ -231,11 +229,11 @@ async def test_unreachable_sqs_and_missing_queue_are_retried_with_a_clear_error(
                             sqs_integration("down", "https://sqs.eu-west-1.amazonaws.com/1/q",
                                             "http://127.0.0.1:9")])
     await d.post({"id": "u1", "type": "order.paid", "data": {}})
-    await wait_until(lambda: len(d.rows("SELECT DISTINCT integration FROM attempts")) == 2)
-    errors = dict(d.rows("SELECT integration, error_detail FROM attempts"))
+    await wait_for(d.attempts, lambda attempts: len({a.integration for a in attempts}) == 2)
+    errors = {a.integration: a.error_detail for a in await d.attempts()}
     assert "NonExistentQueue" in errors["gone"] or "QueueDoesNotExist" in errors["gone"], errors
     assert errors["down"].startswith("cannot reach SQS"), errors
-    assert d.rows("SELECT DISTINCT state FROM jobs") == [("pending",)]
+    assert {job.state for job in await d.jobs()} == {"pending"}
 
 
 async def test_store_id_travels_as_storeid_in_body_and_attributes(start_daemon, moto_server, sqs) -> None:

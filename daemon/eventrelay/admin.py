@@ -7,17 +7,17 @@ Served on the ingest listener, behind the same token. Pages follow the seed syst
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from . import __version__, codec
-from .formats import iso_time
+from .clock import iso_time, parse_time
 from .ingest.http import error_response
 from .jobs import JobState
 from .metrics import CONTENT_TYPE
+from .store import AttemptView, JobView, OutcomeCounts, Store
 
 if TYPE_CHECKING:
     from .service import Service
@@ -48,7 +48,8 @@ class AdminApi:
         r.add_get("/metrics", self.metrics)
 
     @property
-    def _store(self):  # noqa: ANN202 - the service's store, open while the API is served
+    def _store(self) -> Store:
+        """The service's store, open while the API is served."""
         assert self._service.store is not None
         return self._service.store
 
@@ -63,18 +64,17 @@ class AdminApi:
             name = integration.name
             last = await self._store.last_attempts(name)
             dispatcher = service.dispatchers.get(name)
-            success, failure = last["success"], last["failure"]
-            hour = last_hour.get(name, {})
+            hour = last_hour.get(name, OutcomeCounts())
             rows.append({
                 "name": name, "integration_type": integration.integration_type, "enabled": integration.enabled,
                 "pending": counts.get((name, JobState.PENDING), 0), "dead": counts.get((name, JobState.DEAD), 0),
                 "in_flight": dispatcher.in_flight if dispatcher else 0,
-                "delivered_last_hour": hour.get("delivered", 0),
-                "failed_last_hour": hour.get("failed", 0) + hour.get("dead", 0),
-                "last_success_at": iso_time(success[0]) if success else None,
+                "delivered_last_hour": hour.delivered,
+                "failed_last_hour": hour.failed + hour.dead,
+                "last_success_at": iso_time(last.success_at) if last.success_at is not None else None,
                 # The last failure stays shown after a success: what went wrong is what an operator looks for.
-                "last_failure_at": iso_time(failure[0]) if failure else None,
-                "last_error": failure[1] if failure else None,
+                "last_failure_at": iso_time(last.failure_at) if last.failure_at is not None else None,
+                "last_error": last.failure_error,
                 "circuit": dispatcher.breaker.state if dispatcher else None,
                 "circuit_open_until": iso_time(dispatcher.breaker.opened_until)
                 if dispatcher and dispatcher.breaker.state == "open" else None,
@@ -112,7 +112,7 @@ class AdminApi:
         page = _page(request)
         if isinstance(page, web.Response):
             return page
-        rows, total = await self._store.jobs(name, state, *page)
+        rows, total = await self._store.jobs(name, JobState(state) if state else None, *page)
         if total == 0 and not self._known(name):
             return _unknown(name)
         return _json(_paged(request, [_job(r) for r in rows], total, *page))
@@ -230,21 +230,13 @@ def _int(text: str) -> int | None:
 
 
 def _time(value: Any, field: str) -> float | None:
-    """Unix seconds or ISO 8601 (a trailing Z allowed); None when absent."""
+    """Unix seconds or ISO 8601 with a zone (a trailing Z allowed); None when absent."""
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-        else:
-            if parsed.tzinfo is None:
-                raise ValueError(f"{field}: give a time zone, e.g. {value}Z")
-            return parsed.timestamp()
-    raise ValueError(f"{field}: {value!r} is not an ISO 8601 time or unix seconds")
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
 def _page(request: web.Request) -> tuple[int, int] | web.Response:
@@ -271,18 +263,20 @@ def _paged(request: web.Request, data: list[Any], total: int, limit: int, offset
                       "prev": link(max(0, offset - limit)) if offset > 0 else None}}
 
 
-def _job(r: dict[str, Any]) -> dict[str, Any]:
-    return {"id": str(r["id"]), "type": "job", "integration": r["integration"], "event_id": r["event_id"],
-            "event_type": r["event_type"], "state": r["state"], "attempts": r["attempts"],
-            "created_at": iso_time(r["created_at"]), "updated_at": iso_time(r["updated_at"]),
-            "next_attempt_at": iso_time(r["next_attempt_at"]) if r["next_attempt_at"] else None,
-            "last_error": r["last_error"]}
+def _job(job: JobView | None) -> dict[str, Any] | None:
+    if job is None:
+        return None
+    return {"id": str(job.id), "type": "job", "integration": job.integration, "event_id": job.event_id,
+            "event_type": job.event_type, "state": job.state.value, "attempts": job.attempts,
+            "created_at": iso_time(job.created_at), "updated_at": iso_time(job.updated_at),
+            "next_attempt_at": iso_time(job.next_attempt_at) if job.next_attempt_at else None,
+            "last_error": job.last_error}
 
 
-def _log(r: dict[str, Any]) -> dict[str, Any]:
-    return {"id": str(r["id"]), "type": "integration-log", "succeeded": r["succeeded"], "attempt": r["attempt"],
-            "processing_time": round(r["duration"], 6), "status_code": r["status_code"], "body": r["body"],
-            "error_detail": r["error_detail"],
-            "relationships": {"integration": {"data": {"type": "integration", "id": r["integration"]}},
-                              "job": {"data": {"type": "job", "id": str(r["job_id"])}}},
-            "meta": {"timestamps": {"created_at": iso_time(r["created_at"])}}}
+def _log(attempt: AttemptView) -> dict[str, Any]:
+    return {"id": str(attempt.id), "type": "integration-log", "succeeded": attempt.succeeded,
+            "attempt": attempt.attempt, "processing_time": round(attempt.duration, 6),
+            "status_code": attempt.status_code, "body": attempt.body, "error_detail": attempt.error_detail,
+            "relationships": {"integration": {"data": {"type": "integration", "id": attempt.integration}},
+                              "job": {"data": {"type": "job", "id": str(attempt.job_id)}}},
+            "meta": {"timestamps": {"created_at": iso_time(attempt.created_at)}}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,9 +17,10 @@ from . import __version__
 from . import config as config_module
 from . import log as log_setup
 from .admin import AdminApi
+from .aio import wait_event
 from .config import Config, Integration
+from .delivery import targets
 from .delivery.dispatcher import Dispatcher
-from .delivery.senders import make_sender
 from .ingest import Ingestor, Router
 from .ingest.http import ConnectionCap, HttpIngest
 from .ingest.socket import SocketIngest
@@ -27,7 +29,7 @@ from .limits import ensure_descriptors
 from .metrics import Metrics
 from .notify import Notifier, watchdog_loop
 from .runtime import RuntimeFile
-from .store import Store, StoreError
+from .store import Store, StoreError, open_store
 
 log = structlog.get_logger(component="service")
 
@@ -82,14 +84,13 @@ class Service:
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         config = self.config
-        self.store = store = await Store.open(config.storage.path, config.storage.synchronous,
-                                              config.storage.file_mode)
+        self.store = store = await open_store(config.storage)
         store.on_jobs_added = self._wake
         store.on_commit = self._observe_commit
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                writer = tasks.create_task(store.run_writer(), name="store-writer")
+                writer = tasks.create_task(store.run(), name="store-writer")
                 self._disabled = await store.disabled()
                 for integration in config.integrations:
                     if integration.enabled:
@@ -103,7 +104,7 @@ class Service:
                 # Before readiness: whoever saw /readyz answer 200 finds the runtime file too.
                 self._runtime = RuntimeFile.publish(self)
                 self._ready = True
-                log.info("ready", version=__version__, http=_fmt_addr(self.http_address),
+                log.info("ready", version=__version__, pid=os.getpid(), http=_fmt_addr(self.http_address),
                          socket=str(config.listen.socket) if config.listen.socket else None,
                          integrations=len(self.dispatchers), database=str(config.storage.path))
                 self.notifier.ready(await self._status_line())
@@ -115,7 +116,7 @@ class Service:
                 await self._stop_listening()
                 await self._stop_dispatchers(list(self.dispatchers), self.config.shutdown_grace)
                 await asyncio.gather(*housekeeping)
-                store.stop_writer()
+                store.stop()
                 await writer
         finally:
             self._ready = False
@@ -139,7 +140,8 @@ class Service:
 
     def _start_dispatcher(self, integration: Integration) -> None:
         assert self._tasks is not None and self.store is not None
-        sender = make_sender(integration, USER_AGENT, self.config.event_source, self.config.store_id)
+        context = targets.SenderContext(USER_AGENT, self.config.event_source, self.config.store_id)
+        sender = targets.get(integration.integration_type).sender(integration, context)
         dispatcher = Dispatcher(integration, self.store, sender, self.metrics, self._disabled.get(integration.name))
         self.dispatchers[dispatcher.name] = dispatcher
         self._dispatcher_tasks[dispatcher.name] = self._tasks.create_task(
@@ -353,7 +355,7 @@ class Service:
         before, after = running(old), running(new)
         queue_source_changed = (new.event_source, new.store_id) != (old.event_source, old.store_id)
         changed = [n for n in before.keys() & after.keys() if before[n] != after[n] or
-                   (queue_source_changed and after[n].integration_type != "webhook")]
+                   (queue_source_changed and targets.get(after[n].integration_type).uses_event_source)]
         removed = [n for n in before if n not in after]
         added = [n for n in after if n not in before]
         # Route new events by the new table first: from here on nothing is queued for a removed integration.
@@ -406,11 +408,7 @@ class Service:
         assert self.store is not None
         while not stop.is_set():
             # First wait: start-up is for recovering deliveries, not for cleaning.
-            with contextlib.suppress(TimeoutError):
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow a cancellation.
-                async with asyncio.timeout(self.config.storage.prune_interval):
-                    await stop.wait()
-            if stop.is_set():
+            if await wait_event(stop, self.config.storage.prune_interval):
                 return
             now = time.time()
             storage = self.config.storage
@@ -429,10 +427,7 @@ class Service:
 
     async def _report_status(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_STATUS_EVERY):  # not wait_for (see _prune_forever)
-                    await stop.wait()
-            if not stop.is_set() and self.notifier.enabled:
+            if not await wait_event(stop, _STATUS_EVERY) and self.notifier.enabled:
                 with contextlib.suppress(StoreError):
                     self.notifier.status(await self._status_line())
 

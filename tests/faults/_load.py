@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import random
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from ..conftest import REPO, DaemonProcess, free_port
+from ..conftest import REPO, DaemonProcess, free_port, states_of, stored
 
 TYPES = ("order.paid", "order.fulfilled", "customer.updated", "cart.updated")
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -196,23 +195,38 @@ def spawn(d: DaemonProcess) -> None:
                               stdout=d.log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def db_rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the daemon's database as an operator would (WAL: beside a running daemon, too)."""
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
-        return db.execute(sql, params).fetchall()
+async def nothing_pending(session: aiohttp.ClientSession, url: str) -> bool:
+    """The running daemon has no pending job left, by its own account (GET /v1/status)."""
+    async with session.get(f"{url}/v1/status", timeout=REQUEST_TIMEOUT) as resp:
+        status = await resp.json()
+    return sum(integration["pending"] for integration in status["data"]["integrations"]) == 0
 
 
-def job_states(path: Path) -> dict[str, int]:
-    return dict(db_rows(path, "SELECT state, count(*) FROM jobs GROUP BY state"))
+@dataclass
+class Stored:
+    """What a stopped daemon left in its store, read through the storage API."""
+
+    jobs: dict[str, list[tuple[str, str]]]  # event id -> [(integration, state)] of its jobs
+    states: dict[str, int]  # jobs by state
+    failed_attempts: dict[str, int]  # integration -> attempts that failed
+    events: set[str]  # the ids of the stored events
 
 
-def jobs_by_event(path: Path) -> dict[str, list[tuple[str, str]]]:
-    """event id → [(integration, state)] for every job in the database."""
-    out: dict[str, list[tuple[str, str]]] = {}
-    for event_id, integration, state in db_rows(
-            path, "SELECT e.id, j.integration, j.state FROM jobs j JOIN events e ON e.seq = j.event_seq"):
-        out.setdefault(event_id, []).append((integration, state))
-    return out
+async def read_stored(path: Path) -> Stored:
+    everything = 10**9
+    async with stored(path) as store:
+        jobs, _ = await store.jobs(limit=everything)
+        attempts, _ = await store.logs(limit=everything)
+        events, _ = await store.events(limit=everything)
+        states = await states_of(store)
+    by_event: dict[str, list[tuple[str, str]]] = {}
+    for job in reversed(jobs):
+        by_event.setdefault(job.event_id, []).append((job.integration, job.state.value))
+    failed: dict[str, int] = {}
+    for attempt in attempts:
+        if not attempt.succeeded:
+            failed[attempt.integration] = failed.get(attempt.integration, 0) + 1
+    return Stored(by_event, states, failed, {e.id for e in events})
 
 
 def log_lines(path: Path) -> list[dict[str, Any]]:

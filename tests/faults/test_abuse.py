@@ -12,13 +12,13 @@ import asyncio
 import json
 import random
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
 from ..conftest import DaemonProcess, webhook
+from ..store.sqlite_faults import damage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,14 +238,8 @@ async def test_a_failing_handler_answers_json_500_and_logs_one_json_line(daemon_
                  b"Content-Length: %d\r\n\r\n" % len(batch) + batch)
     assert parse(await asyncio.wait_for(reader.read(), 10))[0] == 202
     writer.close()
-    # What a failing disk does to the file under a running daemon, once the WAL is checkpointed into it.
     db = d.config.parent / "er.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    size = db.stat().st_size
-    with open(db, "r+b") as f:
-        f.seek(3 * 4096)
-        f.write(random.Random(7).randbytes(size - 4 * 4096))
+    damage(db)  # what a failing disk does to the file under a running daemon
     before = len(log_lines(d))
     reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
     writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -17,18 +17,21 @@ import uuid
 import aiohttp
 import boto3
 
-from ..conftest import wait_until
+from eventrelay.jobs import JobState
+
+from ..conftest import wait_for
 from ..test_sqs import CREDS, sqs_integration
 from ..test_stomp import stomp_integration
-from ._load import Load, SqsConsumer, StompConsumer, duplicates, job_states, jobs_by_event
+from ._load import Load, SqsConsumer, StompConsumer, duplicates
 
 DELIVERY = {"timeout": "2s", "concurrency": 4,
             "retry": {"initial": "100ms", "max_interval": "500ms", "max_age": "1h"},
             "breaker": {"failures": 5, "cooldown": "300ms", "max_cooldown": "1s"}}
 
 
-def errors(d) -> list[str]:
-    return [e for (e,) in d.rows("SELECT error_detail FROM attempts WHERE succeeded = 0 ORDER BY id")]
+async def errors(d) -> list[str]:
+    """The errors of the failed attempts, oldest first."""
+    return [a.error_detail for a in await d.attempts() if not a.succeeded]
 
 
 async def produce(d, load: Load, stop: asyncio.Event, tag: str) -> None:
@@ -51,7 +54,7 @@ async def test_activemq_killed_and_restarted_while_events_flow(start_daemon, act
     await asyncio.to_thread(activemq.kill)  # SIGKILL: no goodbye, sends and receipts in flight are cut off
     timeline["killed"] = len(load.acked)
     await asyncio.sleep(2.0)
-    assert "pending" in job_states(d.db_path), "nothing waited while the broker was down"
+    assert "pending" in await d.states(), "nothing waited while the broker was down"
     await asyncio.to_thread(activemq.start)  # same port, same KahaDB: persistent messages survive
     timeline["restarted"] = len(load.acked)
     restart_s = time.monotonic() - started
@@ -61,12 +64,12 @@ async def test_activemq_killed_and_restarted_while_events_flow(start_daemon, act
     assert not load.problems, load.problems[:5]
     assert not load.refused, "ingest refused events while the broker was down: it must not depend on it"
 
-    await wait_until(lambda: set(job_states(d.db_path)) == {"delivered"}, timeout=60, interval=0.1)
-    marked = {i for i, jobs in jobs_by_event(d.db_path).items() if ("crm", "delivered") in jobs}
+    await wait_for(d.states, lambda states: set(states) == {"delivered"}, timeout=60, interval=0.1)
+    marked = {job.event_id for job in await d.jobs("crm", JobState.DELIVERED)}
     with StompConsumer(activemq, destination) as consumer:
         received = await asyncio.to_thread(consumer.wait_for, set(load.acked) | marked, 30)
     dup = duplicates(received)
-    failed = errors(d)
+    failed = await errors(d)
     print(f"\nActiveMQ kill -9 after {timeline['killed']} events, back after {restart_s:.1f}s; {len(load.acked)} "
           f"acknowledged, {len(received)} consumed, {sum(dup.values())} duplicates; {len(failed)} failed attempts: "
           f"{sorted(set(failed))}")
@@ -94,28 +97,28 @@ async def test_moto_restarted_without_the_queue_then_queue_recreated(start_daemo
 
     before = [f"before-{i}" for i in range(20)]
     await post(before)
-    await wait_until(lambda: job_states(d.db_path) == {"delivered": 20}, timeout=20)
+    await wait_for(d.states, {"delivered": 20}, timeout=20)
     with SqsConsumer(sqs, url) as consumer:
         assert set(await asyncio.to_thread(consumer.wait_for, set(before), 20, 0.2)) == set(before)
 
     await asyncio.to_thread(moto_server.kill)  # crashes; it comes back empty
     down = [f"down-{i}" for i in range(20)]
     await post(down)
-    await wait_until(lambda: errors(d), timeout=10)
+    await wait_for(lambda: errors(d), lambda errors: errors, timeout=10)
     await asyncio.to_thread(moto_server.start)
     missing = [f"missing-{i}" for i in range(20)]
     await post(missing)
-    await wait_until(lambda: any(re.search(r"NonExistentQueue|QueueDoesNotExist", e) for e in errors(d)),
-                     timeout=15)
+    await wait_for(lambda: errors(d), lambda errors: any(re.search(r"NonExistentQueue|QueueDoesNotExist", e)
+                                                         for e in errors), timeout=15)
     await asyncio.sleep(1.0)  # the queue stays missing a while: attempts keep failing, nothing is delivered
-    assert job_states(d.db_path) == {"delivered": 20, "pending": 40}
-    failed = set(errors(d))
+    assert await d.states() == {"delivered": 20, "pending": 40}
+    failed = set(await errors(d))
     print(f"\nSQS errors while moto was down, then without the queue: {sorted(failed)}")
     assert all(re.search(r"^cannot reach SQS: .*(connect|endpoint)|^SQS error [\w.]*(NonExistentQueue|"
                          r"QueueDoesNotExist): .*does not exist", e, re.I) for e in failed), failed
 
     assert sqs.create_queue(QueueName=name)["QueueUrl"] == url
-    await wait_until(lambda: job_states(d.db_path) == {"delivered": 60}, timeout=30)
+    await wait_for(d.states, {"delivered": 60}, timeout=30)
     with SqsConsumer(sqs, url) as consumer:
         received = await asyncio.to_thread(consumer.wait_for, set(down + missing), 30, 0.5)
     assert set(received) == set(down + missing)  # what moto held before its crash is gone with it

@@ -24,7 +24,8 @@ from eventrelay.delivery.dispatcher import UNRECORDED_FACTOR
 from ..conftest import Receiver, wait_until, webhook
 from ..test_sqs import CREDS, sqs_integration
 from ..test_stomp import stomp_integration
-from ._load import Load, SqsConsumer, StompConsumer, db_rows, duplicates, jobs_by_event, job_states, spawn
+from ..store.sqlite_faults import integrity
+from ._load import Load, SqsConsumer, StompConsumer, duplicates, nothing_pending, read_stored, spawn
 
 CYCLES = 20
 CONCURRENCY = 4
@@ -91,7 +92,7 @@ async def test_kill_9_at_random_moments_loses_nothing_acknowledged(daemon_proces
             await asyncio.to_thread(d.start)
             # A producer sends again every request whose answer it never got: the ids make that safe.
             unknown = await load.resubmit(session, d.url)
-            await wait_until(lambda: job_states(db).get("pending", 0) == 0, timeout=120, interval=0.2)
+            await wait_until(lambda: nothing_pending(session, d.url), timeout=120, interval=0.2)
         recovery = time.monotonic() - started - crash_phase
         expected = {name: {i for i, t in load.acked.items() if name in observers(t)} for name in OBSERVES}
         received = {
@@ -100,8 +101,10 @@ async def test_kill_9_at_random_moments_loses_nothing_acknowledged(daemon_proces
             "broker": await asyncio.to_thread(stomp_consumer.wait_for, expected["broker"], 60),
         }
 
-    failed_attempts = dict(db_rows(db, "SELECT integration, count(*) FROM attempts WHERE succeeded = 0 "
-                                       "GROUP BY integration"))
+    # The database, read once the daemon has stopped (it holds the file alone while it runs).
+    await asyncio.to_thread(d.stop)
+    kept = await read_stored(db)
+    failed_attempts = kept.failed_attempts
     print(f"{CYCLES} kill -9 ({len(early)} during start-up) in {crash_phase:.1f}s, recovery {recovery:.1f}s; "
           f"{len(load.acked)} events acknowledged ({len(load.sent)} written, {unknown} without an answer were "
           f"sent again, {len(load.duplicates)} of them already stored)")
@@ -118,13 +121,13 @@ async def test_kill_9_at_random_moments_loses_nothing_acknowledged(daemon_proces
     assert len(load.acked) > 1000, f"the load was too light to prove anything ({len(load.acked)} acknowledged)"
 
     # The database: every acknowledged event has exactly one job per observing integration, all delivered.
-    jobs = jobs_by_event(db)
+    jobs = kept.jobs
     wrong = {i: jobs.get(i) for i, t in load.acked.items()
              if sorted(jobs.get(i, [])) != sorted((name, "delivered") for name in observers(t))}
     assert not wrong, f"{len(wrong)} acknowledged events without exactly one delivered job per integration: " \
                       f"{list(wrong.items())[:5]}"
-    assert job_states(db) == {"delivered": sum(len(v) for v in jobs.values())}
-    assert db_rows(db, "PRAGMA integrity_check") == [("ok",)]
+    assert kept.states == {"delivered": sum(len(v) for v in jobs.values())}
+    assert integrity(db) == [("ok",)]
 
     for name in OBSERVES:
         missing = expected[name] - set(received[name])

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import wait_until, webhook
+from ..conftest import wait_for, webhook
 from ._load import RawHttpServer, answer, big_body, junk, trickle
 
 TIMEOUT = 1.0
@@ -30,16 +30,12 @@ async def server():
     await s.stop()
 
 
-def attempts(d) -> list[dict[str, Any]]:
+async def attempts(d) -> list[dict[str, Any]]:
     """The attempt log, oldest first, with each attempt's event id."""
-    keys = ("event_id", "attempt", "succeeded", "status_code", "error_detail", "body", "duration")
-    return [dict(zip(keys, r)) for r in d.rows(
-        "SELECT e.id, a.attempt, a.succeeded, a.status_code, a.error_detail, a.body, a.duration "
-        "FROM attempts a JOIN jobs j ON j.id = a.job_id JOIN events e ON e.seq = j.event_seq ORDER BY a.id")]
-
-
-def states(d) -> dict[str, int]:
-    return dict(d.rows("SELECT state, count(*) FROM jobs GROUP BY state"))
+    event_of = {job.id: job.event_id for job in await d.jobs()}
+    return [{"event_id": event_of[a.job_id], "attempt": a.attempt, "succeeded": a.succeeded,
+             "status_code": a.status_code, "error_detail": a.error_detail, "body": a.body, "duration": a.duration}
+            for a in await d.attempts()]
 
 
 async def post(d, ids: list[str]) -> None:
@@ -48,15 +44,16 @@ async def post(d, ids: list[str]) -> None:
 
 
 async def failures(d, at_least: int, timeout: float = 15.0) -> list[dict[str, Any]]:
-    await wait_until(lambda: sum(not a["succeeded"] for a in attempts(d)) >= at_least, timeout=timeout)
-    return [a for a in attempts(d) if not a["succeeded"]]
+    await wait_for(lambda: attempts(d), lambda log: sum(not a["succeeded"] for a in log) >= at_least,
+                   timeout=timeout)
+    return [a for a in await attempts(d) if not a["succeeded"]]
 
 
 async def finally_delivered(d, server: RawHttpServer, ids: list[str], timeout: float = 20.0) -> None:
     """Every job delivered; for each event the receiver's last request got a 2xx; the attempt log tells the
     same story: attempts numbered 1..n, only the last one succeeded, and the envelope's `attempt` agrees."""
-    await wait_until(lambda: set(states(d)) == {"delivered"}, timeout=timeout)
-    log = attempts(d)
+    await wait_for(d.states, lambda states: set(states) == {"delivered"}, timeout=timeout)
+    log = await attempts(d)
     for event_id in ids:
         mine = [a for a in log if a["event_id"] == event_id]
         assert [a["attempt"] for a in mine] == list(range(1, len(mine) + 1)), mine
@@ -72,15 +69,15 @@ async def test_receiver_down_for_a_while_then_back(start_daemon, server: RawHttp
     d = await start_daemon([webhook("erp", server.url)], delivery=DELIVERY)
     before = [f"before-{i}" for i in range(5)]
     await post(d, before)
-    await wait_until(lambda: states(d) == {"delivered": 5})
+    await wait_for(d.states, {"delivered": 5})
 
     await server.stop()  # the port refuses connections; the daemon's pooled keep-alive connections die too
     during = [f"down-{i}" for i in range(20)]
     await post(d, during)
     await failures(d, 5)
     await asyncio.sleep(1.5)  # down for a while: attempts keep failing (the breaker spaces them out)
-    assert states(d) == {"delivered": 5, "pending": 20}
-    failed = [a for a in attempts(d) if not a["succeeded"]]
+    assert await d.states() == {"delivered": 5, "pending": 20}
+    failed = [a for a in await attempts(d) if not a["succeeded"]]
     pattern = re.compile(rf"cannot connect to 127\.0\.0\.1:{server.port}: .*(refused|failed)", re.I)
     assert failed and all(pattern.search(a["error_detail"]) for a in failed), {a["error_detail"] for a in failed}
     assert all(a["status_code"] is None for a in failed)
@@ -100,7 +97,7 @@ async def test_receiver_slower_than_the_timeout_then_fast(start_daemon, server: 
     ids = [f"slow-{i}" for i in range(6)]
     await post(d, ids)
     failed = await failures(d, 6)
-    assert states(d) == {"pending": 6}, "an answer that was not complete within the timeout counted as delivered"
+    assert await d.states() == {"pending": 6}, "an answer that was not complete within the timeout counted as delivered"
     assert {a["error_detail"] for a in failed} == {f"no complete answer within the timeout ({TIMEOUT:g}s)"}
     # The timeout is enforced: the daemon neither waits for the late answer nor gives up early.
     assert all(TIMEOUT * 0.9 <= a["duration"] < TIMEOUT + 0.5 for a in failed), [a["duration"] for a in failed]
@@ -125,7 +122,7 @@ async def test_receiver_answering_junk_then_http(start_daemon, server: RawHttpSe
     ids = [f"junk-{i}" for i in range(3)]
     await post(d, ids)
     failed = await failures(d, 3)
-    assert states(d) == {"pending": 3}
+    assert await d.states() == {"pending": 3}
     for a in failed:
         assert a["status_code"] is None, a
         assert "Bad status line" in a["error_detail"], a["error_detail"]  # says the answer was not HTTP
@@ -151,7 +148,7 @@ async def test_receiver_closing_mid_answer_then_answering(start_daemon, server: 
     await post(d, ids)
     failed = await failures(d, 3)
     # Even a "200" whose answer was cut short is no complete answer: the job must not count as delivered.
-    assert states(d) == {"pending": 3}, f"{kind}: a cut-off answer counted as delivered"
+    assert await d.states() == {"pending": 3}, f"{kind}: a cut-off answer counted as delivered"
     print(f"{kind}: {sorted({a['error_detail'] for a in failed})}")
     for a in failed:
         assert a["error_detail"] and re.search(r"closed|disconnect|incomplete|cut|not enough|payload|connection",
@@ -172,7 +169,7 @@ async def test_receiver_answering_a_huge_body(start_daemon, server: RawHttpServe
     failed = await failures(d, 3)
     server.behaviour = big_body(200, size)
     await finally_delivered(d, server, ids)
-    log = attempts(d)
+    log = await attempts(d)
     assert {a["error_detail"] for a in failed} == {"Received a status code outside of 2xx range (500)"}
     assert all(a["status_code"] == 500 for a in failed)
     for a in log:

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ import pytest
 from aiohttp import web
 
 from ..conftest import REPO, Receiver, wait_until, webhook
-from ._load import Load, db_rows, job_states, log_lines
+from ..store.sqlite_faults import integrity
+from ._load import Load, log_lines, nothing_pending, read_stored
 
 
 class SmallDisk:
@@ -128,8 +128,7 @@ async def test_disk_full_refuses_with_503_stores_nothing_unacknowledged_and_reco
         # kill -9 while the disk is still full, and a restart on the full disk (systemd would do just that):
         # the daemon starts, and answers 503 until there is space again.
         await asyncio.to_thread(d.kill9)
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert integrity(db) == [("ok",)]
         await asyncio.to_thread(d.start)
         async with session.post(f"{d.url}/v1/events", json={"id": "restarted-full", "type": "order.paid",
                                                             "data": {}}) as resp:
@@ -143,12 +142,12 @@ async def test_disk_full_refuses_with_503_stores_nothing_unacknowledged_and_reco
         await load.http(session, d.url, asyncio.Event(), 20, "after", sizes=(10,))
         after = set(load.acked) - before - during_acked
         assert len(after) == 20, load.refused
-        await wait_until(lambda: job_states(db).get("pending", 0) == 0, timeout=30)
+        await wait_until(lambda: nothing_pending(session, d.url), timeout=30)
 
     # Nothing acknowledged is missing, nothing refused was stored; everything acknowledged was delivered.
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    stored = {i for (i,) in db_rows(db, "SELECT id FROM events")}
+    await asyncio.to_thread(d.stop)  # the daemon holds its database alone while it runs
+    assert integrity(db) == [("ok",)]
+    stored = (await read_stored(db)).events
     assert set(load.acked) <= stored, f"acknowledged, not stored: {sorted(set(load.acked) - stored)[:10]}"
     assert not stored & set(refused), f"answered 'not stored', yet stored: {sorted(stored & set(refused))[:10]}"
     assert stored <= set(load.acked), f"stored without an acknowledgement: {sorted(stored - set(load.acked))[:10]}"

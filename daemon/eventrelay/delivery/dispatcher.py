@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 import time
@@ -13,23 +12,21 @@ from typing import Any
 
 import structlog
 
+from ..aio import Backoff, wait_event
 from ..config import Integration
 from ..jobs import AttemptRecord, Job, JobState, Outcome
 from ..metrics import Metrics
 from ..store import Store, StoreError
 from .policy import CircuitBreaker, RetryPolicy, TokenBucket
-from .senders import Sender
+from .targets import Sender
 
 _IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
 _STORE_ERROR_PAUSE = 1.0
 _RECORD_RETRY_MAX = 30.0  # seconds between attempts to write outcomes the database refused, at most
-# Outcomes are written behind: a slot is free once the target answers. With room for only 2 × concurrency
-# unwritten outcomes, the slots waited for the writer most of the time (webhook delivery 2,800/s); with 8 ×,
-# a commit carries more outcomes and the slots stay busy (3,800/s, bench/deliver.py). Once claims stopped
-# running dry, 8 × was again the limit: on two busy cores the writer thread waits for the GIL after each
-# SQLite call, and one outcome commit could take longer than 64 deliveries; 16 × drained a stored backlog
-# at a median 2,786/s against 2,454/s (six rounds each). It is also the most deliveries a kill -9 can
-# repeat per integration.
+_SENDER_RESTART_MAX = 60.0  # seconds between attempts to start a sender that failed to, at most
+# Outcomes are written behind: a slot is free once the target answers. The room for unwritten outcomes, as a
+# multiple of concurrency, lets one commit carry many outcomes while the slots stay busy (measurements in
+# docs/performance-notes.md); it is also the most deliveries a kill -9 can repeat per integration.
 UNRECORDED_FACTOR = 16
 
 
@@ -157,12 +154,7 @@ class Dispatcher:
                         timeout = _STORE_ERROR_PAUSE
                     if self._stopping:
                         break
-                    # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns normally when it is
-                    # cancelled just as the event fires, and a dispatcher that missed its cancellation kept
-                    # the service from stopping after the writer process died (1 run in 6 of that test).
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(timeout):
-                            await self._wake.wait()
+                    await wait_event(self._wake, timeout)
             # Deliveries have ended; their outcomes may still be on their way to the database.
             await self._all_recorded.wait()
         finally:
@@ -171,18 +163,16 @@ class Dispatcher:
 
     async def _start_sender(self) -> bool:
         """Open the sender's connection; a failure is retried with backoff, never fatal to the daemon."""
-        delay = 1.0
+        backoff = Backoff(1.0, _SENDER_RESTART_MAX)
         while not self._stopping:
             try:
                 await self._sender.start()
                 return True
             except Exception as e:  # noqa: BLE001 - whatever the library raises, the operator needs to see it
+                delay = backoff.next()
                 self._log.error("cannot start the sender; retrying", error=str(e), retry_in_s=delay)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):  # not wait_for, which may swallow a cancellation (above)
-                        await self._wake.wait()
+                await wait_event(self._wake, delay)
                 self._wake.clear()
-                delay = min(delay * 2, 60.0)
         return False
 
     async def _fill(self, deliveries: asyncio.TaskGroup) -> float | None:

@@ -19,6 +19,7 @@ from .. import codec
 from ..config import ListenConfig
 from ..events import EventError, parse_event
 from ..store import StoreError
+from ..text import one_line, shorten
 from . import Ingestor
 
 MAX_EVENTS_PER_REQUEST = 1000
@@ -255,8 +256,7 @@ def _peer_of(transport: asyncio.BaseTransport) -> str | None:
 
 def _first_line(text: str) -> str:
     """What an aiohttp parser message says, on one line: the text before the quoted bytes and the caret."""
-    head = text.strip().split("\n\n", 1)[0]
-    return " ".join(part.strip() for part in head.splitlines()).rstrip(":")[:200]
+    return shorten(one_line(text.strip().split("\n\n", 1)[0]).rstrip(":"), 200)
 
 
 def _malformed(exc: BaseException | None, message: str | None) -> str:
