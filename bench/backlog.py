@@ -19,13 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchlib import Daemon, Receiver, environment, print_header, webhook_integration
 
-from _common import Daemon, Receiver, environment, print_header, webhook_integration  # noqa: E402
-
-from eventrelay.config import StorageConfig  # noqa: E402
-from eventrelay.store import open_store  # noqa: E402
+from eventrelay.config import StorageConfig
+from eventrelay.store import open_store
 
 PAYLOAD = '{"data":{"type":"order","id":"o-1","status":"complete","payment":"paid"}}'
 

@@ -40,7 +40,7 @@ import uuid
 from typing import Any
 
 import yaml
-from _common import (
+from benchlib import (
     run_on_daemon_loop,
     TRIGGER_HEADER,
     ChildCall,

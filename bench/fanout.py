@@ -62,7 +62,7 @@ import time
 import urllib.request
 from typing import Any
 
-from _common import (
+from benchlib import (
     BUSY_OTHER_PCT,
     ChildCall,
     CpuMeter,

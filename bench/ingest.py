@@ -39,7 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from _common import (
+from benchlib import (
     run_on_daemon_loop,
     BUSY_OTHER_PCT,
     Daemon,

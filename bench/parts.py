@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import (
+from benchlib import (
     BUSY_OTHER_PCT,
     Receiver,
     cpu_seconds,
@@ -69,10 +69,9 @@ from _common import (
 )
 from deliver import webhook_baseline
 
-# The daemon package: importing _common put the repository's root on sys.path.
 from eventrelay import config as config_module
 from eventrelay import log as log_setup
-from eventrelay.cli import _tune_gc  # private, but a copy of its thresholds would drift from the daemon's
+from eventrelay.cli import tune_gc  # the daemon's own thresholds, not a copy that would drift
 from eventrelay.delivery.dispatcher import Dispatcher
 from eventrelay.delivery.targets.webhook import WebhookSender
 from eventrelay.events import parse_event
@@ -106,7 +105,7 @@ def daemon_like_process(text: str) -> config_module.Config:
     at log level warning every per-delivery info line is a no-op, and the GC runs as rarely as there."""
     config = config_module.parse(text)
     log_setup.setup(config.log)
-    _tune_gc()
+    tune_gc()
     return config
 
 

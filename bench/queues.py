@@ -2,9 +2,9 @@
 
 Two targets, each measured with and without the daemon in one invocation, on one local service:
 
-  SQS    moto in server mode (tests/services.py's MotoServer), a fresh standard queue per run.
+  SQS    moto in server mode (bench/services.py's MotoServer), a fresh standard queue per run.
          baseline  one aiobotocore client (the daemon's client settings) sends N bodies shaped
-                   and sized like the daemon's CloudEvents messages (818 B for _common's
+                   and sized like the daemon's CloudEvents messages (818 B for benchlib's
                    order.paid event), with the same two message attributes, by SendMessageBatch
                    of 10 entries, 8 batch calls in flight (the daemon's delivery.concurrency).
          daemon    an aws_sqs integration on a fresh queue; N events pre-loaded over HTTP in
@@ -13,7 +13,7 @@ Two targets, each measured with and without the daemon in one invocation, on one
                    delivered.
          During both runs the queue is purged every 50 ms: moto's SendMessage costs O(queue
          length), so a filling queue would make both runs measure moto (see Purger).
-  STOMP  ActiveMQ (tests/services.py's ActiveMQ, KahaDB persistence, user eventrelay).
+  STOMP  ActiveMQ (bench/services.py's ActiveMQ, KahaDB persistence, user eventrelay).
          baseline  one stompman.Client sends N of the same bodies to /queue/bench as the daemon
                    sends them (persistent, application/json, no content-length, `type` and `id`
                    headers), a window of 8 sends awaiting their RECEIPT at once.
@@ -61,10 +61,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import (  # noqa: E402
+from benchlib import (
     run_on_daemon_loop,
     BUSY_OTHER_PCT,
     ChildCall,
@@ -81,7 +78,7 @@ from _common import (  # noqa: E402
     run_in_child,
 )
 
-from tests.services import ActiveMQ, MotoServer  # noqa: E402
+from services import ActiveMQ, MotoServer
 
 BATCH = 1000  # pre-load batch size (the contract's maximum)
 CONCURRENCY = 8  # delivery.concurrency: the daemon's deliveries in flight, and the baselines' window
@@ -100,7 +97,7 @@ def cloudevent_template() -> tuple[str, str]:
     """A body shaped like the daemon's CloudEvents message (daemon/formats.py), split around the id."""
     marker = "@@ID@@"
     # The daemon's default CloudEvents source is eventrelay://<hostname>; an event without `included`
-    # has none in the body either (818 bytes for _common's order_data on a host named "vm").
+    # has none in the body either (818 bytes for benchlib's order_data on a host named "vm").
     head = (
         '{"specversion":"1.0","id":"' + marker + '","type":"order.paid",'
         '"source":' + json.dumps(f"eventrelay://{socket.gethostname()}") + ','
@@ -489,7 +486,7 @@ def sample_body_bytes(client: Any, url: str) -> int | None:
 
 
 class BenchMoto(MotoServer):
-    """tests/services.py's MotoServer, with PurgeQueue allowed more than once a minute (see Purger)."""
+    """bench/services.py's MotoServer, with PurgeQueue allowed more than once a minute (see Purger)."""
 
     def _env(self) -> dict[str, str]:
         env = super()._env()

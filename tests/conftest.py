@@ -360,7 +360,7 @@ def _running(service: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def _moto_session() -> Any:
-    from .services import MotoServer
+    from bench.services import MotoServer
 
     server = _session_service(MotoServer)
     yield server
@@ -374,7 +374,7 @@ def moto_server(_moto_session: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def _activemq_session() -> Any:
-    from .services import ActiveMQ
+    from bench.services import ActiveMQ
 
     broker = _session_service(ActiveMQ)
     yield broker
@@ -388,7 +388,7 @@ def activemq(_activemq_session: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def activemq_tls() -> Any:
-    from .services import ActiveMQ
+    from bench.services import ActiveMQ
 
     broker = _session_service(lambda: ActiveMQ(tls=True))
     yield broker
@@ -397,7 +397,7 @@ def activemq_tls() -> Any:
 
 @pytest.fixture(scope="session")
 def rabbitmq() -> Any:
-    from .services import RabbitMQ
+    from bench.services import RabbitMQ
 
     broker = _session_service(RabbitMQ)
     yield broker

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from .conftest import wait_for
-from .services import ACTIVEMQ_HOME
+from bench.services import ACTIVEMQ_HOME
 from .test_stomp import FAST, queue, stomp_integration
 
 _SOURCE = Path(__file__).parent / "jms" / "JmsRead.java"

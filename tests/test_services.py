@@ -18,7 +18,7 @@ import stomp
 from botocore.exceptions import ClientError
 from stomp.exception import ConnectFailedException
 
-from tests.services import ActiveMQ, MotoServer, RabbitMQ, _process_tree, _proc_stat
+from bench.services import ActiveMQ, MotoServer, RabbitMQ, _process_tree, _proc_stat
 
 WAIT = 10.0  # every wait in these tests is bounded by this many seconds
 

@@ -90,7 +90,7 @@ def run_daemon(path: str, why: str = "--config") -> int:
         _print_config_error(e, why, "invalid configuration, not starting:")
         return EX_CONFIG
     log_setup.setup(config.log)
-    _tune_gc()
+    tune_gc()
     ensure_descriptors(config)
     from .notify import Notifier
     from .service import Service  # imported late: check-config stays fast and needs no event loop
@@ -127,7 +127,7 @@ def _print_config_error(error: config_module.ConfigError, why: str, what: str) -
         print(f"(read {error.source}: {why}; name another file with --config FILE)", file=sys.stderr)
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Fewer cyclic garbage collections: a batch of 100 events is thousands of fresh dicts and strings, and
     the default thresholds ran a collection every 700 of them, each traversing what was still alive (10%
     of ingest CPU at 100 events per request, bench/ingest.py). Events make no reference cycles; the few

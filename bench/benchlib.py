@@ -42,8 +42,7 @@ from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the daemon package, for its loop choice
-from eventrelay.cli import event_loop_factory  # noqa: E402
+from eventrelay.cli import event_loop_factory
 
 T = TypeVar("T")
 
