@@ -32,8 +32,10 @@ from aiohttp import web
 
 import eventrelay
 import eventrelay.service
-from eventrelay import admin_client
-from eventrelay.admin_client import Target, UsageError, add_commands, target_from
+from eventrelay.admin import client as admin_client
+from eventrelay.admin import commands as admin_commands
+from eventrelay.admin.client import Target, UsageError, target_from
+from eventrelay.admin.commands import add_commands
 
 from .conftest import REPO, Receiver, free_port, wait_for, wait_until, webhook
 
@@ -132,7 +134,7 @@ def paged(items: list[Any], request: web.Request) -> web.Response:
 
 @pytest.fixture
 async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeApi]:
-    monkeypatch.setattr(admin_client, "_now", lambda: NOW)
+    monkeypatch.setattr(admin_commands, "_now", lambda: NOW)
     api = FakeApi()
 
     @web.middleware
@@ -371,7 +373,7 @@ async def test_replay_window_accepts_durations_ago_and_iso_times(fake, capsys, s
 
 def test_a_time_without_zone_is_local_time() -> None:
     local = datetime(2026, 11, 27, 9, 0).astimezone()
-    assert admin_client.parse_time_arg("2026-11-27 09:00", NOW) == local.astimezone(timezone.utc)
+    assert admin_commands.parse_time_arg("2026-11-27 09:00", NOW) == local.astimezone(timezone.utc)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -569,7 +571,7 @@ def test_every_command_is_registered_with_the_common_options() -> None:
              "send": ["order.paid"], "reload": []}
     for name, extra in cases.items():
         args = parse(name, *extra, "-c", "/x.yaml", "--url", "http://h:1", "--token", "t", "--json")
-        assert args.func is getattr(admin_client, f"cmd_{name}")
+        assert args.func is getattr(admin_commands, f"cmd_{name}")
         assert (args.config, args.url, args.token, args.json) == ("/x.yaml", "http://h:1", "t", True)
     for bad in (["jobs", "erp", "--state", "gone"], ["jobs", "erp", "--limit", "0"], ["retry", "erp"]):
         with pytest.raises(SystemExit):
@@ -958,7 +960,7 @@ async def test_e2e_close_circuit_and_a_retry_held_by_a_410(start_daemon, receive
         "breaker": {"failures": 2, "cooldown": "5m", "max_cooldown": "5m"}})])
     for i in range(3):
         assert await run("send", "order.paid", "--id", f"c{i}", "--url", d.url) == 0
-    await wait_until(lambda: d.service.dispatchers["erp"].breaker.state == "open")
+    await wait_until(lambda: d.service.dispatchers["erp"].gate.breaker.state == "open")
     capsys.readouterr()
     receiver.respond = None
     assert await run("close-circuit", "erp", "--url", d.url) == 0
@@ -969,7 +971,7 @@ async def test_e2e_close_circuit_and_a_retry_held_by_a_410(start_daemon, receive
     # A 410 disables the integration: a retry then says what holds it, and how to lift it.
     receiver.respond = lambda r: aioweb.Response(status=410)
     assert await run("send", "order.paid", "--id", "gone", "--url", d.url) == 0
-    await wait_until(lambda: d.service.dispatchers["erp"].disabled is not None)
+    await wait_until(lambda: d.service.dispatchers["erp"].gate.disabled is not None)
     gone = next(j for j in await cli_json("jobs", "erp", "--state", "pending", "--url", d.url)
                 if j["event_id"] == "gone")
     capsys.readouterr()

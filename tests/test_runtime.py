@@ -24,7 +24,8 @@ import yaml
 
 from eventrelay import __version__, runtime
 from eventrelay import config as config_module
-from eventrelay.admin_client import Target, UsageError, add_commands, target_from
+from eventrelay.admin.client import Target, UsageError, target_from
+from eventrelay.admin.commands import add_commands
 from eventrelay.service import Service
 
 from .conftest import free_port, wait_until, webhook, write_config
@@ -35,7 +36,7 @@ def _no_config_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Commands here find daemons by their runtime files alone; never the host's config or token.
     monkeypatch.delenv("EVENTRELAY_CONFIG", raising=False)
     monkeypatch.delenv("EVENTRELAY_TOKEN", raising=False)
-    monkeypatch.setattr("eventrelay.admin_client.DEFAULT_CONFIG", str(tmp_path / "etc-eventrelay-config.yaml"))
+    monkeypatch.setattr("eventrelay.admin.client.DEFAULT_CONFIG", str(tmp_path / "etc-eventrelay-config.yaml"))
 
 
 def run_dir() -> Path:

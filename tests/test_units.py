@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventrelay import admin_client
 from eventrelay import config as cfg
+from eventrelay.admin import commands as admin_commands
 from eventrelay.clock import iso_time, parse_datetime, parse_time
 from eventrelay.text import first_line, one_line, quoted, shorten
 from eventrelay.units import format_duration, parse_duration, parse_rate, parse_size
@@ -36,7 +36,7 @@ def test_what_is_not_a_duration(bad: object) -> None:
 def test_the_config_and_the_cli_read_the_same_durations(tmp_path) -> None:
     for text in ("250ms", "90s", "2h", "1d 6h", "2w"):
         timeout = cfg.parse(f"delivery: {{retry: {{max_age: '{text}'}}}}").delivery.retry.max_age
-        ago = admin_client.parse_time_arg(text, NOW)
+        ago = admin_commands.parse_time_arg(text, NOW)
         assert NOW - ago == timedelta(seconds=timeout)
 
 

@@ -10,9 +10,11 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__, admin_client
+from . import __version__
 from . import config as config_module
 from . import log as log_setup
+from .admin import client as admin_client
+from .admin import commands as admin_commands
 from .limits import ensure_descriptors
 from .store import StoreError
 
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "signature verifies and its timestamp is within 5 minutes")
     receive.add_argument("--status", type=int, default=204, help="status to answer (e.g. 500 to watch retries)")
 
-    admin_client.add_commands(commands)
+    admin_commands.add_commands(commands)
 
     args = parser.parse_args(argv)
     if getattr(args, "func", None):
@@ -129,10 +131,10 @@ def _print_config_error(error: config_module.ConfigError, why: str, what: str) -
 
 def tune_gc() -> None:
     """Fewer cyclic garbage collections: a batch of 100 events is thousands of fresh dicts and strings, and
-    the default thresholds ran a collection every 700 of them, each traversing what was still alive (10%
-    of ingest CPU at 100 events per request, bench/ingest.py). Events make no reference cycles; the few
-    objects that do (tasks, exceptions) are still collected, just less often. What exists at start-up
-    (modules, config) is frozen out of every collection."""
+    the default thresholds ran a collection every 700 of them, each traversing what was still alive. Events
+    make no reference cycles; the few objects that do (tasks, exceptions) are still collected, just less
+    often. What exists at start-up (modules, config) is frozen out of every collection. What it saved is in
+    docs/performance-notes.md."""
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
 
@@ -140,8 +142,8 @@ def tune_gc() -> None:
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The daemon's event loop: uvloop where it is installed (a dependency on Linux), the standard one otherwise.
 
-    uvloop took single-event HTTP ingest from 6,400 to 7,400 requests/s (bench/ingest.py). The benchmarks run
-    their baselines on this same loop, so a ratio compares our work, not two loops.
+    uvloop makes ingest faster (docs/performance-notes.md). The benchmarks run their baselines on this same
+    loop, so a ratio compares our work, not two loops.
     """
     try:
         import uvloop

@@ -27,7 +27,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -35,7 +35,7 @@ from . import __version__
 from .clock import iso_time
 
 if TYPE_CHECKING:
-    from .service import Service
+    from .config import Config
 
 log = structlog.get_logger(component="runtime")
 
@@ -261,6 +261,17 @@ def _records(directory: Path, name: str | None) -> list[Record]:
 
 # -- the daemon's side: writing its own file --------------------------------------------------------------------
 
+class Running(Protocol):
+    """What a runtime file says of the daemon (the service is one): no import of the service, so no circle."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def http_address(self) -> tuple[str, int] | None: ...  # as bound: port 0 became a real port
+    @property
+    def started_at(self) -> float: ...
+
+
 class RuntimeFile:
     """This daemon's runtime file. Writes are a few hundred bytes without fsync: the file describes a process,
     which a power loss would not outlive either, so it costs the event loop next to nothing."""
@@ -271,7 +282,7 @@ class RuntimeFile:
         self._written: Record | None = None
 
     @classmethod
-    def publish(cls, service: Service) -> RuntimeFile | None:
+    def publish(cls, service: Running) -> RuntimeFile | None:
         """Write the file for a daemon that is ready. None (and a warning) if it cannot: commands then find the
         daemon from its config file as before, so this never stops the daemon."""
         source = service.config.source
@@ -287,7 +298,7 @@ class RuntimeFile:
             return None
         return runtime
 
-    def update(self, service: Service) -> None:
+    def update(self, service: Running) -> None:
         """Rewrite the file if what it says changed (a reload moved a listener). Raises OSError."""
         record = self._record(service)
         if record == self._written:
@@ -295,7 +306,7 @@ class RuntimeFile:
         _write_atomically(self.path, record.to_json())
         self._written = record
 
-    def refresh(self, service: Service) -> None:
+    def refresh(self, service: Running) -> None:
         """`update` for a running daemon: a failure is logged, never raised into a reload."""
         try:
             self.update(service)
@@ -311,7 +322,7 @@ class RuntimeFile:
         except (OSError, UnicodeDecodeError):
             pass
 
-    def _record(self, service: Service) -> Record:
+    def _record(self, service: Running) -> Record:
         http = service.http_address
         socket = service.config.listen.socket
         return Record(pid=os.getpid(), config=str(self._config), url=_callable_url(http),

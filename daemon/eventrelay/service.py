@@ -16,11 +16,13 @@ from aiohttp import web
 from . import __version__
 from . import config as config_module
 from . import log as log_setup
-from .admin import AdminApi
+from .admin.api import AdminApi
+from .admin.view import IntegrationState
 from .aio import wait_event
 from .config import Config, Integration
 from .delivery import targets
 from .delivery.dispatcher import Dispatcher
+from .delivery.policy import CircuitBreaker
 from .ingest import Ingestor, Router
 from .ingest.http import ConnectionCap, HttpIngest
 from .ingest.socket import SocketIngest
@@ -171,7 +173,7 @@ class Service:
     async def enable(self, name: str) -> bool:
         """Turn an integration a 410 disabled back on. False if it was not disabled."""
         assert self.store is not None
-        was = self.dispatchers[name].disabled if name in self.dispatchers else self._disabled.get(name)
+        was = self.dispatchers[name].gate.disabled if name in self.dispatchers else self._disabled.get(name)
         await self.store.set_disabled(name, None)
         self._disabled.pop(name, None)
         if name in self.dispatchers:
@@ -182,7 +184,7 @@ class Service:
 
     # -- operators' actions: they go now (DESIGN: "an operator's explicit action goes now") -------------------
 
-    async def retry(self, name: str, job_id: int) -> str | None:
+    async def retry(self, name: str, job_id: int) -> JobState | None:
         """Make a pending or dead job due now and send it ahead of the rest. Returns the state it had."""
         assert self.store is not None
         dispatcher = self.dispatchers.get(name)
@@ -218,23 +220,35 @@ class Service:
         dispatcher = self.dispatchers.get(name)
         if dispatcher is None:
             return "the integration is not running"
-        if dispatcher.disabled is not None:
-            return f"the integration is disabled: {dispatcher.disabled[1]}; `eventrelay enable {name}` turns it on"
-        if dispatcher.unwritable:
+        gate = dispatcher.gate
+        if gate.disabled is not None:
+            return f"the integration is disabled: {gate.disabled[1]}; `eventrelay enable {name}` turns it on"
+        if gate.unwritable:
             return "delivery outcomes cannot be written to the database (see the daemon's log)"
         return None
+
+    def integration_state(self, name: str) -> IntegrationState | None:
+        """What the admin API shows of a running integration's delivery (admin.view.ServiceView)."""
+        dispatcher = self.dispatchers.get(name)
+        if dispatcher is None:
+            return None
+        gate, now = dispatcher.gate, time.time()
+        circuit = gate.breaker.state
+        return IntegrationState(circuit, gate.breaker.opened_until if circuit == CircuitBreaker.OPEN else None,
+                                gate.paused_until if gate.paused_until > now else None, gate.disabled,
+                                dispatcher.in_flight, gate.unwritable)
 
     # -- listeners -----------------------------------------------------------------------------------------
 
     async def _listen(self, config: Config) -> None:
         listen = config.listen
-        assert self._ingestor is not None
+        assert self._ingestor is not None and self.store is not None
         if listen.socket is not None:
             self._socket = SocketIngest(self._ingestor, listen)
             await self._socket.start()
         self._http = HttpIngest(self._ingestor, listen, self.is_ready)
         # aiohttp's keep-alive timeout also closes a connection that never sends a request.
-        self._http_runner = web.AppRunner(self._http.app(AdminApi(self).add_routes), access_log=None,
+        self._http_runner = web.AppRunner(self._http.app(AdminApi(self, self.store).add_routes), access_log=None,
                                           shutdown_timeout=_INGEST_DRAIN, keepalive_timeout=listen.idle_timeout)
         await self._http_runner.setup()
         assert self._http_runner.server is not None

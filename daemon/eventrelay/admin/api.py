@@ -7,28 +7,29 @@ Served on the ingest listener, behind the same token. Pages follow the seed syst
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
 
-from . import __version__, codec
-from .clock import iso_time, parse_time
-from .ingest.http import error_response
-from .jobs import JobState
-from .metrics import CONTENT_TYPE
-from .store import AttemptView, JobView, OutcomeCounts, Store
-
-if TYPE_CHECKING:
-    from .service import Service
+from .. import __version__, codec
+from ..clock import iso_time, parse_time
+from ..ingest.http import error_response
+from ..jobs import JobState
+from ..metrics import CONTENT_TYPE
+from ..store import AttemptView, JobView, OutcomeCounts, Store
+from .view import IntegrationState, ServiceView
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 25
 
 
 class AdminApi:
-    def __init__(self, service: Service):
-        self._service = service
+    """The admin routes: they read the store and the service's view, and ask the view for operators' actions."""
+
+    def __init__(self, view: ServiceView, store: Store):
+        self._view = view
+        self._store = store
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -47,57 +48,45 @@ class AdminApi:
         r.add_post("/v1/reload", self.reload)
         r.add_get("/metrics", self.metrics)
 
-    @property
-    def _store(self) -> Store:
-        """The service's store, open while the API is served."""
-        assert self._service.store is not None
-        return self._service.store
-
     # -- status and integrations ---------------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        service = self._service
+        view = self._view
         counts = await self._store.job_counts()
         last_hour = await self._store.outcomes_since(time.time() - 3600)
         rows = []
-        for integration in service.config.integrations:
+        for integration in view.config.integrations:
             name = integration.name
             last = await self._store.last_attempts(name)
-            dispatcher = service.dispatchers.get(name)
+            state = view.integration_state(name)
             hour = last_hour.get(name, OutcomeCounts())
             rows.append({
                 "name": name, "integration_type": integration.integration_type, "enabled": integration.enabled,
                 "pending": counts.get((name, JobState.PENDING), 0), "dead": counts.get((name, JobState.DEAD), 0),
-                "in_flight": dispatcher.in_flight if dispatcher else 0,
+                "in_flight": state.in_flight if state else 0,
                 "delivered_last_hour": hour.delivered,
                 "failed_last_hour": hour.failed + hour.dead,
                 "last_success_at": iso_time(last.success_at) if last.success_at is not None else None,
                 # The last failure stays shown after a success: what went wrong is what an operator looks for.
                 "last_failure_at": iso_time(last.failure_at) if last.failure_at is not None else None,
                 "last_error": last.failure_error,
-                "circuit": dispatcher.breaker.state if dispatcher else None,
-                "circuit_open_until": iso_time(dispatcher.breaker.opened_until)
-                if dispatcher and dispatcher.breaker.state == "open" else None,
-                "paused_until": iso_time(dispatcher.paused_until)
-                if dispatcher and dispatcher.paused_until > time.time() else None,
-                "disabled": {"at": iso_time(dispatcher.disabled[0]), "reason": dispatcher.disabled[1]}
-                if dispatcher and dispatcher.disabled else None,
+                **_held(state),
             })
-        reload = service.last_reload
+        reload = view.last_reload
         return _json({"data": {
-            "version": __version__, "started_at": iso_time(service.started_at),
-            "uptime_s": round(time.time() - service.started_at, 3),
-            "config": {"path": str(service.config.source.resolve()) if service.config.source else None,
+            "version": __version__, "started_at": iso_time(view.started_at),
+            "uptime_s": round(time.time() - view.started_at, 3),
+            "config": {"path": str(view.config.source.resolve()) if view.config.source else None,
                        "last_reload": None if reload is None else {
                            "at": iso_time(reload.at), "ok": reload.ok, "errors": list(reload.errors)}},
             "integrations": rows,
         }})
 
     async def integrations(self, request: web.Request) -> web.Response:
-        return _json({"data": [i.public() for i in self._service.config.integrations]})
+        return _json({"data": [i.public() for i in self._view.config.integrations]})
 
     async def integration(self, request: web.Request) -> web.Response:
-        integration = self._service.config.integration(request.match_info["name"])
+        integration = self._view.config.integration(request.match_info["name"])
         if integration is None:
             return _unknown(request.match_info["name"])
         return _json({"data": integration.public()})
@@ -146,13 +135,13 @@ class AdminApi:
         return _json(_paged(request, [_log(r) for r in rows], total, *page))
 
     def _known(self, name: str) -> bool:
-        return self._service.config.integration(name) is not None
+        return self._view.config.integration(name) is not None
 
     # -- retry and replay ----------------------------------------------------------------------------------
 
     async def retry(self, request: web.Request) -> web.Response:
         name, job_id = request.match_info["name"], _int(request.match_info["job"])
-        previous = await self._service.retry(name, job_id) if job_id is not None else None
+        previous = await self._view.retry(name, job_id) if job_id is not None else None
         if previous is None:
             return error_response(404, f"integration {name!r} has no job {request.match_info['job']!r}")
         if previous == JobState.DELIVERED:
@@ -161,7 +150,7 @@ class AdminApi:
 
     def _sending(self, name: str) -> dict[str, Any]:
         """When what an operator re-queued really goes: now, or held (and why)."""
-        held_by = self._service.held_by(name)
+        held_by = self._view.held_by(name)
         return {"sends_at": None if held_by else iso_time(time.time()), "held_by": held_by}
 
     async def replay(self, request: web.Request) -> web.Response:
@@ -177,11 +166,11 @@ class AdminApi:
                 raise ValueError("limit must be a positive whole number")
             fence = _time(body.get("not_requeued_since"), "not_requeued_since")
             if body.get("state") == "dead" and "since" not in body and "until" not in body:
-                queued = await self._service.replay(name, dead=True, not_requeued_since=fence, limit=limit)
+                queued = await self._view.replay(name, dead=True, not_requeued_since=fence, limit=limit)
             elif "state" not in body and ("since" in body or "until" in body):
                 since, until = _time(body.get("since"), "since"), _time(body.get("until"), "until")
-                queued = await self._service.replay(name, since=since, until=until, not_requeued_since=fence,
-                                                    limit=limit)
+                queued = await self._view.replay(name, since=since, until=until, not_requeued_since=fence,
+                                                 limit=limit)
             else:
                 raise ValueError('send {"state": "dead"} or {"since": …, "until": …}')
         except ValueError as e:
@@ -192,29 +181,44 @@ class AdminApi:
         name = request.match_info["name"]
         if not self._known(name):
             return _unknown(name)
-        was = self._service.close_circuit(name)
+        was = self._view.close_circuit(name)
         if was is None:
-            return error_response(409, f"{self._service.held_by(name)}: it has no circuit to close")
+            return error_response(409, f"{self._view.held_by(name)}: it has no circuit to close")
         return _json({"data": {"name": name, "circuit": "closed", "was": was}})
 
     async def enable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if not self._known(name):
             return _unknown(name)
-        was_disabled = await self._service.enable(name)
+        was_disabled = await self._view.enable(name)
         return _json({"data": {"name": name, "enabled": True, "was_disabled": was_disabled}})
 
     async def reload(self, request: web.Request) -> web.Response:
         """Read the config file again now, as SIGHUP does, and answer how it went: 200 even when the file was
         refused (the request worked; `ok` says the reload did not). Concurrent requests queue on the service's
         reload lock, as SIGHUPs do."""
-        result = await self._service.reload()
+        result = await self._view.reload()
         return _json({"data": {"ok": result.ok, "errors": list(result.errors), "changes": list(result.changes),
                                "at": iso_time(result.at)}})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        await self._service.refresh_gauges()
-        return web.Response(body=self._service.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        await self._view.refresh_gauges()
+        return web.Response(body=self._view.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _held(state: IntegrationState | None) -> dict[str, Any]:
+    """What may hold a running integration's deliveries back, as its status row shows it (all None when it is
+    not running)."""
+    if state is None:
+        return {"circuit": None, "circuit_open_until": None, "paused_until": None, "disabled": None}
+    disabled = state.disabled
+    return {"circuit": state.circuit, "circuit_open_until": _iso_or_none(state.circuit_open_until),
+            "paused_until": _iso_or_none(state.paused_until),
+            "disabled": {"at": iso_time(disabled[0]), "reason": disabled[1]} if disabled else None}
+
+
+def _iso_or_none(at: float | None) -> str | None:
+    return None if at is None else iso_time(at)
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
