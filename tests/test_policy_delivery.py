@@ -161,7 +161,7 @@ async def test_a_reload_that_changes_the_integration_enables_it(start_daemon, re
     receiver.respond = lambda r: web.Response(status=410 if r.path == "/hook/old" else 204)
     d = await start_daemon([webhook("erp", receiver.url + "/old")])
     await d.post({"id": "m", "type": "order.paid", "data": {}})
-    await wait_until(lambda: d.service.dispatchers["erp"].disabled is not None)
+    await wait_until(lambda: d.service.dispatchers["erp"].gate.disabled is not None)
     config = tmp_path / "config.yaml"
     raw = yaml.safe_load(config.read_text())
     raw["integrations"][0]["configuration"]["url"] = receiver.url + "/new"
@@ -268,7 +268,7 @@ async def test_an_operators_retry_goes_now_as_the_probe_of_an_open_circuit(start
         "breaker": {"failures": 3, "cooldown": "5m", "max_cooldown": "5m"}})])
     await d.post([{"id": f"dead{i}", "type": "order.paid", "data": {}} for i in range(3)])
     await wait_for(d.states, {"dead": 3})
-    assert d.service.dispatchers["erp"].breaker.state == "open"  # for the next five minutes
+    assert d.service.dispatchers["erp"].gate.breaker.state == "open"  # for the next five minutes
     down = False
     job_id = (await d.job("dead1")).id
     async with d.http.post(f"{d.url}/v1/integrations/erp/jobs/{job_id}/retry") as resp:
@@ -277,7 +277,7 @@ async def test_an_operators_retry_goes_now_as_the_probe_of_an_open_circuit(start
     assert answer["meta"]["held_by"] is None and answer["meta"]["sends_at"].endswith("Z")
     # Delivered at once, ahead of nothing else and without waiting out the cool-down; it closed the circuit.
     await wait_until(lambda: [r.json["id"] for r in receiver.requests[3:]] == ["dead1"], timeout=5)
-    await wait_until(lambda: d.service.dispatchers["erp"].breaker.state == "closed")
+    await wait_until(lambda: d.service.dispatchers["erp"].gate.breaker.state == "closed")
 
     # A replay likewise: the two other dead jobs go now.
     async with d.http.post(f"{d.url}/v1/integrations/erp/replay", json={"state": "dead"}) as resp:
@@ -291,7 +291,7 @@ async def test_a_retry_during_a_slow_down_pause_goes_now(start_daemon, receiver:
     d = await start_daemon([webhook("erp", receiver.url, delivery={"concurrency": 1, "retry": {
         "initial": "1s", "max_interval": "10m", "max_age": "1h"}})])
     await d.post({"id": "slow", "type": "order.paid", "data": {}})
-    await wait_until(lambda: d.service.dispatchers["erp"].paused_until > time.time() + 60)
+    await wait_until(lambda: d.service.dispatchers["erp"].gate.paused_until > time.time() + 60)
     job_id = (await d.jobs())[0].id
     async with d.http.post(f"{d.url}/v1/integrations/erp/jobs/{job_id}/retry") as resp:
         assert resp.status == 200
@@ -305,7 +305,7 @@ async def test_an_operator_closes_a_circuit_by_hand(start_daemon, receiver: Rece
         "concurrency": 1, "retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"},
         "breaker": {"failures": 3, "cooldown": "5m", "max_cooldown": "5m"}})])
     await d.post([{"id": f"c{i}", "type": "order.paid", "data": {}} for i in range(5)])
-    await wait_until(lambda: d.service.dispatchers["erp"].breaker.state == "open")
+    await wait_until(lambda: d.service.dispatchers["erp"].gate.breaker.state == "open")
     down = False
     async with d.http.post(f"{d.url}/v1/integrations/erp/close-circuit") as resp:
         assert (await resp.json())["data"] == {"name": "erp", "circuit": "closed", "was": "open"}

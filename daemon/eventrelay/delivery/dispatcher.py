@@ -17,7 +17,8 @@ from ..config import Integration
 from ..jobs import AttemptRecord, Job, JobState, Outcome
 from ..metrics import Metrics
 from ..store import Store, StoreError
-from .policy import CircuitBreaker, RetryPolicy, TokenBucket
+from .gate import NO_CHANGES, Gate
+from .policy import CircuitBreaker, RetryPolicy
 from .targets import Sender
 
 _IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
@@ -36,12 +37,12 @@ class Dispatcher:
     Memory is only a window on the database: a small buffer of claimed jobs (`_ready`, 4 × `concurrency`
     deliveries: enough to last through a claim), those in flight and those whose outcome is being written,
     so a backlog of millions costs disk, not RAM, and a freed slot starts its next job without waiting for
-    a query. A job stays in `_claimed` from its claim until its
-    outcome is committed, so no claim can hand it out twice. A slot is freed as soon as the target answers;
-    the outcome is written in the background, batched with others by the store's writer.
+    a query. A job stays in `_claimed` from its claim until its outcome is committed, so no claim can hand it
+    out twice. A slot is freed as soon as the target answers; the outcome is written in the background,
+    batched with others by the store's writer.
 
-    Before each start, a gate decides whether the integration may send at all: not while disabled (the
-    target answered 410 Gone), not while paused (it asked us to slow down: 429/502/504, Retry-After), not
+    Before each start, the gate (gate.py) decides whether the integration may send at all: not while disabled
+    (410 Gone), not while outcomes cannot be written, not while paused (the target asked us to slow down), not
     while its circuit is open, and no faster than its rate limit. Held-back jobs wait without an attempt.
     """
 
@@ -65,11 +66,7 @@ class Dispatcher:
         # unrecorded stay under UNRECORDED_FACTOR × concurrency, the most a crash can duplicate per integration.
         self._recording = 0
         self._unrecorded_limit = UNRECORDED_FACTOR * self._slots
-        self.breaker = CircuitBreaker(delivery.breaker)
-        self._bucket = TokenBucket(delivery.rate_limit, burst=self._batch)
-        self.paused_until = 0.0  # wall time before which nothing starts (the target asked us to slow down)
-        self.disabled = disabled  # (when, why) while the target says it is gone
-        self.unwritable = False  # outcomes cannot be written: nothing new is sent until they can
+        self.gate = Gate(delivery, burst=self._batch, disabled=disabled)
         self._expedite: set[int] = set()  # jobs an operator asked to send now, to be claimed first
         self._settling: dict[int, asyncio.Future[None]] = {}  # jobs someone waits to see recorded
         self._finished = False  # `run` has returned: outcomes still unwritten are given up
@@ -87,59 +84,15 @@ class Dispatcher:
         self._counts = metrics.deliveries(self.name) if metrics is not None else None
         self._report_breaker()
 
-    def refresh_logger(self) -> None:
-        """Bind this dispatcher's logger to the logging configuration in force (again after a reload that
-        changed it): a bound logger keeps the level it was made with, and one per delivery must be cheap."""
-        self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
-        # At level warning (the benchmarks', and many a busy store's) a delivery builds no log fields.
-        self._log_delivered = self._log.is_enabled_for(logging.INFO)
-
-    def wake(self) -> None:
-        """New jobs were committed for this integration."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Claim nothing more; `run` returns once the deliveries in flight have finished."""
-        self._stopping = True
-        self._wake.set()
-
-    def enable(self) -> None:
-        """An operator turned the integration back on after a 410."""
-        self.disabled = None
-        self._report_disabled()
-        self._wake.set()
-
-    def send_now(self, job_ids: Iterable[int] = ()) -> None:
-        """An operator retried or replayed jobs: they go now, ahead of the rest, whatever the slow-down pause
-        or an open circuit's cool-down (they are the probe). A 410's disabled state still holds."""
-        self.paused_until = 0.0
-        self.breaker.probe_now(time.time())
-        self._expedite.update(job_ids)
-        self._wake.set()
-
-    async def settled(self, job_id: int) -> None:
-        """Return once `job_id` is not being delivered and its last outcome is written: an operator's retry
-        written before that outcome would be overwritten by it."""
-        if job_id not in self._claimed or any(job.id == job_id for job in self._ready):
-            return
-        waiter = self._settling.get(job_id)
-        if waiter is None:
-            waiter = self._settling[job_id] = self._loop.create_future()
-        await asyncio.shield(waiter)
-
-    def close_circuit(self) -> str:
-        """An operator says the target is fixed: close the circuit now. Returns the state it had."""
-        was = self.breaker.state
-        if was != CircuitBreaker.CLOSED:
-            self._on_breaker_change(self.breaker.close(), [], by_operator=True)
-            self._wake.set()
-        return was
-
-    @property
-    def in_flight(self) -> int:
-        return self._running * self._batch
+    # -- the loop ------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Until stopped: claim due jobs, start what the gate and the slots allow, sleep until woken.
+
+        Each delivery task then sends, reacts to the outcomes (`_attempt`), writes them behind
+        (`_write_behind`) and takes the next ready jobs itself (`_deliver`); the loop only tops up the buffer
+        and sleeps until a slot frees, new jobs are committed, the gate opens or a retry falls due.
+        """
         if not await self._start_sender():
             return
         try:
@@ -148,13 +101,13 @@ class Dispatcher:
                 while not self._stopping:
                     self._wake.clear()
                     try:
-                        timeout = await self._fill(deliveries)
+                        sleep = await self._claim_and_start(deliveries)
                     except StoreError as e:
                         self._log.error("cannot claim jobs", error=str(e))
-                        timeout = _STORE_ERROR_PAUSE
+                        sleep = _STORE_ERROR_PAUSE
                     if self._stopping:
                         break
-                    await wait_event(self._wake, timeout)
+                    await wait_event(self._wake, sleep)
             # Deliveries have ended; their outcomes may still be on their way to the database.
             await self._all_recorded.wait()
         finally:
@@ -175,7 +128,7 @@ class Dispatcher:
                 self._wake.clear()
         return False
 
-    async def _fill(self, deliveries: asyncio.TaskGroup) -> float | None:
+    async def _claim_and_start(self, deliveries: asyncio.TaskGroup) -> float | None:
         """Start deliveries while the gate and the slots allow, claiming more when the buffer runs low.
 
         Returns how long to sleep: None until woken (a slot frees, new jobs are committed, the operator
@@ -188,16 +141,19 @@ class Dispatcher:
             want = self._page - len(self._ready)
             if want < self._page // 2 or (gate != 0.0 and self._ready):
                 return gate or None  # enough held, or held back by the gate: sleep until it opens
-            jobs = await self._store.claim(self.name, time.time(), want, self._claimed, self._ordered)
-            self._more_due = len(jobs) == want
-            self._claimed.update(job.id for job in jobs)
-            self._ready.extend(jobs)
-            if not jobs:
+            if not await self._claim(want):
                 if self._ready or self._running >= self._slots:
                     return gate or None
-                due = await self._store.next_due(self.name, self._claimed)
-                return _IDLE_RECHECK if due is None else max(0.0, min(due - time.time(), _IDLE_RECHECK))
+                return await self._until_due()
         return None
+
+    async def _claim(self, want: int) -> int:
+        """Claim up to `want` due jobs into the ready buffer; how many."""
+        jobs = await self._store.claim(self.name, time.time(), want, self._claimed, self._ordered)
+        self._more_due = len(jobs) == want
+        self._claimed.update(job.id for job in jobs)
+        self._ready.extend(jobs)
+        return len(jobs)
 
     async def _claim_expedited(self) -> None:
         """Put the jobs an operator asked for at the front of the ready buffer, claiming those not held yet."""
@@ -210,6 +166,13 @@ class Dispatcher:
                                        only=unclaimed) if unclaimed else []
         self._claimed.update(job.id for job in jobs)
         self._ready.extendleft(reversed(held + jobs))
+
+    async def _until_due(self) -> float:
+        """Nothing ready and nothing due: seconds until the earliest retry falls due (new jobs wake us)."""
+        due = await self._store.next_due(self.name, self._claimed)
+        return _IDLE_RECHECK if due is None else max(0.0, min(due - time.time(), _IDLE_RECHECK))
+
+    # -- starting deliveries -------------------------------------------------------------------------------
 
     def _start_ready(self, deliveries: asyncio.TaskGroup) -> float | None:
         """Start what the slots and the gate allow; returns the gate's wait (0 open, None until woken)."""
@@ -227,25 +190,24 @@ class Dispatcher:
             return 0.0
         now = time.time()
         size = min(self._batch, len(self._ready))
-        gate = self._gate(now, size)
+        gate = self.gate.wait(now, size)
         if gate != 0.0:
             return gate
         chunk = [self._ready.popleft() for _ in range(size)]
         if self._more_due and len(self._ready) < self._page // 2:
-            # Through a backlog, `_fill` claims more while the rest of the buffer lasts. Otherwise new jobs
+            # Through a backlog, the loop claims more while the rest of the buffer lasts. Otherwise new jobs
             # and due retries wake it anyway, and a claim per take would find nothing.
             self._wake.set()
-        self._bucket.take(now, size)
-        self.breaker.started()
+        self.gate.started(now, size)
         self._running += 1
         return chunk
 
     def _start_next(self) -> None:
-        """A slot freed: start the next ready job now, and wake `_fill` if it has work: claiming more, or
+        """A slot freed: start the next ready job now, and wake the loop if it has work: claiming more, or
         re-arming its timer for a closed gate or the next retry.
 
-        Starting here, not only in `_fill`, keeps the slots busy while `_fill` awaits a claim; waking it only
-        when needed spares a turn of its loop per delivery.
+        Starting here, not only in the loop, keeps the slots busy while the loop awaits a claim; waking it
+        only when needed spares a turn of the loop per delivery.
         """
         gate = 0.0
         if self._deliveries is not None and not self._stopping:
@@ -253,15 +215,7 @@ class Dispatcher:
         if gate != 0.0 or len(self._ready) < self._page // 2 or self._stopping:
             self._wake.set()
 
-    def _gate(self, now: float, size: int) -> float | None:
-        if self.disabled is not None or self.unwritable:
-            return None
-        if self.paused_until > now:
-            return self.paused_until - now
-        breaker = self.breaker.wait(now)
-        if breaker != 0.0:
-            return breaker
-        return self._bucket.wait(now, size)
+    # -- one delivery --------------------------------------------------------------------------------------
 
     async def _deliver(self, jobs: list[Job]) -> None:
         """Send a chunk, then the next ones while work is ready and the gate allows, in this same task: the
@@ -270,7 +224,7 @@ class Dispatcher:
         while isinstance(chunk, list):
             self._write_behind(chunk, await self._attempt(chunk))
             chunk = self._take()
-        self._wake.set()  # `_fill` claims more, or re-arms its timer for the gate
+        self._wake.set()  # the loop claims more, or re-arms its timer for the gate
 
     async def _attempt(self, jobs: list[Job]) -> list[AttemptRecord]:
         """One attempt at a chunk: send, decide each job's fate, react as an integration; the records."""
@@ -298,6 +252,28 @@ class Dispatcher:
             raise
         return records
 
+    async def _react(self, records: list[AttemptRecord], now: float) -> None:
+        """What this batch's outcomes mean for the whole integration (the gate decides): log, report and
+        persist it."""
+        changes = self.gate.react(records, now)
+        if changes is NO_CHANGES:
+            return
+        if changes.circuit is not None:
+            self._on_breaker_change(changes.circuit, records)
+        for record in changes.paused:
+            self._log.warning("target asks to slow down: pausing the integration",
+                              status=record.outcome.status_code, pause_s=round((record.next_at or now) - now, 2))
+        if changes.gone is not None:
+            self._log.error("target is gone (410): integration disabled; its jobs stay pending. Fix the "
+                            "URL and reload, or run `eventrelay enable`", integration=self.name)
+            self._report_disabled()
+            try:
+                await self._store.set_disabled(self.name, changes.gone)
+            except StoreError as e:
+                self._log.error("cannot persist the disabled state", error=str(e))
+
+    # -- writing outcomes behind ---------------------------------------------------------------------------
+
     def _write_behind(self, jobs: list[Job], records: list[AttemptRecord]) -> None:
         """Queue the outcomes for the writer; the jobs stay claimed until they are committed.
 
@@ -320,8 +296,8 @@ class Dispatcher:
                   written: asyncio.Future[None], delay: float = _STORE_ERROR_PAUSE) -> None:
         error = written.exception() if not written.cancelled() else StoreError("the writer stopped")
         if error is None:
-            if self.unwritable:
-                self.unwritable = False
+            if self.gate.unwritable:
+                self.gate.unwritable = False
                 self._log.info("delivery outcomes are written again; deliveries resume")
             self._log_outcomes(records)
             self._release(jobs, chunks)
@@ -329,8 +305,8 @@ class Dispatcher:
         # What was delivered must be recorded, not sent again: the outcomes are kept and written again later,
         # the jobs stay claimed, and nothing new is sent until a write succeeds. Releasing them instead would
         # re-send every job about once a second while the disk is full.
-        if not self.unwritable:
-            self.unwritable = True
+        if not self.gate.unwritable:
+            self.gate.unwritable = True
             self._log.error("cannot record delivery outcomes; holding deliveries until they can be written",
                             error=str(error))
         self._loop.call_later(delay, self._record_again, jobs, records, chunks, min(delay * 2, _RECORD_RETRY_MAX))
@@ -356,33 +332,65 @@ class Dispatcher:
             self._all_recorded.set()
         self._start_next()  # a send may have waited for this; a retry may now be the earliest due job
 
-    async def _react(self, records: list[AttemptRecord], now: float) -> None:
-        """What this batch's outcomes mean for the whole integration: breaker, slow-down, gone."""
-        # A batch is one request to the target: it counts once for the breaker.
-        succeeded = any(r.outcome.succeeded for r in records)
-        change = self.breaker.record(succeeded, now)
-        if change is not None:
-            self._on_breaker_change(change, records)
-        for record in records:
-            o = record.outcome
-            if o.slow_down and record.next_at is not None and record.next_at > self.paused_until:
-                self.paused_until = record.next_at
-                self._log.warning("target asks to slow down: pausing the integration", status=o.status_code,
-                                  pause_s=round(record.next_at - now, 2))
-            if o.gone and self.disabled is None:
-                self.disabled = (now, f"the target answered {o.status_code} Gone: {o.error}")
-                self._log.error("target is gone (410): integration disabled; its jobs stay pending. Fix the "
-                                "URL and reload, or run `eventrelay enable`", integration=self.name)
-                self._report_disabled()
-                try:
-                    await self._store.set_disabled(self.name, self.disabled[1])
-                except StoreError as e:
-                    self._log.error("cannot persist the disabled state", error=str(e))
+    # -- operators' actions and the service's calls ---------------------------------------------------------
+
+    def refresh_logger(self) -> None:
+        """Bind this dispatcher's logger to the logging configuration in force (again after a reload that
+        changed it): a bound logger keeps the level it was made with, and one per delivery must be cheap."""
+        self._log = structlog.get_logger(component="delivery").bind(integration=self.name)
+        # At level warning a delivery builds no log fields: one per delivery adds up.
+        self._log_delivered = self._log.is_enabled_for(logging.INFO)
+
+    def wake(self) -> None:
+        """New jobs were committed for this integration."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more; `run` returns once the deliveries in flight have finished."""
+        self._stopping = True
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._running * self._batch
+
+    def enable(self) -> None:
+        """An operator turned the integration back on after a 410."""
+        self.gate.enable()
+        self._report_disabled()
+        self._wake.set()
+
+    def send_now(self, job_ids: Iterable[int] = ()) -> None:
+        """An operator retried or replayed jobs: they go now, ahead of the rest, whatever the slow-down pause
+        or an open circuit's cool-down (they are the probe). A 410's disabled state still holds."""
+        self.gate.send_now(time.time())
+        self._expedite.update(job_ids)
+        self._wake.set()
+
+    def close_circuit(self) -> str:
+        """An operator says the target is fixed: close the circuit now. Returns the state it had."""
+        was = self.gate.close_circuit()
+        if was != CircuitBreaker.CLOSED:
+            self._on_breaker_change(CircuitBreaker.CLOSED, [], by_operator=True)
+            self._wake.set()
+        return was
+
+    async def settled(self, job_id: int) -> None:
+        """Return once `job_id` is not being delivered and its last outcome is written: an operator's retry
+        written before that outcome would be overwritten by it."""
+        if job_id not in self._claimed or any(job.id == job_id for job in self._ready):
+            return
+        waiter = self._settling.get(job_id)
+        if waiter is None:
+            waiter = self._settling[job_id] = self._loop.create_future()
+        await asyncio.shield(waiter)
+
+    # -- logs and metrics ----------------------------------------------------------------------------------
 
     def _on_breaker_change(self, state: str, records: list[AttemptRecord], by_operator: bool = False) -> None:
         if state == CircuitBreaker.OPEN:
             self._log.warning("circuit open: the target keeps failing; holding deliveries",
-                              cooldown_s=round(self.breaker.opened_until - time.time(), 2),
+                              cooldown_s=round(self.gate.breaker.opened_until - time.time(), 2),
                               last_error=records[-1].outcome.error)
         elif by_operator:
             self._log.info("circuit closed by an operator")
@@ -394,13 +402,12 @@ class Dispatcher:
 
     def _report_breaker(self) -> None:
         if self._metrics is not None:
-            self._metrics.breaker_state.labels(self.name).set(
-                {CircuitBreaker.CLOSED: 0, CircuitBreaker.HALF_OPEN: 1, CircuitBreaker.OPEN: 2}[self.breaker.state])
+            self._metrics.breaker_state.labels(self.name).set(_CIRCUIT_GAUGE[self.gate.breaker.state])
             self._report_disabled()
 
     def _report_disabled(self) -> None:
         if self._metrics is not None:
-            self._metrics.disabled.labels(self.name).set(1 if self.disabled else 0)
+            self._metrics.disabled.labels(self.name).set(1 if self.gate.disabled else 0)
 
     def _log_outcomes(self, records: list[AttemptRecord]) -> None:
         """Count and log committed outcomes."""
@@ -419,6 +426,7 @@ class Dispatcher:
                                 **_fields(record))
 
 
+_CIRCUIT_GAUGE = {CircuitBreaker.CLOSED: 0, CircuitBreaker.HALF_OPEN: 1, CircuitBreaker.OPEN: 2}
 _RESULT = {JobState.DELIVERED: "delivered", JobState.PENDING: "failed", JobState.DEAD: "dead"}
 
 
