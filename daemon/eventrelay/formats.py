@@ -16,7 +16,7 @@ from .codec import dumps
 from .jobs import Job
 
 if TYPE_CHECKING:
-    from .config import Integration
+    from .delivery.targets.base import Integration
 
 # Integration ids are derived from the name, so a receiver sees the same id across restarts and reloads.
 _INTEGRATION_NAMESPACE = uuid.UUID("5b0c5f4e-8f7a-4c55-9a43-2f7f3f1d0e61")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import sqlite3
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, cast
@@ -274,9 +273,6 @@ def failure_response(request: web.BaseRequest, exc: BaseException) -> web.Respon
     if isinstance(exc, StoreError):
         detail = str(exc)  # it says what failed and what to do
         log.error("request failed", error=detail, **fields)
-    elif isinstance(exc, sqlite3.Error):
-        detail = f"the database could not be read: {exc}; check the disk and the database (eventrelay logs say more)"
-        log.error("request failed", error=detail, exc_info=exc, **fields)
     else:
         detail = (f"the request failed on an unexpected error ({type(exc).__name__}: {exc}); the eventrelay log "
                   f"has its traceback")

@@ -7,9 +7,24 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ...config import Integration
     from ...config_yaml import Reader
     from ...jobs import Job, Outcome
+
+
+class Integration(Protocol):
+    """What a target reads of the integration it delivers for (config.Integration has it): declared here, so
+    that neither the targets nor the bodies they send import the configuration that imports them."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def integration_type(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def configuration(self) -> Any: ...
+    @property
+    def delivery(self) -> Any: ...  # config.DeliveryConfig
 
 
 class Sender(Protocol):

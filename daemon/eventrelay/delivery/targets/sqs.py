@@ -22,7 +22,7 @@ from ...units import http_url, parse_size, string, template
 from .base import SenderContext, TargetType
 
 if TYPE_CHECKING:
-    from ...config import Integration
+    from .base import Integration
 
 MAX_BATCH = 10  # SQS's limit of entries per SendMessageBatch
 MAX_MESSAGE_SIZE = 1024 * 1024  # SQS's limit for one message, whatever the queue is set to

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from stompman.connection import Connection
     from stompman.frames import AnyClientFrame, AnyServerFrame, ErrorFrame
 
-    from ...config import Integration
+    from .base import Integration
 
 SCHEMES = {"stomp": False, "tcp": False, "stomp+ssl": True, "stomp+tls": True, "ssl": True}  # scheme -> TLS
 _RECONNECT_MAX = 30.0  # seconds between connection attempts at most

@@ -25,7 +25,7 @@ from ..deadlines import Deadlines
 from .base import SenderContext, TargetType
 
 if TYPE_CHECKING:
-    from ...config import Integration
+    from .base import Integration
 
 RESPONSE_BODY_LIMIT = 4096  # bytes of the receiver's answer kept in the attempt log
 
