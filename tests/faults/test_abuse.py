@@ -84,7 +84,10 @@ async def test_socket_producers_that_hang_up_without_reading_free_their_slots(da
         reader, writer = await asyncio.open_unix_connection(str(socket_path(d)))
         writer.write(b"".join(json.dumps({"id": f"rude-{i}-{n}", "type": "order.paid", "data": {}}).encode() + b"\n"
                               for n in range(2000)))
-        await writer.drain()
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass  # refused at the cap while the earlier rude producers still held their slots: that is allowed
         if i % 2:
             writer.transport.abort()
         else:

@@ -199,9 +199,12 @@ class _Connection(RequestHandler):
 
     def _end_body(self, error: Exception, event: str, detail: str) -> None:
         """Make the handler's read of the body fail with `error` (it answers), and close after the answer."""
-        assert self._current_request is not None
+        assert self._current_request is not None and self.transport is not None
         log.info(event, peer=_peer(self._current_request), detail=detail)
         self.close()  # ignore what else the client sends
+        # The client is still sending: a plain close after the answer could reset the connection and discard
+        # the answer before it is read. aiohttp closes through this attribute once the answer is out.
+        self.transport = _LingeringClose(self.transport)
         self._current_request.content.set_exception(error)
         self._current_request.content.feed_eof()  # nothing to drain after the answer
 
@@ -278,6 +281,24 @@ def failure_response(request: web.BaseRequest, exc: BaseException) -> web.Respon
                   f"has its traceback")
         log.error("request failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc, **fields)
     return error_response(500, detail)
+
+
+class _LingeringClose:
+    """A transport whose close() half-closes, drops what the client still sends, and closes a moment later."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(_Refusal.LINGER, transport.close)
 
 
 class _Refusal(asyncio.Protocol):
