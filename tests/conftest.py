@@ -251,6 +251,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> None:
+    """Until the daemon on `port` answers /readyz with 200; fail with its log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                if b" 200 " in s.recv(100):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"daemon not ready within {timeout}s:\n{log.read_text()}")
+
+
 @dataclass
 class DaemonProcess:
     config: Path
@@ -266,19 +283,7 @@ class DaemonProcess:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "eventrelay", "run", "--config", str(self.config)],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
-                    if b" 200 " in s.recv(100):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"daemon not ready within {timeout}s:\n{self.log_path.read_text()}")
+        wait_ready(self.port, self.proc, self.log_path, timeout)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from eventrelay.admin import commands as admin_commands
 from eventrelay.admin.client import Target, UsageError, target_from
 from eventrelay.admin.commands import add_commands
 
-from .conftest import REPO, Receiver, free_port, wait_for, wait_until, webhook
+from .conftest import REPO, Receiver, free_port, wait_for, wait_ready, wait_until, webhook
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -880,7 +879,7 @@ def test_quick_start_commands_work_as_written(tmp_path) -> None:
         receiver_proc = subprocess.Popen([str(EVENTRELAY), "receive", "--port", str(hook_port)], cwd=clone,
                                          env=env, stdout=receiver_log, stderr=subprocess.STDOUT)
         try:
-            _wait_ready(api_port, daemon_proc, tmp_path / "daemon.log")
+            wait_ready(api_port, daemon_proc, tmp_path / "daemon.log", timeout=20)
 
             status = command("status")
             assert status.returncode == 0, status.stderr
@@ -923,22 +922,6 @@ def test_quick_start_commands_work_as_written(tmp_path) -> None:
             assert daemon_proc.wait(30) == 0, (tmp_path / "daemon.log").read_text()
             receiver_proc.wait(30)
     assert list(Path(env["EVENTRELAY_RUNTIME_DIR"]).iterdir()) == []  # a clean stop takes its record away
-
-
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
-                if b" 200 " in s.recv(100):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"daemon not ready within {timeout}s:\n{log.read_text()}")
 
 
 def _wait_for(predicate: Any, what: str, timeout: float = 15.0) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
+
+from .. import aio
 
 
 class Deadlines:
@@ -47,11 +48,8 @@ class Deadlines:
 
     async def close(self) -> None:
         """Stop checking; call once no section is armed any more."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        await aio.cancel(self._watcher)
+        self._watcher = None
 
     def arm(self, seconds: float) -> int:
         task = asyncio.current_task()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -14,7 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
-from .. import codec
+from .. import aio, codec
 from ..config import ListenConfig
 from ..events import EventError, parse_event
 from ..store import StoreError
@@ -67,11 +66,8 @@ class ConnectionCap:
         self._watcher = asyncio.create_task(self._watch(), name="http-request-timeouts")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        await aio.cancel(self._watcher)
+        self._watcher = None
 
     def __call__(self) -> asyncio.BaseProtocol:
         server = self._server

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from .. import codec
+from .. import aio, codec
 from ..config import ListenConfig
 from ..events import Event, EventError, parse_event
 from ..store import StoreError
@@ -68,11 +68,8 @@ class SocketIngest:
                 connection.abort()  # its producer did not take its answers within the grace period
             if late:
                 await asyncio.wait(late)  # abort() ends them at once
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        await aio.cancel(self._watcher)
+        self._watcher = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         self._server = None

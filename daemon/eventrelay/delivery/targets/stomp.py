@@ -12,7 +12,6 @@ loads it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import ssl
 import time
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ...aio import Backoff, wait_event
+from ...aio import Backoff, cancel, wait_event
 from ...config_yaml import Reader, default
 from ...formats import CloudEvent
 from ...jobs import Job, Outcome
@@ -153,9 +152,7 @@ class StompSender:
         if self._supervisor is not None:
             # asyncio.wait neither cancels the supervisor when the time is up nor swallows our cancellation.
             await asyncio.wait([self._supervisor], timeout=_CLOSE_WAIT)
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            await cancel(self._supervisor)
 
     async def deliver(self, jobs: Sequence[Job]) -> list[Outcome]:
         return [await self._send(job) for job in jobs]
