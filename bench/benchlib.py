@@ -744,6 +744,14 @@ class _Counters:
         if len(self.error_samples) < 5:
             self.error_samples.append(msg[:300])
 
+    def result(self, seconds: float, server_pid: int, cpu: dict[str, float | None],
+               extra: dict[str, Any]) -> LoadResult:
+        return LoadResult(
+            events=self.events, requests=self.requests, seconds=seconds, events_per_s=self.events / seconds,
+            latency=latency_summary_ms(self.latencies), errors=self.errors, error_samples=self.error_samples,
+            client_cpu_pct=cpu["client_cpu_pct"], server_cpu_pct=cpu["server_cpu_pct"],
+            other_cpu_pct=cpu["other_cpu_pct"], server_rss_kib=read_rss_kib(server_pid), extra=extra)
+
 
 async def _window_sampler(t_measure: float, t_end: float, server_pid: int, out: dict[str, float | None]) -> None:
     """Sample client and server CPU time exactly at the measured window's edges."""
@@ -968,20 +976,7 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             await asyncio.gather(*(worker(_AiohttpPoster(session, spec.url, body)) for _ in range(spec.connections)))
     await sampler
-    return LoadResult(
-        events=c.events,
-        requests=c.requests,
-        seconds=spec.seconds,
-        events_per_s=c.events / spec.seconds,
-        latency=latency_summary_ms(c.latencies),
-        errors=c.errors,
-        error_samples=c.error_samples,
-        client_cpu_pct=cpu["client_cpu_pct"],
-        server_cpu_pct=cpu["server_cpu_pct"],
-        other_cpu_pct=cpu["other_cpu_pct"],
-        server_rss_kib=read_rss_kib(spec.server_pid),
-        extra={"body_bytes": len(body), "client": spec.client},
-    )
+    return c.result(spec.seconds, spec.server_pid, cpu, {"body_bytes": len(body), "client": spec.client})
 
 
 def http_load(spec: HttpLoadSpec) -> LoadResult:
@@ -1089,20 +1084,7 @@ async def _socket_load(spec: SocketLoadSpec) -> LoadResult:
         if isinstance(r, BaseException):
             c.error(f"connection failed: {type(r).__name__}: {r}")
     await sampler
-    return LoadResult(
-        events=c.events,
-        requests=c.requests,
-        seconds=spec.seconds,
-        events_per_s=c.events / spec.seconds,
-        latency=latency_summary_ms(c.latencies),
-        errors=c.errors,
-        error_samples=c.error_samples,
-        client_cpu_pct=cpu["client_cpu_pct"],
-        server_cpu_pct=cpu["server_cpu_pct"],
-        other_cpu_pct=cpu["other_cpu_pct"],
-        server_rss_kib=read_rss_kib(spec.server_pid),
-        extra={"line_bytes": len(ndjson_line())},
-    )
+    return c.result(spec.seconds, spec.server_pid, cpu, {"line_bytes": len(ndjson_line())})
 
 
 def socket_load(spec: SocketLoadSpec) -> LoadResult:
