@@ -1,9 +1,11 @@
 #!/bin/sh
 # Installs the system packages the tests need on Debian 12: ActiveMQ, RabbitMQ (with Erlang and epmd), a
-# headless JDK (the brokers, and the JMS consumer the tests compile), and systemd's tools (the unit file is
-# checked with systemd-analyze). Idempotent, and silent when everything is already there.
+# headless JDK (the brokers, and the JMS consumer the tests compile), systemd's tools (the unit file is
+# checked with systemd-analyze) and PostgreSQL's server binaries (the tests initdb clusters of their own).
+# Idempotent, and silent when everything is already there.
 #
-# The tests start their own brokers in temp dirs, so apt must NOT start the packages' own services: while apt
+# The tests start their own brokers and databases in temp dirs, so apt must NOT start the packages' own
+# services (the postgresql package makes a `main` cluster; it stays stopped): while apt
 # runs, /usr/sbin/policy-rc.d answers 101 ("action forbidden"), which invoke-rc.d and deb-systemd-invoke obey;
 # any pre-existing policy-rc.d is put back afterwards.
 #
@@ -16,6 +18,13 @@ missing=""
 command -v javac >/dev/null 2>&1 || missing="$missing default-jdk-headless"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 command -v node >/dev/null 2>&1 || missing="$missing nodejs"  # a receiver written like Elastic Path's examples
+have_initdb() {  # any version: the tests use the newest /usr/lib/postgresql/<version>/bin
+    for initdb in /usr/lib/postgresql/*/bin/initdb; do
+        [ -x "$initdb" ] && return 0
+    done
+    return 1
+}
+have_initdb || missing="$missing postgresql"
 
 [ -z "$missing" ] && exit 0
 
@@ -52,4 +61,6 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $mi
 # On a systemd machine, also keep them from starting at the next boot (the tests never use them).
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl disable --quiet activemq.service rabbitmq-server.service epmd.socket epmd.service 2>/dev/null || true
+    # a call of its own, so that a unit unknown to one call cannot keep the other from being disabled
+    systemctl disable --quiet postgresql.service 2>/dev/null || true
 fi

@@ -8,6 +8,8 @@ Plain classes (no pytest fixtures here) that each own a fresh temporary director
                   KahaDB persistence and simple username/password authentication.
 * `RabbitMQ`    — a RabbitMQ node with the STOMP plugin (and optionally STOMP over TLS), its own epmd,
                   a `/eventrelay` vhost and an `eventrelay` user.
+* `PostgresCluster` — a throwaway PostgreSQL cluster (Debian's binaries, run as the `postgres` user when root)
+                  with an `eventrelay` role that logs in with a password over TCP, and a database per test.
 
 Every service starts in its own session/process group with a bounded wait for readiness, and stops with
 SIGTERM then, after a bounded wait, SIGKILL of the whole process tree; a failed start kills what it started.
@@ -25,6 +27,9 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import pwd
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +49,7 @@ HOST = "127.0.0.1"
 
 ACTIVEMQ_HOME = Path(os.environ.get("ACTIVEMQ_HOME", "/usr/share/activemq"))
 RABBITMQ_SERVER = Path(os.environ.get("RABBITMQ_SERVER", "/usr/lib/rabbitmq/bin/rabbitmq-server"))
+POSTGRES_BINDIR = os.environ.get("POSTGRES_BINDIR")  # default: the newest /usr/lib/postgresql/<version>/bin
 
 
 class ServiceError(RuntimeError):
@@ -953,3 +960,300 @@ class RabbitMQ(_StompBroker):
         for f in sorted(self.log_dir.glob("*.log")):
             out.append(f"--- {f}\n{_tail(f)}")
         return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+_POSTGRES_INSTALL_HINT = (
+    "`make test` installs Debian's postgresql package (.ci/install-services.sh, as root; it keeps the distro's "
+    "own cluster from starting)"
+)
+
+# postgres's shutdown modes are chosen by signal: smart waits for every client to leave (a connection pool
+# would hold it up until the timeout), fast disconnects them, immediate quits without a checkpoint (a crash).
+_POSTGRES_STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+
+def postgres_bindir() -> Path:
+    """$POSTGRES_BINDIR, or the newest /usr/lib/postgresql/<version>/bin that has the server binaries."""
+    if POSTGRES_BINDIR:
+        candidates = [Path(POSTGRES_BINDIR)]
+    else:
+        found = Path("/usr/lib/postgresql").glob("*/bin")
+        candidates = sorted(found, key=lambda d: [int(n) for n in re.findall(r"\d+", d.parent.name)], reverse=True)
+    for bindir in candidates:
+        if all(os.access(bindir / tool, os.X_OK) for tool in ("initdb", "postgres", "psql")):
+            return bindir
+    where = POSTGRES_BINDIR or "/usr/lib/postgresql/*/bin"
+    raise ServiceError(f"PostgreSQL's initdb, postgres and psql not found in {where}: {_POSTGRES_INSTALL_HINT}")
+
+
+def _sql_ident(name: str) -> str:
+    if not name or "\0" in name or len(name.encode()) > 63:
+        raise ValueError(f"not a usable PostgreSQL name: {name!r}")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_literal(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("a PostgreSQL string cannot hold NUL")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of a process plus those of the children it has reaped (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return 0
+    fields = data[data.rfind(")") + 2 :].split()
+    # field N of stat is fields[N - 3]: utime 14, stime 15, cutime 16, cstime 17
+    return sum(int(x) for x in fields[11:15])
+
+
+class PostgresCluster(_Service):
+    """A throwaway PostgreSQL cluster made with `initdb` (Debian's /usr/lib/postgresql/<newest>/bin) in the temp
+    dir, listening on 127.0.0.1:`port` and on a Unix socket in `socket_dir`. PostgreSQL refuses to run as root,
+    so when root the data belongs to the `postgres` OS user and the binaries run as it; otherwise they run as
+    the current user.
+
+    Role `username` (password `password`, scram-sha-256 over TCP: a wrong password is refused) owns database
+    `database`; tests get databases of their own with create_database(). Admin SQL runs through `psql` as the
+    superuser `postgres` over the Unix socket (peer authentication), so the infrastructure needs no driver.
+
+        with PostgresCluster() as pg:
+            dsn = pg.create_database("t1")        # postgresql://eventrelay:PW@127.0.0.1:PORT/t1
+            pg.restart()                          # fast shutdown, same port and data
+            pg.stop(mode="immediate"); pg.start() # a crash: recovery from the WAL
+            pg.server_cpu_seconds()
+    """
+
+    name = "postgres"
+    default_startup_timeout = 60.0
+    default_stop_timeout = 30.0
+    superuser = "postgres"
+
+    def __init__(self, *, fsync: bool = True, username: str = "eventrelay", password: str | None = None,
+                 database: str = "eventrelay", max_connections: int = 200, shared_buffers: str = "128MB",
+                 port: int | None = None, **kw):
+        self.bindir = postgres_bindir()  # before the temp dir exists: nothing to clean up when this fails
+        self._os_user = self._server_os_user()
+        super().__init__(**kw)
+        self.fsync = fsync
+        self.username = username
+        self.password = password or secrets.token_urlsafe(18)
+        self.database = database
+        self.max_connections = max_connections
+        self.shared_buffers = shared_buffers
+        self.port: int = port or free_port()
+        self.data_dir = self.workdir / "data"
+        self.socket_dir = self.workdir / "sock"
+        self.initdb_time: float | None = None  # seconds initdb took (the first start only)
+        self._initialized = False
+        self._bootstrapped = False
+        self._cpu_ticks_before = 0  # of the server processes of earlier starts, taken as they were stopped
+
+    @staticmethod
+    def _server_os_user() -> pwd.struct_passwd | None:
+        """The OS user the server runs as: `postgres` when we are root, None (ourselves) otherwise."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            return pwd.getpwnam("postgres")
+        except KeyError:
+            raise ServiceError(f"running as root, but there is no `postgres` OS user to run PostgreSQL as: "
+                               f"{_POSTGRES_INSTALL_HINT}") from None
+
+    def _as_server_user(self, argv: list[str]) -> list[str]:
+        # setpriv execs in place (runuser forks and waits), so the child's pid is the postmaster's and our
+        # signals reach it directly.
+        if self._os_user is None:
+            return argv
+        return ["setpriv", f"--reuid={self._os_user.pw_uid}", f"--regid={self._os_user.pw_gid}", "--init-groups",
+                "--", *argv]
+
+    def _chown_to_server_user(self, path: Path) -> None:
+        if self._os_user is not None:
+            os.chown(path, self._os_user.pw_uid, self._os_user.pw_gid)
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+
+    def _before_start(self) -> None:
+        if not self._initialized:
+            self._initdb()
+            self._initialized = True
+
+    def _initdb(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)  # what a failed earlier attempt left
+        self.socket_dir.mkdir(exist_ok=True)
+        self._chown_to_server_user(self.workdir)
+        self._chown_to_server_user(self.socket_dir)
+        argv = self._as_server_user([
+            str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", self.superuser,
+            "--encoding=UTF8", "--locale=C", "--auth-local=peer", "--auth-host=scram-sha-256",
+            "--no-sync",  # a throwaway cluster: nothing to make durable before it first starts
+        ])
+        t0 = time.monotonic()
+        with open(self.log_file, "ab") as log:
+            log.write(f"\n===== {datetime.datetime.now().isoformat()} {' '.join(argv)}\n".encode())
+            log.flush()
+            try:
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                      env=self._env(), cwd=self.workdir, timeout=self.startup_timeout,
+                                      start_new_session=True)
+            except subprocess.TimeoutExpired:
+                raise ServiceError(f"initdb did not finish within {self.startup_timeout:.0f}s\n"
+                                   f"{self._log_tails()}") from None
+        if done.returncode != 0:
+            raise ServiceError(f"initdb exited with status {done.returncode}\n{self._log_tails()}")
+        self.initdb_time = time.monotonic() - t0
+        with open(self.data_dir / "postgresql.conf", "a") as conf:
+            conf.write(self._settings())
+        (self.data_dir / "pg_hba.conf").write_text(self._hba())
+        (self.data_dir / "pg_ident.conf").write_text(self._ident())
+
+    def _settings(self) -> str:
+        settings = {
+            "listen_addresses": f"'{self.host}'",
+            "port": str(self.port),
+            "unix_socket_directories": _sql_literal(str(self.socket_dir)),
+            "max_connections": str(self.max_connections),  # several daemons, each with a pool, plus the tests
+            "shared_buffers": _sql_literal(self.shared_buffers),
+            "fsync": "on" if self.fsync else "off",
+            "password_encryption": "'scram-sha-256'",
+            "timezone": "'UTC'",
+            "log_timezone": "'UTC'",
+            "lc_messages": "'C'",  # English errors, whatever the host's locale
+            "log_line_prefix": "'%m [%p] %q%u@%d '",
+        }
+        return "\n# bench/services.py PostgresCluster\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+
+    def _hba(self) -> str:
+        # Passwords everywhere except the superuser on the Unix socket (peer, mapped in pg_ident.conf): the
+        # tests check that a wrong password is refused, which `trust` would hide.
+        return (
+            "# TYPE  DATABASE  USER      ADDRESS        METHOD\n"
+            f"local   all       {self.superuser:<9} {'':<14} peer map=admin\n"
+            "local   all       all                      scram-sha-256\n"
+            f"host    all       all       {self.host}/32   scram-sha-256\n"
+        )
+
+    def _ident(self) -> str:
+        """Who may be the superuser over the Unix socket: the user running the tests, and the server's."""
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        server = self._os_user.pw_name if self._os_user is not None else me
+        return "".join(f"admin  {os_user}  {self.superuser}\n" for os_user in sorted({me, server}))
+
+    def _bootstrap(self) -> None:
+        self.psql(
+            f"CREATE ROLE {_sql_ident(self.username)} LOGIN PASSWORD {_sql_literal(self.password)}",
+            f"CREATE DATABASE {_sql_ident(self.database)} OWNER {_sql_ident(self.username)} TEMPLATE template0",
+        )
+
+    # -- the process ---------------------------------------------------------------------------------------------
+
+    def _argv(self) -> list[str]:
+        return self._as_server_user([str(self.bindir / "postgres"), "-D", str(self.data_dir)])
+
+    def _env(self) -> dict[str, str]:
+        # PG* variables of the caller (PGPASSWORD, PGHOST, ...) would steer psql and libpq elsewhere.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(LC_ALL="C", HOME=str(self.workdir))
+        return env
+
+    def _check_ready(self, timeout: float) -> bool:
+        # postmaster.pid's 8th line turns "ready" once connections are accepted; the pid in it tells our server
+        # from another one that holds the port.
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except FileNotFoundError:
+            return False
+        if len(lines) < 8 or lines[0].strip() != str(self.pid) or lines[7].strip() != "ready":
+            return False
+        return port_open(self.port, timeout=min(timeout, 1.0))
+
+    def start(self, timeout: float | None = None) -> None:
+        super().start(timeout)
+        if not self._bootstrapped:
+            try:
+                self._bootstrap()
+            except BaseException:
+                self.kill()
+                raise
+            self._bootstrapped = True
+
+    def stop(self, timeout: float | None = None, mode: str = "fast") -> bool:
+        """Shut down (`mode`: "fast" by default, "smart" or "immediate", the latter a crash that the next
+        start recovers from); SIGKILL of every process after `timeout`. True if it stopped by itself."""
+        if mode not in _POSTGRES_STOP_SIGNALS:
+            raise ValueError(f"mode must be one of {sorted(_POSTGRES_STOP_SIGNALS)}, not {mode!r}")
+        graceful = True
+        if self._child is not None:
+            self._cpu_ticks_before += self._cpu_ticks_now()
+            graceful = self._child.terminate(timeout or self.stop_timeout, _POSTGRES_STOP_SIGNALS[mode])
+            self._child = None
+        self._after_stop()
+        return graceful
+
+    def kill(self) -> None:
+        """SIGKILL of the postmaster and every backend at once: the next start recovers from the WAL."""
+        if self._child is not None:
+            self._cpu_ticks_before += self._cpu_ticks_now()
+        super().kill()
+
+    def restart(self, timeout: float | None = None, mode: str = "fast") -> None:
+        """Stop (`mode` as in stop()) and start again: same port, same data, same role and password."""
+        self.stop(mode=mode)
+        self.start(timeout)
+
+    # -- for the tests and the benchmarks ------------------------------------------------------------------------
+
+    def dsn(self, database: str | None = None, password: str | None = None, *, username: str | None = None) -> str:
+        """A libpq URL for `database` (default: the role's own) over TCP, with the role's password unless
+        another one is given."""
+        user = urllib.parse.quote(username or self.username, safe="")
+        secret = urllib.parse.quote(self.password if password is None else password, safe="")
+        name = urllib.parse.quote(database or self.database, safe="")
+        return f"postgresql://{user}:{secret}@{self.host}:{self.port}/{name}"
+
+    def psql(self, *statements: str, database: str = "postgres", timeout: float = 60.0) -> str:
+        """Run each statement (in its own transaction, so CREATE DATABASE works) as the superuser over the Unix
+        socket; returns what they printed, unaligned and without headers (`a|b` per row)."""
+        argv = [str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                "-h", str(self.socket_dir), "-p", str(self.port), "-U", self.superuser, "-d", database]
+        for sql in statements:
+            argv += ["-c", sql]
+        try:
+            done = subprocess.run(argv, env=self._env(), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise ServiceError(f"psql did not finish within {timeout:.0f}s: {statements}") from None
+        if done.returncode != 0:
+            raise ServiceError(f"psql on {database} failed ({done.returncode}): {done.stderr.strip()}\n"
+                               f"statements: {statements}")
+        return done.stdout
+
+    def create_database(self, name: str) -> str:
+        """A fresh, empty database owned by the role; returns its dsn()."""
+        self.psql(f"CREATE DATABASE {_sql_ident(name)} OWNER {_sql_ident(self.username)} TEMPLATE template0")
+        return self.dsn(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop it (if it exists), disconnecting whoever is still connected to it."""
+        self.psql(f"DROP DATABASE IF EXISTS {_sql_ident(name)} WITH (FORCE)")
+
+    def server_cpu_seconds(self) -> float:
+        """User + system CPU of this cluster's processes (postmaster, backends, background workers, and the
+        exited ones the postmaster reaped), summed over every start of this object; the clients' is not in it.
+        Take differences: e.g. around a benchmark run, for PostgreSQL's own CPU per delivery."""
+        return (self._cpu_ticks_before + self._cpu_ticks_now()) / os.sysconf("SC_CLK_TCK")
+
+    def _cpu_ticks_now(self) -> int:
+        if not self.running:
+            return 0
+        # the postmaster first: a backend that exits meanwhile then goes uncounted until the next reading
+        # rather than counted twice (once alive, once in the postmaster's cutime).
+        return sum(_cpu_ticks(pid) for pid, _ in _process_tree(self.pid))  # type: ignore[arg-type]

@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,3 +409,28 @@ def rabbitmq() -> Any:
     broker = _session_service(RabbitMQ)
     yield broker
     broker.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Any:
+    """One PostgreSQL cluster for the whole run (bench.services.PostgresCluster). A test that stops or kills it
+    starts it again; postgres_dsn does so for the next test otherwise."""
+    from bench.services import PostgresCluster, ServiceError
+
+    try:
+        cluster = _session_service(PostgresCluster)
+    except ServiceError as e:
+        # a failure, not a skip: CI must run the PostgreSQL tests, and the message says how to install them
+        pytest.fail(str(e), pytrace=False)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_cluster: Any, request: pytest.FixtureRequest) -> Any:
+    """A libpq URL to a fresh, empty database of this test's own, owned by the `eventrelay` role; dropped after
+    the test (with whatever connections it left)."""
+    name = "t_" + re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:8]
+    dsn = _running(postgres_cluster).create_database(name)
+    yield dsn
+    _running(postgres_cluster).drop_database(name)
