@@ -133,11 +133,14 @@ def webhook(name: str, url: str, observes: list[str] | None = None, **extra: Any
     return item
 
 
-def write_config(tmp_path: Path, integrations: list[dict[str, Any]], **top: Any) -> Path:
-    """A config with fast retries and both listeners on free local addresses, written to tmp_path."""
+def write_config(tmp_path: Path, integrations: list[dict[str, Any]], engine: dict[str, Any] | None = None,
+                 **top: Any) -> Path:
+    """A config with fast retries and both listeners on free local addresses, written to tmp_path. `engine`:
+    the storage section of the engine (the `storage` fixture's), SQLite in tmp_path by default; a `storage`
+    in `top` adds to it."""
     raw: dict[str, Any] = {
         "listen": {"http": "127.0.0.1:0", "socket": str(tmp_path / "er.sock")},
-        "storage": {"path": str(tmp_path / "er.db")},
+        "storage": engine or {"path": str(tmp_path / "er.db")},
         "delivery": {"timeout": "2s", "concurrency": 4,
                      "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}},
         "shutdown_grace": "3s",
@@ -217,14 +220,39 @@ class RunningDaemon:
         await asyncio.wait_for(self.task, 15)
 
 
+# -- the storage engine a daemon under test runs on --------------------------------------------------------
+#
+# Daemons started by `start_daemon` and `daemon_process` store in SQLite, unless the test (or its module) is
+# marked `@pytest.mark.engines("sqlite", "postgresql")`: then it runs once on each engine, PostgreSQL in a
+# database of the test's own on the suite's cluster.
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("engines")
+    if marker is not None and "storage_engine" in metafunc.fixturenames:
+        metafunc.parametrize("storage_engine", marker.args, indirect=True)
+
+
 @pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
+def storage_engine(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def storage(storage_engine: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """The `storage` section of the daemon's config, for the engine the test runs on."""
+    if storage_engine == "postgresql":
+        return {"backend": "postgresql", "dsn": request.getfixturevalue("postgres_dsn"), "pool": 4, "lease": "5s"}
+    return {"path": str(tmp_path / "er.db")}
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path, storage: dict[str, Any]) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
     """Start the daemon in this event loop: `await start_daemon(integrations, **top_level_overrides)`."""
     running: list[RunningDaemon] = []
     session = aiohttp.ClientSession()
 
     async def start(integrations: list[dict[str, Any]], **top: Any) -> RunningDaemon:
-        config = config_module.load(write_config(tmp_path, integrations, **top))
+        config = config_module.load(write_config(tmp_path, integrations, engine=storage, **top))
         service = Service(config)
         stop = asyncio.Event()
         ready = asyncio.Event()
@@ -312,13 +340,13 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def daemon_process(tmp_path: Path) -> Callable[..., DaemonProcess]:
+def daemon_process(tmp_path: Path, storage: dict[str, Any]) -> Callable[..., DaemonProcess]:
     made: list[DaemonProcess] = []
 
     def make(integrations: list[dict[str, Any]], **top: Any) -> DaemonProcess:
         port = free_port()
         top.setdefault("listen", {})["http"] = f"127.0.0.1:{port}"
-        path = write_config(tmp_path, integrations, **top)
+        path = write_config(tmp_path, integrations, engine=storage, **top)
         d = DaemonProcess(path, port, tmp_path / "daemon.log")
         made.append(d)
         return d

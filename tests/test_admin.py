@@ -6,9 +6,13 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from .conftest import Receiver, wait_for, wait_until, webhook
+
+# Behaviour that must hold on either storage engine (tests/conftest.py).
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 FAST = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"}}
 # For tests whose receiver fails many jobs on purpose: a breaker that never opens (tested on its own).

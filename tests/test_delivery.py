@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
@@ -12,6 +13,9 @@ from eventrelay.formats import integration_id
 
 from .conftest import Receiver, wait_for, wait_until, webhook
 from .store.sqlite_faults import table_away
+
+# Behaviour that must hold on either storage engine (tests/conftest.py).
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 FAST_RETRY = {"retry": {"initial": "50ms", "max_interval": "100ms", "max_age": "1h"}}
 
@@ -156,6 +160,7 @@ async def test_a_hanging_target_does_not_delay_another(start_daemon, receiver: R
     assert json.loads((await d.events())[99].payload) == {"data": {"n": 99}}
 
 
+@pytest.mark.engines("sqlite")  # SQLite-made fault; PostgreSQL stopped mid-stream: tests/test_shared_daemons.py
 async def test_a_failing_claim_pauses_the_dispatcher_until_the_database_answers(start_daemon, receiver) -> None:
     # A claim that SQLite cannot run (here the jobs table is gone for a moment) must not end the dispatcher:
     # it says why, tries again a second later, and delivers once the database answers.

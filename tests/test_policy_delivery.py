@@ -7,6 +7,7 @@ import itertools
 import time
 from email.utils import formatdate
 
+import pytest
 from aiohttp import web
 
 from eventrelay.config import BreakerConfig
@@ -14,6 +15,9 @@ from eventrelay.delivery.policy import CircuitBreaker, RetryPolicy, TokenBucket
 from eventrelay.jobs import Job, JobState, Outcome
 
 from .conftest import Receiver, wait_for, wait_until, webhook
+
+# Behaviour that must hold on either storage engine (tests/conftest.py).
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 
 # -- units ----------------------------------------------------------------------------------------------------

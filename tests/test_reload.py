@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from .conftest import Receiver, free_port, wait_for, wait_until, webhook
+
+# Behaviour that must hold on either storage engine (tests/conftest.py).
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 
 def rewrite(path: Path, change) -> None:  # noqa: ANN001 - a function editing the decoded YAML in place
@@ -202,6 +206,7 @@ async def test_reload_changes_the_http_connection_cap(start_daemon, tmp_path: Pa
         writer.close()
 
 
+@pytest.mark.engines("sqlite")  # it moves the SQLite file
 async def test_settings_that_need_a_restart_keep_their_running_values(start_daemon, tmp_path: Path) -> None:
     d = await start_daemon([], listen={"idle_timeout": "30s"})
     before = d.service.config

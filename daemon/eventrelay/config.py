@@ -21,12 +21,12 @@ from .delivery import targets
 from .events import Observes, is_observe_pattern
 from .text import quoted
 from .units import (
-    boolean, choice, file_mode, fraction, header_value, host_port, int_range, nonempty_string, parse_duration,
+    boolean, choice, duration_range, file_mode, fraction, header_value, host_port, int_range, nonempty_string, parse_duration,
     parse_rate, parse_size, positive_duration, string, template, uri_reference,
 )
 
 __all__ = ["BreakerConfig", "Config", "ConfigError", "DeliveryConfig", "Integration", "ListenConfig", "LogConfig",
-           "RetryConfig", "StorageConfig", "load", "mask", "mask_url", "parse"]
+           "PostgresConfig", "RetryConfig", "StorageConfig", "load", "mask", "mask_url", "parse"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_DATABASE = "./var/eventrelay.db"  # relative to the config file's folder
@@ -122,8 +122,26 @@ class ListenConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    """Where the PostgreSQL engine's database is, and how this daemon shares it with the others."""
+
+    # A libpq URL; the empty string leaves everything to the PG* environment variables and ~/.pgpass. Never
+    # shown as is: `shown_dsn` masks the password.
+    dsn: str = field(default="", repr=False)
+    schema: str = "eventrelay"  # every table lives in this schema
+    pool: int = 10  # connections per daemon, besides the one that listens for wake-ups
+    lease: float = 30.0  # a claimed job is another daemon's to take once its lease runs out unrenewed
+
+    @property
+    def shown_dsn(self) -> str:
+        return mask_url(self.dsn) if self.dsn else "(from the PG* environment variables)"
+
+
+@dataclass(frozen=True, slots=True)
 class StorageConfig:
     path: Path
+    backend: str = "sqlite"  # or "postgresql"
+    postgresql: PostgresConfig | None = None  # set when backend is postgresql
     synchronous: str = "full"
     retention: float = 7 * 86400.0  # delivered jobs, their attempts and their events are pruned after this
     dead_retention: float = 30 * 86400.0
@@ -248,18 +266,40 @@ class _Parser(Reader):
         )
 
     def storage(self, raw: Any) -> StorageConfig:
-        s = self.section(raw, "storage", ("path", "synchronous", "retention", "dead_retention", "prune_interval",
-                                          "file_mode"))
+        s = self.section(raw, "storage", ("backend", "path", "synchronous", "retention", "dead_retention",
+                                          "prune_interval", "file_mode", *_POSTGRES_KEYS))
+        backend = self.value(s, "backend", "storage", choice("sqlite", "postgresql"), default(StorageConfig, "backend"))
+        if backend == "postgresql":
+            self._refuse(s, _SQLITE_KEYS, "sqlite")
+            postgresql: PostgresConfig | None = self.postgresql(s)
+        else:
+            self._refuse(s, _POSTGRES_KEYS, "postgresql")
+            postgresql = None
         path = self.value(s, "path", "storage", self.path, None)
         if path is None:
             path = self.path(DEFAULT_DATABASE)
         d = StorageConfig(path)
         return StorageConfig(
-            path=path, synchronous=self.value(s, "synchronous", "storage", choice("full", "normal"), d.synchronous),
+            path=path, backend=backend, postgresql=postgresql,
+            synchronous=self.value(s, "synchronous", "storage", choice("full", "normal"), d.synchronous),
             retention=self.value(s, "retention", "storage", positive_duration, d.retention),
             dead_retention=self.value(s, "dead_retention", "storage", positive_duration, d.dead_retention),
             prune_interval=self.value(s, "prune_interval", "storage", positive_duration, d.prune_interval),
             file_mode=self.value(s, "file_mode", "storage", _private_file_mode, d.file_mode))
+
+    def postgresql(self, s: dict[str, Any]) -> PostgresConfig:
+        d = PostgresConfig()
+        return PostgresConfig(
+            dsn=self.value(s, "dsn", "storage", _postgres_dsn, d.dsn),
+            schema=self.value(s, "schema", "storage", _sql_identifier, d.schema),
+            pool=self.value(s, "pool", "storage", int_range(2, 1000), d.pool),
+            lease=self.value(s, "lease", "storage", duration_range(5.0, 3600.0), d.lease))
+
+    def _refuse(self, section: dict[str, Any], keys: tuple[str, ...], backend: str) -> None:
+        """Keys of the other engine: a mistake the operator should hear of, not a setting silently ignored."""
+        for key in keys:
+            if key in section:
+                self.error(f"storage.{key}", f"is only for storage.backend: {backend}")
 
     def log(self, raw: Any) -> LogConfig:
         s = self.section(raw, "log", ("level", "format"))
@@ -372,6 +412,34 @@ class _Parser(Reader):
                 self.error(f"{path}[{i}]", f"{pattern!r} is not an event key (order.paid), a wildcard "
                                            "(order.*) or *")
         return tuple(p for p in raw if isinstance(p, str))
+
+
+_SQLITE_KEYS = ("path", "synchronous", "file_mode")
+_POSTGRES_KEYS = ("dsn", "schema", "pool", "lease")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _postgres_dsn(value: Any) -> str:
+    """A libpq URL (postgresql://user:password@host:port/database?options). The password is not shown in the
+    error, whatever is wrong."""
+    if not isinstance(value, str):
+        raise ValueError("must be a postgresql:// URL")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError("is not a valid URL (is the port a number?)") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URL (libpq's URL form; PG* environment variables and "
+                         "~/.pgpass fill in what it leaves out)")
+    return value
+
+
+def _sql_identifier(value: Any) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ValueError("must be a lower-case SQL name: letters, digits and _, not starting with a digit, "
+                         "at most 63 characters")
+    return value
 
 
 def _private_file_mode(value: Any) -> int:

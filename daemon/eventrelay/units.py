@@ -49,6 +49,15 @@ def positive_duration(value: Any) -> float:
     return seconds
 
 
+def duration_range(low: float, high: float) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        seconds = parse_duration(value)
+        if not low <= seconds <= high:
+            raise ValueError(f"{value!r} must be from {format_duration(low)} to {format_duration(high)}")
+        return seconds
+    return convert
+
+
 def format_duration(seconds: float) -> str:
     """A duration in its two largest units, whole: 45s, 2m 5s, 4h 12m, 3d 4h (parse_duration reads it back)."""
     s = int(seconds)

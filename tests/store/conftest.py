@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from eventrelay.config import StorageConfig
+from eventrelay.config import PostgresConfig, StorageConfig
 from eventrelay.events import Event, parse_event
 from eventrelay.store import Store, open_store
 
 FAR = 10**10  # a `now` at which everything stored is due
 
-# Engine name -> the storage configuration of a fresh, empty store for one test (in its tmp_path). A second
-# engine adds a line here (a PostgreSQL one: a database of its own per test, skipped where none is at hand),
-# and the whole contract suite runs against it.
-ENGINES: dict[str, Callable[[Path], StorageConfig]] = {
-    "sqlite": lambda tmp_path: StorageConfig(tmp_path / "contract.db"),
+# Engine name -> the storage configuration of a fresh, empty store for one test: SQLite in its tmp_path,
+# PostgreSQL in a database of its own on the suite's cluster (tests/conftest.py).
+ENGINES: dict[str, Callable[[pytest.FixtureRequest, Path], StorageConfig]] = {
+    "sqlite": lambda request, tmp_path: StorageConfig(tmp_path / "contract.db"),
+    "postgresql": lambda request, tmp_path: StorageConfig(
+        tmp_path / "unused.db", backend="postgresql",
+        postgresql=PostgresConfig(dsn=request.getfixturevalue("postgres_dsn"), pool=4, lease=5.0)),
 }
 
 
@@ -55,7 +57,7 @@ class Stores:
 
 @pytest.fixture(params=sorted(ENGINES))
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stores]:
-    opened = Stores(ENGINES[request.param](tmp_path))
+    opened = Stores(ENGINES[request.param](request, tmp_path))
     yield opened
     await opened.close_all()
 

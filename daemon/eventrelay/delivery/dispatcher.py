@@ -112,7 +112,18 @@ class Dispatcher:
             await self._all_recorded.wait()
         finally:
             self._finished = True
+            await self._release_unsent()
             await self._sender.close()
+
+    async def _release_unsent(self) -> None:
+        """Hand back the claimed jobs never sent, so another daemon sharing the store may take them now."""
+        unsent, self._ready = [job.id for job in self._ready], collections.deque()
+        if unsent:
+            try:
+                await self._store.release(unsent)
+            except StoreError as e:
+                self._log.warning("cannot release claimed jobs; they are claimable again when their leases "
+                                  "run out", error=str(e), jobs=len(unsent))
 
     async def _start_sender(self) -> bool:
         """Open the sender's connection; a failure is retried with backoff, never fatal to the daemon."""

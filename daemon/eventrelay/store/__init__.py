@@ -16,10 +16,12 @@ __all__ = ["DEAD_LETTER_TYPE", "WATCHED_STATES", "Accepted", "AttemptView", "Job
 
 async def open_store(storage: StorageConfig) -> Store:
     """Open the store `storage` describes, ready for use; the caller runs `run()` beside it and `close()`s it.
+    The one place an engine is chosen; each is imported only when chosen."""
+    if storage.backend == "postgresql":
+        from .postgresql.engine import PostgresStore
 
-    The one place an engine is chosen: SQLite is the only one so far. A second engine (PostgreSQL) would be
-    picked here from a `storage.backend` key, and imported only when picked.
-    """
+        assert storage.postgresql is not None
+        return await PostgresStore.open(storage.postgresql)
     from .sqlite.engine import SqliteStore
 
     return await SqliteStore.open(storage.path, storage.synchronous, storage.file_mode)

@@ -8,8 +8,9 @@ What every engine guarantees (DESIGN rules 1, 3, 4 and 8):
 * A producer-given event id is stored once across the whole store; a repeat is answered as a duplicate and
   queues nothing.
 * The database is the queue: `claim` hands out due jobs in bounded pages, never one its caller holds
-  (`exclude`: claimed and not yet recorded). After a crash, whatever was claimed and not recorded is due
-  again (at least once, never lost).
+  (`exclude`: claimed and not yet recorded), nor one another daemon sharing the store holds. After a crash,
+  whatever was claimed and not recorded is due again (at least once, never lost): at once for an engine
+  owned by one daemon, once the claim's lease runs out for a shared one.
 * Outcomes may be written behind and in batches (`record_later`); `record` waits for them.
 """
 
@@ -156,6 +157,10 @@ class Store(Protocol):
 
     async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
         """When the earliest pending job of an integration (outside `exclude`) falls due; None if none."""
+
+    async def release(self, job_ids: Iterable[int]) -> None:
+        """Claimed jobs that will not be attempted now (a dispatcher stopping with jobs in hand): another
+        daemon sharing the store may claim them at once, rather than when their lease runs out."""
 
     def record_later(self, records: Sequence[AttemptRecord]) -> asyncio.Future[None]:
         """Queue delivery outcomes (the job's new state, a line in the attempt log, a dead letter if the job

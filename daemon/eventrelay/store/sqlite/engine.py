@@ -334,6 +334,9 @@ class SqliteStore:
     async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
         return self._reader.next_due(integration, exclude)
 
+    async def release(self, job_ids: Iterable[int]) -> None:
+        """Nothing to do: claims are held in the daemon's memory only, and this daemon is the database's one."""
+
     async def disabled(self) -> dict[str, tuple[float, str]]:
         return await self._reader.disabled()
 

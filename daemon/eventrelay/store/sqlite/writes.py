@@ -12,6 +12,7 @@ from typing import Any
 from ... import codec
 from ...events import new_event_id
 from ..api import DEAD_LETTER_TYPE
+from ..dead_letter import dead_letter_payload
 from . import schema
 from .errors import Failed, damaged, explain, is_storage_failure, looks_damaged
 from .schema import INGEST, OUTCOME, Insert, Log
@@ -227,15 +228,13 @@ class Writer:
         """A job that died here becomes an event for its dead-letter integration, in the same transaction."""
         for r in map(OutcomeRow._make, _dead_letters(records)):
             rows = self._db.execute("SELECT payload FROM events WHERE id = ?", (r.event_id,)).fetchall()
-            original = codec.loads(rows[0][0].encode()) if rows else {}
-            data = {"type": "dead_letter", "integration": r.integration, "job_id": str(r.job_id),
-                    "attempts": r.attempt, "error": r.error, "status_code": r.status_code,
-                    "event": {"id": r.event_id, "type": r.event_type, **original}}
+            payload = dead_letter_payload(r.integration, r.job_id, r.attempt, r.error, r.status_code, r.event_id,
+                                          r.event_type, rows[0][0] if rows else None)
             seq, new_job = self._next_event_seq, self._next_job_id
             self._next_event_seq += 1
             self._next_job_id += 1
             self._db.execute("INSERT INTO events (seq, id, type, payload, accepted_at) VALUES (?, ?, ?, ?, ?)",
-                             (seq, new_event_id(), DEAD_LETTER_TYPE, codec.dumps({"data": data}), now))
+                             (seq, new_event_id(), DEAD_LETTER_TYPE, payload, now))
             self._db.execute("INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at) "
                              "VALUES (?, ?, ?, ?, ?, ?)", (new_job, seq, r.dead_letter, now, now, now))
             woken.add(r.dead_letter)

@@ -1,0 +1,1 @@
+"""The PostgreSQL engine: several daemons sharing one database (engine.py), its schema, reads and writes."""

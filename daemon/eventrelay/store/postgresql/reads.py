@@ -1,0 +1,124 @@
+"""Reads of the PostgreSQL engine for status and the admin API: bounded, indexed queries through the pool."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from ...jobs import JobState
+from ..api import AttemptView, JobView, LastAttempts, OutcomeCounts, StoredEvent
+
+Fetch = Callable[..., Awaitable[list[Any]]]  # (sql, *args) -> rows, failures already StoreErrors
+
+_JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, "
+                "j.next_at, j.last_error")
+_ATTEMPT_COLUMNS = ("id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, "
+                    "body")
+_EVENT_COLUMNS = "id, type, payload, accepted_at"
+
+
+class Reads:
+    def __init__(self, schema: str, fetch: Fetch):
+        self._s = schema
+        self._fetch = fetch
+
+    async def _scalar(self, sql: str, *args: Any) -> Any:
+        rows = await self._fetch(sql, *args)
+        return rows[0][0] if rows else None
+
+    async def disabled(self) -> dict[str, tuple[float, str]]:
+        rows = await self._fetch(f"SELECT name, disabled_at, disabled_reason FROM {self._s}.integration_state "
+                                 "WHERE disabled_at IS NOT NULL")
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    async def job_counts(self, states: Iterable[JobState]) -> dict[tuple[str, JobState], int]:
+        wanted = [JobState(s).value for s in states]
+        rows = await self._fetch(f"SELECT integration, state, count(*) FROM {self._s}.jobs "
+                                 "WHERE state = ANY($1::text[]) GROUP BY integration, state", wanted)
+        return {(r[0], JobState(r[1])): r[2] for r in rows}
+
+    async def oldest_pending(self) -> dict[str, float]:
+        rows = await self._fetch(f"SELECT integration, min(created_at) FROM {self._s}.jobs WHERE state = 'pending' "
+                                 "GROUP BY integration")
+        return {r[0]: r[1] for r in rows}
+
+    async def outcomes_since(self, since: float) -> dict[str, OutcomeCounts]:
+        rows = await self._fetch(
+            f"SELECT integration, sum(delivered), sum(failed), sum(dead) FROM {self._s}.outcome_minutes "
+            "WHERE minute >= $1 GROUP BY integration", int(since // 60))
+        return {r[0]: OutcomeCounts(int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+    async def last_attempts(self, integration: str) -> LastAttempts:
+        rows = await self._fetch(
+            f"""SELECT s.created_at, f.created_at, f.error_detail FROM
+                (SELECT 1) one
+                LEFT JOIN LATERAL (SELECT created_at FROM {self._s}.attempts WHERE integration = $1 AND succeeded
+                                   ORDER BY id DESC LIMIT 1) s ON true
+                LEFT JOIN LATERAL (SELECT created_at, error_detail FROM {self._s}.attempts
+                                   WHERE integration = $1 AND NOT succeeded ORDER BY id DESC LIMIT 1) f ON true""",
+            integration)
+        success_at, failure_at, error = rows[0]
+        return LastAttempts(success_at=success_at, failure_at=failure_at, failure_error=error)
+
+    async def jobs(self, integration: str | None, state: JobState | None, limit: int, offset: int,
+                   event_id: str | None) -> tuple[list[JobView], int]:
+        clauses, args = _where(("j.integration = $", integration), ("j.state = $", JobState(state).value if state else None),
+                               (f"j.event_seq IN (SELECT seq FROM {self._s}.events WHERE id = $)", event_id))
+        n = len(args)
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS} FROM {self._s}.jobs j JOIN {self._s}.events e ON e.seq = j.event_seq {clauses} "
+            f"ORDER BY j.id DESC LIMIT ${n + 1} OFFSET ${n + 2}", *args, limit, offset)
+        total = await self._scalar(f"SELECT count(*) FROM {self._s}.jobs j {clauses}", *args)
+        return [_job_view(r) for r in rows], total
+
+    async def job(self, integration: str, job_id: int) -> JobView | None:
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS} FROM {self._s}.jobs j JOIN {self._s}.events e ON e.seq = j.event_seq "
+            "WHERE j.integration = $1 AND j.id = $2", integration, job_id)
+        return _job_view(rows[0]) if rows else None
+
+    async def logs(self, integration: str | None, job_id: int | None, limit: int, offset: int
+                   ) -> tuple[list[AttemptView], int]:
+        clauses, args = _where(("integration = $", integration), ("job_id = $", job_id))
+        n = len(args)
+        rows = await self._fetch(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM {self._s}.attempts {clauses} ORDER BY id DESC "
+            f"LIMIT ${n + 1} OFFSET ${n + 2}", *args, limit, offset)
+        total = await self._scalar(f"SELECT count(*) FROM {self._s}.attempts {clauses}", *args)
+        return [_attempt_view(r) for r in rows], total
+
+    async def attempts(self, job_id: int) -> list[AttemptView]:
+        rows = await self._fetch(f"SELECT {_ATTEMPT_COLUMNS} FROM {self._s}.attempts WHERE job_id = $1 ORDER BY id",
+                                 job_id)
+        return [_attempt_view(r) for r in rows]
+
+    async def events(self, limit: int, offset: int) -> tuple[list[StoredEvent], int]:
+        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM {self._s}.events ORDER BY seq DESC "
+                                 "LIMIT $1 OFFSET $2", limit, offset)
+        total = await self._scalar(f"SELECT count(*) FROM {self._s}.events")
+        return [StoredEvent(*r) for r in rows], total
+
+    async def event(self, event_id: str) -> StoredEvent | None:
+        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM {self._s}.events WHERE id = $1", event_id)
+        return StoredEvent(*rows[0]) if rows else None
+
+
+def _job_view(r: Sequence[Any]) -> JobView:
+    state = JobState(r[4])
+    return JobView(id=r[0], integration=r[1], event_id=r[2], event_type=r[3], state=state, attempts=r[5],
+                   created_at=r[6], updated_at=r[7], next_attempt_at=r[8] if state is JobState.PENDING else None,
+                   last_error=r[9])
+
+
+def _attempt_view(r: Sequence[Any]) -> AttemptView:
+    return AttemptView(id=r[0], job_id=r[1], integration=r[2], attempt=r[3], succeeded=r[4], created_at=r[5],
+                       duration=r[6], status_code=r[7], error_detail=r[8], body=r[9])
+
+
+def _where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause of the filters whose value is not None (each `$` numbered in turn), and their arguments."""
+    chosen = [(clause, value) for clause, value in filters if value is not None]
+    if not chosen:
+        return "", []
+    return ("WHERE " + " AND ".join(clause.replace("$", f"${i}") for i, (clause, _) in enumerate(chosen, 1)),
+            [value for _, value in chosen])

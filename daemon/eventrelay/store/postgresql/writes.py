@@ -1,0 +1,192 @@
+"""Every write of the PostgreSQL engine: group commits of ingests and outcomes, claims with leases, and the
+admin writes. Each function takes a connection (or the pool) and runs one transaction; most are one statement,
+so one round trip, committed on its own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ...events import new_event_id
+from ...jobs import AttemptRecord, Job
+from ..api import DEAD_LETTER_TYPE
+from ..dead_letter import dead_letter_payload
+from .schema import NOW
+
+EventRow = tuple[str, str, str, bool, Sequence[tuple[str, str | None]]]  # id, type, payload, id given, routes
+
+
+class Statements:
+    """The engine's SQL for one schema, written once per store."""
+
+    def __init__(self, schema: str):
+        s = schema
+        self.channel = f"eventrelay_{s}"  # NOTIFY: integrations with new jobs, comma-separated
+        # New events and their jobs in one statement. Events whose id is stored already (by any daemon, even
+        # in a transaction still open: the insert waits for it) are skipped, and so are their jobs.
+        self.ingest = f"""
+            WITH new AS (
+                INSERT INTO {s}.events (id, type, payload, accepted_at)
+                SELECT id, type, payload, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS e (id, type, payload)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING seq, id),
+            queued AS (
+                INSERT INTO {s}.jobs (event_seq, integration, next_at, created_at, updated_at, ordering_key)
+                SELECT new.seq, r.integration, $4, $4, $4, r.key
+                FROM unnest($5::text[], $6::text[], $7::text[]) AS r (event_id, integration, key)
+                JOIN new ON new.id = r.event_id
+                ORDER BY r.event_id, r.integration
+                RETURNING integration)
+            SELECT (SELECT array_agg(id) FROM new),
+                   (SELECT pg_notify('{self.channel}', string_agg(DISTINCT integration, ',')) FROM queued
+                    HAVING count(*) > 0)"""
+        self.known_jobs = f"""
+            SELECT e.id, (SELECT count(*) FROM {s}.jobs j WHERE j.event_seq = e.seq)
+            FROM {s}.events e WHERE e.id = ANY($1::text[])"""
+        claimable = f"(j.claimed_by IS NULL OR j.claimed_by = $3 OR j.lease_until < {NOW})"
+        self.claim_head = f"""
+            WITH chosen AS (
+                SELECT j.id FROM {s}.jobs j
+                WHERE j.integration = $1 AND j.state = 'pending' AND j.next_at <= $2 AND {claimable}
+                  AND NOT (j.id = ANY($5::bigint[]))"""
+        self.claim_only = " AND j.id = ANY($7::bigint[])"
+        self.claim_heads = f"""
+                  AND (j.ordering_key IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM {s}.jobs k WHERE k.integration = j.integration AND k.state = 'pending'
+                        AND k.ordering_key = j.ordering_key AND k.id < j.id))"""
+        self.claim_tail = f"""
+                ORDER BY j.next_at, j.id LIMIT $4 FOR UPDATE OF j SKIP LOCKED)
+            UPDATE {s}.jobs j SET claimed_by = $3, lease_until = {NOW} + $6
+            FROM chosen, {s}.events e WHERE j.id = chosen.id AND e.seq = j.event_seq
+            RETURNING j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at,
+                      coalesce(j.requeued_at, e.accepted_at), j.next_at"""
+        # The earliest a job of the integration may be claimed by this daemon: due now or later, or when
+        # another daemon's lease on it runs out.
+        self.next_due = f"""
+            SELECT least(
+                (SELECT j.next_at FROM {s}.jobs j WHERE j.integration = $1 AND j.state = 'pending'
+                   AND NOT (j.id = ANY($2::bigint[])) AND {claimable}
+                 ORDER BY j.next_at LIMIT 1),
+                (SELECT min(greatest(j.next_at, j.lease_until)) FROM {s}.jobs j
+                 WHERE j.integration = $1 AND j.claimed_by IS NOT NULL AND j.claimed_by <> $3
+                   AND j.state = 'pending'))"""
+        self.renew = f"""
+            UPDATE {s}.jobs SET lease_until = {NOW} + $3 WHERE id = ANY($1::bigint[]) AND claimed_by = $2"""
+        self.release = f"""
+            UPDATE {s}.jobs SET claimed_by = NULL, lease_until = NULL
+            WHERE id = ANY($1::bigint[]) AND claimed_by = $2"""
+        # A batch of outcomes: each job's new state (only while this daemon's claim stands: if its lease ran
+        # out while it was sending, another daemon may have taken the job, and that one's outcome stands), its
+        # line in the attempt log, and the per-minute counts, all in one statement.
+        self.record = f"""
+            WITH o AS (
+                SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::text[],
+                                     $7::bool[], $8::float8[], $9::float8[], $10::int[], $11::text[])
+                    AS o (job_id, integration, state, attempt, next_at, error, succeeded, started_at, duration,
+                          status_code, body)),
+            updated AS (
+                UPDATE {s}.jobs j SET state = o.state, attempts = o.attempt,
+                       next_at = coalesce(o.next_at, j.next_at), updated_at = $12, last_error = o.error,
+                       claimed_by = NULL, lease_until = NULL
+                FROM o WHERE j.id = o.job_id AND j.claimed_by = $13),
+            log AS (
+                INSERT INTO {s}.attempts (job_id, integration, attempt, succeeded, created_at, duration,
+                                          status_code, error_detail, body)
+                SELECT job_id, integration, attempt, succeeded, started_at, duration, status_code, error, body
+                FROM o)
+            INSERT INTO {s}.outcome_minutes AS m (integration, minute, delivered, failed, dead)
+            SELECT integration, floor(started_at / 60)::bigint, count(*) FILTER (WHERE state = 'delivered'),
+                   count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead')
+            FROM o GROUP BY 1, 2 ORDER BY 2, 1
+            ON CONFLICT (minute, integration) DO UPDATE SET delivered = m.delivered + excluded.delivered,
+                failed = m.failed + excluded.failed, dead = m.dead + excluded.dead"""
+        self.payload_of = f"SELECT payload FROM {s}.events WHERE id = $1"
+        self.add_event = f"""
+            WITH new AS (INSERT INTO {s}.events (id, type, payload, accepted_at) VALUES ($1, $2, $3, $4)
+                         RETURNING seq)
+            INSERT INTO {s}.jobs (event_seq, integration, next_at, created_at, updated_at)
+            SELECT seq, $5, $4, $4, $4 FROM new"""
+        self.set_disabled = f"""
+            INSERT INTO {s}.integration_state (name, disabled_at, disabled_reason) VALUES ($1, $2, $3)
+            ON CONFLICT (name) DO UPDATE SET disabled_at = excluded.disabled_at,
+                                             disabled_reason = excluded.disabled_reason"""
+        self.retry = f"""
+            WITH old AS (SELECT id, state FROM {s}.jobs WHERE id = $1 AND integration = $2 FOR UPDATE),
+            new AS (UPDATE {s}.jobs j SET state = 'pending', next_at = $3, requeued_at = $3, updated_at = $3
+                    FROM old WHERE j.id = old.id AND old.state <> 'delivered')
+            SELECT state FROM old"""
+        requeue = f"UPDATE {s}.jobs SET state = 'pending', next_at = $2, requeued_at = $2, updated_at = $2"
+        skip = "AND (requeued_at IS NULL OR requeued_at < $3)"
+        self.replay_dead = f"""
+            {requeue} WHERE id IN (SELECT id FROM {s}.jobs WHERE integration = $1 AND state = 'dead' {skip}
+                                   LIMIT $4 FOR UPDATE SKIP LOCKED)"""
+        self.replay_range = f"""
+            {requeue} WHERE id IN (SELECT id FROM {s}.jobs WHERE integration = $1 AND created_at >= $5
+                                     AND created_at < $6 AND state <> 'pending' {skip}
+                                   LIMIT $4 FOR UPDATE SKIP LOCKED)"""
+        self.prune_jobs = f"""
+            WITH gone AS (
+                DELETE FROM {s}.jobs WHERE id IN (SELECT id FROM (
+                    (SELECT id FROM {s}.jobs WHERE state = 'delivered' AND updated_at < $1 LIMIT $3)
+                    UNION ALL
+                    (SELECT id FROM {s}.jobs WHERE state = 'dead' AND updated_at < $2 LIMIT $3)) finished LIMIT $3)
+                RETURNING id, event_seq),
+            log AS (DELETE FROM {s}.attempts WHERE job_id IN (SELECT id FROM gone) RETURNING 1)
+            SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM log),
+                   (SELECT array_agg(DISTINCT event_seq) FROM gone)"""
+        self.prune_events = f"""
+            DELETE FROM {s}.events e WHERE seq = ANY($1::bigint[])
+              AND NOT EXISTS (SELECT 1 FROM {s}.jobs WHERE event_seq = e.seq)"""
+        self.prune_unobserved = f"""
+            DELETE FROM {s}.events WHERE seq IN (
+                SELECT seq FROM {s}.events e WHERE accepted_at < $1
+                  AND NOT EXISTS (SELECT 1 FROM {s}.jobs WHERE event_seq = e.seq) ORDER BY seq LIMIT $2)"""
+        self.prune_minutes = f"""
+            DELETE FROM {s}.outcome_minutes WHERE (minute, integration) IN (
+                SELECT minute, integration FROM {s}.outcome_minutes WHERE minute < $1 LIMIT $2)"""
+
+    def claim(self, ordered: bool, only: bool) -> str:
+        return (self.claim_head + (self.claim_only if only else "") + (self.claim_heads if ordered else "")
+                + self.claim_tail)
+
+
+def ingest_arguments(rows: Sequence[EventRow], now: float) -> tuple[Any, ...]:
+    """The arrays `Statements.ingest` takes, for events already free of repeats."""
+    ids, types, payloads, route_events, route_names, route_keys = [], [], [], [], [], []
+    for event_id, event_type, payload, _, routes in rows:
+        ids.append(event_id)
+        types.append(event_type)
+        payloads.append(payload)
+        for name, key in routes:
+            route_events.append(event_id)
+            route_names.append(name)
+            route_keys.append(key)
+    return ids, types, payloads, now, route_events, route_names, route_keys
+
+
+def record_arguments(records: Sequence[AttemptRecord], now: float, me: str) -> tuple[Any, ...]:
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(11))
+    for r in records:
+        o = r.outcome
+        for column, value in zip(columns, (r.job.id, r.job.integration, r.state.value, r.job.attempt, r.next_at,
+                                           o.error, o.succeeded, r.started_at, o.duration, o.status_code, o.body)):
+            column.append(value)
+    return (*columns, now, me)
+
+
+def dead_letter_rows(records: Sequence[AttemptRecord]) -> list[AttemptRecord]:
+    return [r for r in records if r.state.value == "dead" and r.dead_letter]
+
+
+async def forward_dead(db: Any, sql: Statements, record: AttemptRecord, now: float) -> None:
+    """A job that died becomes an event for its dead-letter integration, in the caller's transaction."""
+    job, o = record.job, record.outcome
+    original = await db.fetchval(sql.payload_of, job.event_id)
+    payload = dead_letter_payload(job.integration, job.id, job.attempt, o.error, o.status_code, job.event_id,
+                                  job.event_type, original)
+    await db.execute(sql.add_event, new_event_id(), DEAD_LETTER_TYPE, payload, now, record.dead_letter)
+
+
+def job_from_row(integration: str, r: Any) -> Job:
+    return Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3], payload=r[4],
+               accepted_at=r[5], age_from=r[6])
