@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from eventrelay.clock import parse_time
+
 from .conftest import Receiver, wait_for, wait_until, webhook
 
 # Behaviour that must hold on either storage engine (tests/conftest.py).
@@ -112,6 +114,10 @@ async def test_retry_and_replay(start_daemon, receiver: Receiver) -> None:
     await wait_for(lambda: d.store.job("erp", 1), lambda job: job.state == "delivered")
     status, body = await post(d, "/v1/integrations/erp/jobs/1/retry")
     assert status == 409 and "replay" in body["errors"][0]["detail"]
+    # ...and the range to replay to send just that one again (the CLI prints it as a command).
+    created = (await d.store.job("erp", 1)).created_at
+    since, until = parse_time(body["meta"]["replay"]["since"]), parse_time(body["meta"]["replay"]["until"])
+    assert since < created < until and until - since <= 0.003
     assert (await post(d, "/v1/integrations/erp/jobs/999/retry"))[0] == 404
 
     status, body = await post(d, "/v1/integrations/erp/replay", {"state": "dead"})

@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -87,6 +88,11 @@ def log_entry(log_id: str, job_id: str, attempt: int, status: int | None, error:
 LONG_ERROR = "Received a status code outside of 2xx range (500): <html><body>\n  Internal Server Error, see the logs"
 
 
+# What holds deliveries back, in a status row: nothing (running), or not running at all (enabled: false).
+RUNNING = {"circuit": "closed", "circuit_open_until": None, "paused_until": None, "disabled": None}
+NOT_RUNNING = {"circuit": None, "circuit_open_until": None, "paused_until": None, "disabled": None}
+
+
 def status_data() -> dict[str, Any]:
     return {
         "version": "1.2.3", "started_at": ago(hours=4, minutes=12), "uptime_s": 4 * 3600 + 12 * 60 + 7.5,
@@ -96,10 +102,10 @@ def status_data() -> dict[str, Any]:
         "integrations": [
             {"name": "erp-orders", "integration_type": "webhook", "enabled": True, "pending": 12, "in_flight": 3,
              "dead": 0, "delivered_last_hour": 1520, "last_success_at": ago(seconds=4), "last_failure_at": None,
-             "last_error": None},
+             "last_error": None, **RUNNING},
             {"name": "inventory", "integration_type": "aws_sqs", "enabled": False, "pending": 0, "in_flight": 0,
              "dead": 140, "delivered_last_hour": 0, "last_success_at": None,
-             "last_failure_at": ago(hours=2, minutes=1), "last_error": LONG_ERROR},
+             "last_failure_at": ago(hours=2, minutes=1), "last_error": LONG_ERROR, **NOT_RUNNING},
         ],
     }
 
@@ -113,15 +119,16 @@ class FakeApi:
     logs: list[dict[str, Any]] = field(default_factory=list)
     dead: int = 0
     fail_replay_after: int | None = None  # answer 500 to replay calls after this many
+    replay_window: dict[str, str] | None = None  # `meta.replay` of the 409 to a delivered job's retry
     requests: list[tuple[str, str, dict[str, str], Any, dict[str, str]]] = field(default_factory=list)
 
     def bodies(self, path_end: str) -> list[Any]:
         return [body for _, path, _, body, _ in self.requests if path.endswith(path_end)]
 
 
-def api_error(status: int, detail: str) -> web.Response:
-    return web.json_response({"errors": [{"status": str(status), "title": "Error", "detail": detail}]},
-                             status=status)
+def api_error(status: int, detail: str, meta: dict[str, Any] | None = None) -> web.Response:
+    document: dict[str, Any] = {"errors": [{"status": str(status), "title": "Error", "detail": detail}]}
+    return web.json_response({**document, "meta": meta} if meta is not None else document, status=status)
 
 
 def paged(items: list[Any], request: web.Request) -> web.Response:
@@ -162,7 +169,8 @@ async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeApi]:
         if found is None:
             return api_error(404, f"integration 'erp' has no job {request.match_info['job']!r}")
         if found["state"] == "delivered":
-            return api_error(409, "the job was delivered; to send it again, replay its time range")
+            meta = {"replay": api.replay_window} if api.replay_window else None  # None: an older daemon
+            return api_error(409, "the job was delivered; to send it again, replay its time range", meta)
         found.update(state="pending", next_attempt_at=iso(NOW))
         return web.json_response({"data": found})
 
@@ -212,9 +220,9 @@ async def test_status_shows_the_header_the_failed_reload_and_one_aligned_row_per
         "  integrations[0].configuration.url: not an http(s) URL\n"
         "  listen.token: must be a string\n"
         "\n"
-        "NAME        TYPE     ENABLED  PENDING  IN FLIGHT  DEAD  DELIVERED/H  LAST SUCCESS  LAST ERROR\n"
-        "erp-orders  webhook  yes           12          3     0         1520  4s ago        -\n"
-        "inventory   aws_sqs  no             0          0   140            0  never         "
+        "NAME        TYPE     ENABLED  STATE  PENDING  IN FLIGHT  DEAD  DELIVERED/H  LAST SUCCESS  LAST ERROR\n"
+        "erp-orders  webhook  yes      ok          12          3     0         1520  4s ago        -\n"
+        "inventory   aws_sqs  no       -            0          0   140            0  never         "
         "2h 1m ago: Received a status code outside of 2xx range (500): <html><b…\n")
     assert "\n  Internal" not in out  # an error's newlines never break the table
     assert fake.requests[0][:2] == ("GET", "/v1/status")
@@ -235,6 +243,31 @@ async def test_status_says_when_the_config_was_last_reloaded(fake, capsys, reloa
 async def test_status_json_prints_the_servers_data_for_scripts(fake, capsys) -> None:
     assert await run("status", "--url", fake.url, "--json") == 0
     assert json.loads(capsys.readouterr().out) == fake.status
+
+
+GONE = {"at": ago(minutes=20), "reason": "the target answered 410 Gone: Received a status code outside of 2xx "
+                                           "range (410)"}
+
+
+@pytest.mark.parametrize("held, state", [
+    ({}, "ok"),
+    ({"circuit": "open", "circuit_open_until": iso(NOW + timedelta(seconds=18))}, "circuit open, probe in 18s"),
+    ({"circuit": "open", "circuit_open_until": ago(seconds=1)}, "circuit open, probe due"),
+    ({"circuit": "half_open"}, "circuit half-open"),
+    ({"paused_until": iso(NOW + timedelta(seconds=40))}, "paused until 12:00:40Z (in 40s)"),
+    ({"paused_until": ago(seconds=1)}, "ok"),  # a pause that has run out holds nothing
+    ({"disabled": GONE}, "disabled (410): the target answered 410 Gone: Received …"),
+    ({"circuit": "open", "circuit_open_until": iso(NOW + timedelta(minutes=4, seconds=10)),
+      "paused_until": iso(NOW + timedelta(seconds=5))},
+     "circuit open, probe in 4m 10s; paused until 12:00:05Z (in 5s)"),
+])
+async def test_status_shows_what_holds_each_integrations_deliveries(fake, capsys, held, state) -> None:
+    fake.status["integrations"][0].update(held)
+    assert await run("status", "--url", fake.url) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, row = lines[-3], lines[-2]
+    column = header.index("STATE")
+    assert row[column:].startswith(f"{state}  ") and row[:column].split() == ["erp-orders", "webhook", "yes"]
 
 
 # -- jobs and logs ---------------------------------------------------------------------------------------------
@@ -264,6 +297,35 @@ async def test_jobs_passes_state_and_page_and_prints_a_table_with_the_next_page(
 
     assert await run("jobs", "erp", "--state", "dead", "--json", "--url", fake.url) == 0
     assert [j["id"] for j in json.loads(capsys.readouterr().out)] == ["9", "5"]
+
+
+@pytest.mark.parametrize("row, next_attempt", [
+    ({**RUNNING, "circuit": "open", "circuit_open_until": iso(NOW + timedelta(seconds=18))},
+     "held (circuit open, probe in 18s)"),
+    ({**RUNNING, "paused_until": iso(NOW + timedelta(seconds=40))}, "held (paused until 12:00:40Z (in 40s))"),
+    ({**RUNNING, "disabled": GONE}, "held (disabled (410))"),
+    ({**NOT_RUNNING, "enabled": False}, "held (enabled: false)"),
+    (None, "held (not in the config)"),  # its jobs wait for an integration of that name to return
+    (RUNNING, "due"),
+])
+async def test_due_jobs_say_what_holds_them(fake, capsys, row, next_attempt) -> None:
+    if row is not None:
+        fake.status["integrations"].append({**fake.status["integrations"][0], "name": "erp", "enabled": True, **row})
+    fake.jobs = [job("8", "pending", 2, "connection refused", next_attempt_at=iso(NOW + timedelta(seconds=95))),
+                 job("6", "pending", 0, next_attempt_at=ago(seconds=1)),
+                 job("5", "dead", 9, "connection refused")]
+    assert await run("jobs", "erp", "--url", fake.url) == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = lines[0].index("NEXT ATTEMPT")
+    assert [line[column:].split("  ")[0] for line in lines[1:4]] == ["in 1m 35s", next_attempt, "-"]
+    # One request more than the listing, for the integration's state.
+    assert [path for _, path, *_ in fake.requests] == ["/v1/integrations/erp/jobs", "/v1/status"]
+
+
+async def test_jobs_without_a_due_one_do_not_ask_for_the_state(fake, capsys) -> None:
+    fake.jobs = [job("8", "pending", 2, next_attempt_at=iso(NOW + timedelta(seconds=95))), job("7", "delivered", 1)]
+    assert await run("jobs", "erp", "--url", fake.url) == 0
+    assert [path for _, path, *_ in fake.requests] == ["/v1/integrations/erp/jobs"]
 
 
 async def test_no_jobs_is_said_in_words(fake, capsys) -> None:
@@ -301,6 +363,36 @@ async def test_logs_of_an_integration_cut_answers_and_of_a_job_show_them_whole(f
     assert " ".join(LONG_ERROR.split()) in capsys.readouterr().out  # one job's answers are shown whole
 
 
+async def test_a_reader_that_stops_early_ends_the_command_quietly(fake) -> None:
+    """`eventrelay logs erp | head -4`: head exits after four lines, and the command must stop there without a
+    BrokenPipeError traceback. The output is larger than a pipe holds, so the command is still writing when
+    the reader goes."""
+    fake.logs = [log_entry(str(n), "8", n, 500, f"error {n}: " + "x" * 3000) for n in range(1, 101)]
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "eventrelay", "logs", "erp", "--job", "8", "--limit", "100",
+                             "--url", fake.url], stdout=write_end, stderr=subprocess.PIPE, cwd=REPO)
+    os.close(write_end)
+
+    def head() -> bytes:
+        seen = b""
+        while b"\n" not in seen:  # ends at the first line, or at EOF if the command wrote nothing
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            seen += chunk
+        os.close(read_end)  # the reader is gone
+        return seen
+
+    try:
+        first = await asyncio.to_thread(head)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert first.startswith(b"TIME ")
+    assert proc.returncode == 1 and err == b"", err.decode()
+
+
 # -- retry ----------------------------------------------------------------------------------------------------
 
 async def test_retry_requeues_and_says_how_to_follow_the_job(fake, capsys) -> None:
@@ -320,6 +412,23 @@ async def test_retry_that_the_server_refuses_exits_1_with_its_detail(fake, capsy
     fake.jobs = [job("7", "delivered", 1)]
     assert await run("retry", "erp", job_id, "--url", fake.url) == 1
     assert capsys.readouterr() == ("", f"eventrelay: {detail}\n")
+
+
+@pytest.mark.parametrize("where, echoed", [
+    (["--url", "{url}"], " --url {url}"),
+    (["--url", "{url}", "--config", "/etc/my eventrelay.yaml", "--token", "t0ken"],
+     " --config '/etc/my eventrelay.yaml' --url {url}"),  # the token is never printed
+])
+async def test_retry_of_a_delivered_job_prints_the_replay_that_sends_it_again(fake, capsys, where, echoed) -> None:
+    fake.jobs = [job("7", "delivered", 1)]
+    fake.replay_window = {"since": "2026-11-27T11:00:00.122Z", "until": "2026-11-27T11:00:00.124Z"}
+    assert await run("retry", "erp", "7", *(w.format(url=fake.url) for w in where)) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "eventrelay: job 7 of erp was delivered, and retry only sends pending or dead jobs. To send it again, "
+        "replay the moment it was created (with any other job of erp created in those milliseconds):\n"
+        "  eventrelay replay erp --since 2026-11-27T11:00:00.122Z --until 2026-11-27T11:00:00.124Z"
+        + echoed.format(url=fake.url) + "\n")
 
 
 # -- replay ---------------------------------------------------------------------------------------------------
@@ -645,7 +754,7 @@ async def test_e2e_a_dead_job_is_listed_logged_retried_and_replayed(start_daemon
 
     assert await run("status", "--url", url) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("erp ")]
-    assert rows and rows[0][:6] == ["erp", "webhook", "yes", "0", "0", "1"]  # pending, in flight, dead
+    assert rows and rows[0][:7] == ["erp", "webhook", "yes", "ok", "0", "0", "1"]  # state, pending, in flight, dead
 
     receiver.respond = None  # the receiver is fixed: 204 from now on
     assert await run("retry", "erp", dead["id"], "--url", url) == 0
@@ -677,6 +786,26 @@ async def test_e2e_a_dead_job_is_listed_logged_retried_and_replayed(start_daemon
     assert await run("replay", "erp", "--since", "1h", "--url", url) == 0
     assert capsys.readouterr().out.startswith("re-queued 3 job(s) created from ")
     await wait_until(lambda: len([r for r in receiver.requests if r.json["id"] == "evt-1"]) >= 2 + dead["attempts"])
+
+
+@needs_admin_api
+async def test_e2e_the_replay_a_delivered_jobs_retry_prints_sends_that_job_again(start_daemon, receiver: Receiver,
+                                                                               capsys, quiet_daemon) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)])
+    for event_id in ("evt-1", "evt-2"):
+        assert await run("send", "order.paid", "--id", event_id, "--url", d.url) == 0
+        await asyncio.sleep(0.02)  # the next one is created outside the first one's replay range
+    await wait_for(d.states, lambda states: states.get("delivered") == 2)
+    (first,) = [j for j in await cli_json("jobs", "erp", "--url", d.url) if j["event_id"] == "evt-1"]
+    capsys.readouterr()
+
+    assert await run("retry", "erp", first["id"], "--url", d.url) == 1
+    err = capsys.readouterr().err
+    command = err.splitlines()[-1].strip()
+    assert command.startswith("eventrelay replay erp --since ") and command.endswith(f" --url {d.url}"), err
+    assert await run(*shlex.split(command)[1:]) == 0
+    assert capsys.readouterr().out.startswith("re-queued 1 job(s) created from ")
+    await wait_until(lambda: sorted(r.json["id"] for r in receiver.requests) == ["evt-1", "evt-1", "evt-2"])
 
 
 @needs_admin_api
@@ -944,10 +1073,20 @@ async def test_e2e_close_circuit_and_a_retry_held_by_a_410(start_daemon, receive
     for i in range(3):
         assert await run("send", "order.paid", "--id", f"c{i}", "--url", d.url) == 0
     await wait_until(lambda: d.service.dispatchers["erp"].gate.breaker.state == "open")
+    # While it is open, status says so and the job of a new event, due but not sent, says what holds it.
+    assert await run("send", "order.paid", "--id", "held", "--url", d.url) == 0
     capsys.readouterr()
+    assert await run("status", "--url", d.url) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("erp ")]
+    assert "  circuit open, probe in 4m " in row  # the cool-down is 5m
+    assert await run("jobs", "erp", "--url", d.url) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if " held  " in line]  # the event id
+    assert "  held (circuit open, probe in 4m " in row
     receiver.respond = None
     assert await run("close-circuit", "erp", "--url", d.url) == 0
-    assert capsys.readouterr().out == "the circuit of erp is closed (it was open): deliveries resume now\n"
+    assert capsys.readouterr().out == (
+        "the circuit of erp is closed (it was open): deliveries resume now; if the target still fails, it opens "
+        "again after `breaker.failures` failures in a row (5 by default)\n")
     assert await run("close-circuit", "erp", "--url", d.url) == 0
     assert capsys.readouterr().out == "the circuit of erp was not open: nothing to do\n"
 

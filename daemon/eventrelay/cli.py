@@ -22,6 +22,19 @@ EX_CONFIG = 78  # sysexits.h: the unit file tells systemd not to restart-loop on
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader gone early (`| head`) is then seen here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader closed the pipe: nobody reads the rest, which is not an error worth a traceback. Python's
+        # documented way ("Note on SIGPIPE"): stdout onto /dev/null, so the flush at exit fails no more, and 1.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="eventrelay", description="Single-host event delivery daemon.")
     parser.add_argument("--version", action="version", version=f"eventrelay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

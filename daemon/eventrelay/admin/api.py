@@ -144,9 +144,11 @@ class AdminApi:
         previous = await self._view.retry(name, job_id) if job_id is not None else None
         if previous is None:
             return error_response(404, f"integration {name!r} has no job {request.match_info['job']!r}")
+        job = await self._store.job(name, job_id)
         if previous == JobState.DELIVERED:
-            return error_response(409, "the job was delivered; to send it again, replay its time range")
-        return _json({"data": _job(await self._store.job(name, job_id)), "meta": self._sending(name)})
+            return error_response(409, "the job was delivered; to send it again, replay its time range",
+                                  meta={"replay": _replay_window(job)})
+        return _json({"data": _job(job), "meta": self._sending(name)})
 
     def _sending(self, name: str) -> dict[str, Any]:
         """When what an operator re-queued really goes: now, or held (and why)."""
@@ -215,6 +217,14 @@ def _held(state: IntegrationState | None) -> dict[str, Any]:
     return {"circuit": state.circuit, "circuit_open_until": _iso_or_none(state.circuit_open_until),
             "paused_until": _iso_or_none(state.paused_until),
             "disabled": {"at": iso_time(disabled[0]), "reason": disabled[1]} if disabled else None}
+
+
+def _replay_window(job: JobView | None) -> dict[str, str] | None:
+    """The narrowest `replay` range sure to hold the job: a millisecond either side of its creation, as times
+    are shown to the millisecond. Other jobs created in those 2 ms (those of the same request) come along."""
+    if job is None:
+        return None
+    return {"since": iso_time(job.created_at - 0.001), "until": iso_time(job.created_at + 0.001)}
 
 
 def _iso_or_none(at: float | None) -> str | None:

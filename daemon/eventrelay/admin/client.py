@@ -60,12 +60,14 @@ class Unreachable(AdminError):
 
 
 class ServerError(AdminError):
-    """The daemon answered 4xx/5xx. `details` are the `detail` (or `title`) of each of its errors."""
+    """The daemon answered 4xx/5xx. `details` are the `detail` (or `title`) of each of its errors; `meta` the
+    answer's `meta`, what a command may act on (a delivered job's replay range, say)."""
 
-    def __init__(self, status: int, details: list[str], hint: str = ""):
+    def __init__(self, status: int, details: list[str], hint: str = "", meta: dict[str, Any] | None = None):
         self.status = status
         self.details = details
         self.hint = hint
+        self.meta = meta or {}
         super().__init__("; ".join(details))
 
 
@@ -258,7 +260,8 @@ class Client:
                 hint += f" ({self.target.token_problem})"
         elif status == 404 and details == ["Not Found"]:
             hint = "the daemon does not know this path: is it older than this eventrelay command?"
-        return ServerError(status, details, hint)
+        meta = document.get("meta") if isinstance(document, dict) else None
+        return ServerError(status, details, hint, meta if isinstance(meta, dict) else None)
 
 
 def _reason(error: OSError | None) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -29,9 +30,9 @@ from .. import runtime
 from ..clock import iso_time, parse_datetime
 from ..units import parse_duration
 from .client import (CONFIG_ENV, DEFAULT_CONFIG, EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, TOKEN_ENV, Client,
-                     UsageError, with_daemon)
-from .printing import (ERROR_WIDTH, format_jobs, format_logs, format_reload, format_status, num, print_json,
-                       table)
+                     ServerError, UsageError, with_daemon)
+from .printing import (ERROR_WIDTH, any_due, format_jobs, format_logs, format_reload, format_status, held_by,
+                       num, print_json, table)
 
 REPLAY_BATCH = 5000  # jobs re-queued per request: small enough to show progress, large enough to be quick
 DEFAULT_PAGE = 25  # rows of `jobs` and `logs`; the server takes at most 100 per page
@@ -114,8 +115,17 @@ async def _jobs(client: Client, args: argparse.Namespace) -> int:
         print_json(document["data"])
         return EXIT_OK
     what = f"{args.state} jobs" if args.state else "jobs"
-    print(format_jobs(document, _now(), what=what, integration=args.integration, offset=args.offset))
+    now = _now()
+    held = await _held_by(client, args.integration, now) if any_due(document, now) else None
+    print(format_jobs(document, now, what=what, integration=args.integration, offset=args.offset, held=held))
     return EXIT_OK
+
+
+async def _held_by(client: Client, integration: str, now: datetime) -> str | None:
+    """What keeps the integration's due jobs from going (an open circuit, a pause, a 410), from its status row:
+    without it a job the circuit holds reads `due` for minutes."""
+    rows = (await client.get("/v1/status"))["data"].get("integrations") or []
+    return held_by(next((row for row in rows if row.get("name") == integration), None), now)
 
 
 async def _orphaned(client: Client, args: argparse.Namespace) -> int:
@@ -161,7 +171,18 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 async def _retry(client: Client, args: argparse.Namespace) -> int:
     path = f"{_integration_path(args.integration)}/jobs/{quote(args.job, safe='')}/retry"
-    answer = await client.post(path, {})
+    try:
+        answer = await client.post(path, {})
+    except ServerError as e:
+        window = e.meta.get("replay") if e.status == 409 else None
+        if not isinstance(window, dict):
+            raise
+        # Delivered: the operator wants it sent again, and the command that does it is better than advice.
+        print(f"eventrelay: job {args.job} of {args.integration} was delivered, and retry only sends pending or "
+              "dead jobs. To send it again, replay the moment it was created (with any other job of "
+              f"{args.integration} created in those milliseconds):\n  {_replay_command(args, window)}",
+              file=sys.stderr)
+        return EXIT_SERVER_ERROR
     job = answer["data"]
     if args.json:
         print_json(job)
@@ -172,6 +193,17 @@ async def _retry(client: Client, args: argparse.Namespace) -> int:
           f"{num(job.get('attempts'))} attempt(s) so far); {when}; follow it with "
           f"`eventrelay logs {args.integration} --job {job.get('id', args.job)}`")
     return EXIT_OK
+
+
+def _replay_command(args: argparse.Namespace, window: dict[str, Any]) -> str:
+    """`eventrelay replay` for `window`, reaching the daemon as this command did (the token excepted: it stays
+    out of what is printed)."""
+    argv = ["eventrelay", "replay", args.integration, "--since", str(window.get("since")),
+            "--until", str(window.get("until"))]
+    for option in ("config", "url"):
+        if getattr(args, option, None):
+            argv += [f"--{option}", getattr(args, option)]
+    return shlex.join(argv)
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
@@ -200,7 +232,8 @@ async def _close_circuit(client: Client, args: argparse.Namespace) -> int:
     elif data.get("was") == "closed":
         print(f"the circuit of {args.integration} was not open: nothing to do")
     else:
-        print(f"the circuit of {args.integration} is closed (it was {data.get('was')}): deliveries resume now")
+        print(f"the circuit of {args.integration} is closed (it was {data.get('was')}): deliveries resume now; "
+              "if the target still fails, it opens again after `breaker.failures` failures in a row (5 by default)")
     return EXIT_OK
 
 

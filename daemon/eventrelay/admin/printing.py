@@ -47,14 +47,48 @@ def format_status(data: dict[str, Any], now: datetime, pid: int | None = None) -
         if i.get("last_error") and i.get("last_failure_at"):
             error = f"{_ago(i['last_failure_at'], now)}: {error}"  # how old it is tells if it still matters
         rows.append([str(i.get("name", "?")), str(i.get("integration_type", "?")),
-                     "yes" if i.get("enabled") else "no",
+                     "yes" if i.get("enabled") else "no", delivery_state(i, now),
                      num(i.get("pending")), num(i.get("in_flight")), num(i.get("dead")),
                      num(i.get("delivered_last_hour")), _ago(i.get("last_success_at"), now),
                      error])
-    headers = ["NAME", "TYPE", "ENABLED", "PENDING", "IN FLIGHT", "DEAD", "DELIVERED/H", "LAST SUCCESS",
+    headers = ["NAME", "TYPE", "ENABLED", "STATE", "PENDING", "IN FLIGHT", "DEAD", "DELIVERED/H", "LAST SUCCESS",
                "LAST ERROR"]
-    lines.append(table(headers, rows, right={3, 4, 5, 6}))
+    lines.append(table(headers, rows, right={4, 5, 6, 7}))
     return "\n".join(lines)
+
+
+def delivery_state(integration: dict[str, Any], now: datetime, *, reasons: bool = True) -> str:
+    """What holds a running integration's deliveries back, from its /v1/status row: `ok` when nothing does,
+    `-` when it is not running. `reasons=False` leaves out the why of a 410, for narrow columns."""
+    held = []
+    disabled = integration.get("disabled")
+    if isinstance(disabled, dict):
+        held.append(f"disabled (410): {one_line(disabled.get('reason'), 40)}" if reasons else "disabled (410)")
+    circuit = integration.get("circuit")
+    if circuit == "open":
+        probe = _parse_time(integration.get("circuit_open_until"))
+        held.append(f"circuit open, probe in {_span((probe - now).total_seconds())}"
+                    if probe is not None and probe > now else "circuit open, probe due")
+    elif circuit == "half_open":
+        held.append("circuit half-open")
+    paused = _parse_time(integration.get("paused_until"))
+    if paused is not None and paused > now:
+        held.append(f"paused until {paused.astimezone(timezone.utc):%H:%M:%S}Z "
+                    f"(in {_span((paused - now).total_seconds())})")
+    if held:
+        return "; ".join(held)
+    return "ok" if circuit else "-"
+
+
+def held_by(integration: dict[str, Any] | None, now: datetime) -> str | None:
+    """Why an integration's due jobs do not go now, in a few words (its /v1/status row, None when it is not
+    configured); None when they go."""
+    if integration is None:
+        return "not in the config"
+    if not integration.get("enabled"):
+        return "enabled: false"
+    state = delivery_state(integration, now, reasons=False)
+    return None if state in ("ok", "-") else state
 
 
 def format_reload(data: dict[str, Any]) -> str:
@@ -65,23 +99,31 @@ def format_reload(data: dict[str, Any]) -> str:
 
 
 def format_jobs(document: dict[str, Any], now: datetime, *, what: str = "jobs", integration: str = "",
-                offset: int = 0) -> str:
+                offset: int = 0, held: str | None = None) -> str:
+    """`held`: what keeps the integration's due jobs waiting (see `held_by`), shown instead of `due`."""
     jobs = document.get("data") or []
     rows = [[str(j.get("id", "?")), str(j.get("state", "?")), num(j.get("attempts")),
              str(j.get("event_type", "")), str(j.get("event_id", "")), _when(j.get("created_at")),
-             _next_attempt(j, now), one_line(j.get("last_error"), ERROR_WIDTH)] for j in jobs]
+             _next_attempt(j, now, held), one_line(j.get("last_error"), ERROR_WIDTH)] for j in jobs]
     headers = ["ID", "STATE", "ATTEMPTS", "EVENT TYPE", "EVENT ID", "CREATED", "NEXT ATTEMPT", "LAST ERROR"]
     body = [table(headers, rows, right={0, 2})] if rows else []
     return "\n".join(body + [_footer(document, len(rows), offset, f"{what} of {integration}")])
 
 
-def _next_attempt(job: dict[str, Any], now: datetime) -> str:
+def any_due(document: dict[str, Any], now: datetime) -> bool:
+    """Whether a listed job is pending and due: only then does what may hold it matter."""
+    return any(_next_attempt(j, now) == "due" for j in document.get("data") or [])
+
+
+def _next_attempt(job: dict[str, Any], now: datetime, held: str | None = None) -> str:
     if job.get("state") != "pending" or not job.get("next_attempt_at"):
         return "-"
     at = _parse_time(job["next_attempt_at"])
     if at is None:
         return str(job["next_attempt_at"])
-    return "due" if at <= now else f"in {_span((at - now).total_seconds())}"
+    if at <= now:
+        return f"held ({held})" if held else "due"
+    return f"in {_span((at - now).total_seconds())}"
 
 
 def format_logs(document: dict[str, Any], *, what: str = "attempts", integration: str = "", offset: int = 0,

@@ -26,12 +26,15 @@ _MAX_ERRORS_SHOWN = 20
 log = structlog.get_logger(component="ingest.http")
 
 
-def error_response(status: int, detail: str | list[str], headers: dict[str, str] | None = None) -> web.Response:
-    """JSON:API-style errors, as the seed system answers them."""
+def error_response(status: int, detail: str | list[str], headers: dict[str, str] | None = None,
+                   meta: dict[str, Any] | None = None) -> web.Response:
+    """JSON:API-style errors, as the seed system answers them; `meta` for what a client can act on."""
     details = [detail] if isinstance(detail, str) else detail
     title = HTTPStatus(status).phrase
-    return web.json_response({"errors": [{"status": str(status), "title": title, "detail": d} for d in details]},
-                             status=status, headers=headers)
+    document: dict[str, Any] = {"errors": [{"status": str(status), "title": title, "detail": d} for d in details]}
+    if meta is not None:
+        document["meta"] = meta
+    return web.json_response(document, status=status, headers=headers)
 
 
 class ConnectionCap:
