@@ -13,11 +13,12 @@ import time
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from eventrelay.delivery.dispatcher import UNRECORDED_FACTOR
 
-from .conftest import REPO, Receiver, states_of, stored, wait_until, webhook
+from .conftest import REPO, Receiver, free_port, states_of, stored, wait_ready, wait_until, webhook
 
 
 async def post(session: aiohttp.ClientSession, url: str, events: list[dict]) -> list[str]:
@@ -316,3 +317,30 @@ def test_a_world_readable_database_mode_is_a_config_error(tmp_path) -> None:
     assert result.returncode == 1
     assert "storage.file_mode: '0644': the database must be readable and writable by its owner and never by " \
            "others" in result.stderr
+
+
+def test_the_ready_line_names_the_socket_and_the_database_by_absolute_paths(tmp_path) -> None:
+    """`make run` starts `eventrelay run --config config.example.yaml` in the clone, whose paths are relative:
+    the ready line must say where the files really are, wherever the reader of the log stands."""
+    port = free_port()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "listen": {"http": f"127.0.0.1:{port}", "socket": "./var/er.sock"}, "storage": {"path": "./var/er.db"},
+        "log": {"level": "info", "format": "json"}, "integrations": []}))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "eventrelay", "run", "--config", "config.yaml"],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(port, proc, log_path)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    (ready,) = [line for line in lines if line.get("event") == "ready"]
+    assert ready["socket"] == str((tmp_path / "var" / "er.sock").resolve())
+    assert ready["database"] == str((tmp_path / "var" / "er.db").resolve())

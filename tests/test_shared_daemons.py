@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from aiohttp import web
 
 from eventrelay.delivery.dispatcher import UNRECORDED_FACTOR
 
-from .conftest import DaemonProcess, Receiver, free_port, wait_until, webhook, write_config
+from .conftest import REPO, DaemonProcess, Receiver, free_port, wait_for, wait_ready, wait_until, webhook, write_config
 
 CONCURRENCY = 4
 
@@ -158,3 +160,30 @@ async def test_a_database_away_for_a_while_costs_refusals_not_events(cluster_of,
 async def _accepts(session: aiohttp.ClientSession, d: DaemonProcess) -> bool:
     async with session.get(f"{d.url}/readyz") as r:
         return r.status == 200
+
+
+async def test_a_daemon_started_before_its_database_waits_and_says_why(cluster_of, postgres_cluster) -> None:
+    (d,) = cluster_of(1, [])
+    await asyncio.to_thread(postgres_cluster.stop, None, "fast")
+    try:
+        d.log = open(d.log_path, "ab")
+        d.proc = subprocess.Popen([sys.executable, "-m", "eventrelay", "run", "--config", str(d.config)],
+                                  stdout=d.log, stderr=subprocess.STDOUT, cwd=REPO)
+        async with aiohttp.ClientSession() as session:
+            async def answer(path: str) -> tuple[int, str]:
+                try:
+                    async with session.get(f"{d.url}{path}") as r:
+                        return r.status, await r.text()
+                except aiohttp.ClientConnectionError:
+                    return 0, ""
+
+            status, body = await wait_for(lambda: answer("/readyz"), lambda a: a[0] == 503, timeout=15)
+            assert "waiting for the database" in body and postgres_cluster.password not in body, body
+            assert (await answer("/healthz"))[0] == 200
+            status, body = await answer("/v1/events")
+            assert status == 503
+    finally:
+        await asyncio.to_thread(postgres_cluster.start)
+    await asyncio.to_thread(wait_ready, d.port, d.proc, d.log_path, 30.0)
+    log = d.log_path.read_text()
+    assert "cannot reach the database; retrying" in log and postgres_cluster.password not in log

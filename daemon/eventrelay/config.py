@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .config_yaml import ConfigError, Reader, default, expand_env, load_yaml, read_text
 from .delivery import targets
@@ -147,6 +147,18 @@ class StorageConfig:
     dead_retention: float = 30 * 86400.0
     prune_interval: float = 60.0
     file_mode: int = 0o600  # the database, its WAL and shared memory hold every payload: never world-readable
+
+    @property
+    def shown(self) -> str:
+        """Where events are stored, as logs and status show it (never a password)."""
+        if self.postgresql is not None:
+            return f"{self.postgresql.shown_dsn} (schema {self.postgresql.schema})"
+        return str(self.path.resolve())
+
+    @property
+    def engine_settings(self) -> tuple[Any, ...]:
+        """What the engine was opened with: a reload cannot change it (retention and pruning it can)."""
+        return self.backend, self.path, self.postgresql, self.synchronous, self.file_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,6 +444,9 @@ def _postgres_dsn(value: Any) -> str:
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError("must be a postgresql:// URL (libpq's URL form; PG* environment variables and "
                          "~/.pgpass fill in what it leaves out)")
+    for name, number in parse_qsl(parts.query):
+        if name == "connect_timeout" and not re.fullmatch(r"\d+(\.\d+)?", number):
+            raise ValueError(f"connect_timeout={number!r} must be a number of seconds")
     return value
 
 

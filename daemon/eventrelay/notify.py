@@ -110,6 +110,11 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.send(_status_line(text))
 
+    def waiting(self, text: str, seconds: float) -> bool:
+        """Start-up waits for something (the database): say why, and push systemd's start timeout (its
+        TimeoutStartSec) `seconds` further, so a wait that is expected does not end in a kill."""
+        return self.send(_status_line(text), f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 

@@ -26,6 +26,7 @@ from .delivery.policy import CircuitBreaker
 from .ingest import Ingestor, Router
 from .ingest.http import ConnectionCap, HttpIngest
 from .ingest.socket import SocketIngest
+from .ingest.starting import StartingListener
 from .jobs import JobState
 from .limits import ensure_descriptors
 from .metrics import Metrics
@@ -38,6 +39,8 @@ log = structlog.get_logger(component="service")
 USER_AGENT = f"eventrelay/{__version__}"
 _INGEST_DRAIN = 5.0  # seconds open requests get to finish once we stop listening
 _STATUS_EVERY = 30.0
+# Seconds systemd's start timeout is pushed past each wait for the database: the next try, then this much.
+_START_WAIT_MARGIN = 30.0
 _SETTLE_MARGIN = 5.0  # seconds an operator's retry waits, past the delivery timeout, for an outcome's write
 
 
@@ -86,7 +89,7 @@ class Service:
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         config = self.config
-        self.store = store = await open_store(config.storage)
+        self.store = store = await self._open_store(config)
         store.on_jobs_added = self._wake
         store.on_commit = self._observe_commit
         try:
@@ -107,8 +110,8 @@ class Service:
                 self._runtime = RuntimeFile.publish(self)
                 self._ready = True
                 log.info("ready", version=__version__, pid=os.getpid(), http=_fmt_addr(self.http_address),
-                         socket=str(config.listen.socket) if config.listen.socket else None,
-                         integrations=len(self.dispatchers), database=str(config.storage.path))
+                         socket=str(config.listen.socket.resolve()) if config.listen.socket else None,
+                         integrations=len(self.dispatchers), database=config.storage.shown)
                 self.notifier.ready(await self._status_line())
                 on_ready()
                 await stop.wait()
@@ -127,6 +130,23 @@ class Service:
             await self._stop_listening()
             await store.close()
         log.info("stopped")
+
+    async def _open_store(self, config: Config) -> Store:
+        """The store. A database server may keep the daemon waiting (it is down, or still starting): meanwhile
+        the HTTP address answers 503 saying why, and systemd's status says it too."""
+        if config.storage.backend == "sqlite" or config.listen.http is None:
+            return await open_store(config.storage)
+        starting = StartingListener()
+
+        def waiting(why: str, seconds: float) -> None:
+            starting.reason = f"starting: {why}"
+            self.notifier.waiting(why, seconds + _START_WAIT_MARGIN)
+
+        await starting.start(config.listen.http)  # an address in use fails here as it would below
+        try:
+            return await open_store(config.storage, waiting)
+        finally:
+            await starting.close()
 
     def _wake(self, names: set[str]) -> None:
         for name in names:
@@ -348,9 +368,11 @@ class Service:
         old = self.config
         changes: list[str] = []
         o, n = old.storage, new.storage
-        if (n.path, n.synchronous, n.file_mode) != (o.path, o.synchronous, o.file_mode):
-            log.warning("storage.path, storage.synchronous and storage.file_mode take effect at the next restart")
-            new = replace(new, storage=replace(n, path=o.path, synchronous=o.synchronous, file_mode=o.file_mode))
+        if n.engine_settings != o.engine_settings:
+            log.warning("storage settings other than retention take effect at the next restart (backend, path, "
+                        "synchronous, file_mode, dsn, schema, pool, lease)")
+            new = replace(new, storage=replace(n, path=o.path, backend=o.backend, postgresql=o.postgresql,
+                                               synchronous=o.synchronous, file_mode=o.file_mode))
         if new.listen.idle_timeout != old.listen.idle_timeout:
             # Like storage: the running value stays the one in force (and the one the status shows).
             log.warning("listen.idle_timeout takes effect at the next restart")

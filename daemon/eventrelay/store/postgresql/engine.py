@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import structlog
@@ -79,11 +80,13 @@ class PostgresStore:
     # -- opening and closing ------------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, config: PostgresConfig) -> PostgresStore:
+    async def open(cls, config: PostgresConfig, on_wait: Callable[[str, float], None] | None = None
+                   ) -> PostgresStore:
         """Connect (waiting for a database that cannot be reached yet), migrate the schema, and return."""
-        pool = await _connect(config, lambda: asyncpg.create_pool(
-            config.dsn or None, min_size=1, max_size=config.pool, timeout=_CONNECT_TIMEOUT,
-            server_settings=_SERVER_SETTINGS))
+        dsn, timeout = _split_timeout(config.dsn)
+        pool = await _connect(config, on_wait, lambda: asyncpg.create_pool(
+            dsn, min_size=1, max_size=config.pool, timeout=timeout, server_settings=_SERVER_SETTINGS,
+            reset=_rollback_if_open))
         try:
             async with pool.acquire() as db:
                 applied = await schema.migrate(db, config.schema)
@@ -267,6 +270,7 @@ class PostgresStore:
                     await forward_dead(db, self._sql, record, now)
                 await db.execute("SELECT pg_notify($1, $2)", self._sql.channel,
                                  ",".join({r.dead_letter for r in dead if r.dead_letter}))
+            self._loop.call_soon(self.on_jobs_added, {r.dead_letter for r in dead if r.dead_letter})
         for r in records:
             self._held.pop(r.job.id, None)
         return [None] * len(operations)
@@ -288,8 +292,8 @@ class PostgresStore:
         backoff = Backoff(0.5, _RECONNECT_MAX)
         while True:
             try:
-                db = await asyncpg.connect(self.config.dsn or None, timeout=_CONNECT_TIMEOUT,
-                                           server_settings=_SERVER_SETTINGS)
+                dsn, timeout = _split_timeout(self.config.dsn)
+                db = await asyncpg.connect(dsn, timeout=timeout, server_settings=_SERVER_SETTINGS)
             except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
                 delay = backoff.next()
                 log.warning("cannot listen for new jobs; retrying", error=str(e), retry_in_s=delay)
@@ -450,7 +454,8 @@ class _Transaction:
             self._connection = None
 
 
-async def _connect(config: PostgresConfig, make: Callable[[], Any]) -> Any:
+async def _connect(config: PostgresConfig, on_wait: Callable[[str, float], None] | None,
+                   make: Callable[[], Any]) -> Any:
     """`make()` once the database can be reached: an unreachable one is waited for, with backoff; a refused
     login, a missing database or role is a StoreError at once (waiting would not fix it)."""
     backoff = Backoff(0.5, _RECONNECT_MAX)
@@ -459,12 +464,33 @@ async def _connect(config: PostgresConfig, make: Callable[[], Any]) -> Any:
             return await make()
         except _UNAVAILABLE as e:
             delay = backoff.next()
-            log.warning("cannot reach the database; retrying", dsn=config.shown_dsn, error=str(e) or type(e).__name__,
+            error = str(e) or type(e).__name__
+            log.warning("cannot reach the database; retrying", dsn=config.shown_dsn, error=error,
                         retry_in_s=round(delay, 1))
+            if on_wait is not None:
+                on_wait(f"waiting for the database {config.shown_dsn}: {error}", delay)
             await asyncio.sleep(delay)
         except asyncpg.PostgresError as e:
             raise StoreError(f"PostgreSQL refused eventrelay ({config.shown_dsn}): {e}; check the user, password "
                              "and database of storage.dsn") from e
+
+
+async def _rollback_if_open(db: asyncpg.Connection) -> None:
+    """What a connection needs on its way back to the pool. asyncpg's default reset (unlock advisory locks,
+    CLOSE ALL, UNLISTEN *, RESET ALL) is a round trip on every release, and the engine leaves none of those
+    behind: its advisory locks end with their transactions and it listens on a connection of its own."""
+    if db.is_in_transaction():
+        await db.execute("ROLLBACK")
+
+
+def _split_timeout(dsn: str) -> tuple[str | None, float]:
+    """The DSN without libpq's `connect_timeout` parameter, and that timeout: asyncpg would pass it on to the
+    server as a setting, which the server refuses."""
+    parts = urlsplit(dsn)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    timeout = next((float(v) for k, v in params if k == "connect_timeout" and v), _CONNECT_TIMEOUT)
+    rest = urlencode([(k, v) for k, v in params if k != "connect_timeout"])
+    return (urlunsplit(parts._replace(query=rest)) if dsn else None), timeout
 
 
 def _store_error(e: BaseException, what: str, config: PostgresConfig) -> StoreError:
