@@ -246,7 +246,8 @@ def storage(storage_engine: str, request: pytest.FixtureRequest, tmp_path: Path)
 
 
 @pytest.fixture
-async def start_daemon(tmp_path: Path, storage: dict[str, Any]) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
+async def start_daemon(tmp_path: Path, storage: dict[str, Any]
+                       ) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
     """Start the daemon in this event loop: `await start_daemon(integrations, **top_level_overrides)`."""
     running: list[RunningDaemon] = []
     session = aiohttp.ClientSession()

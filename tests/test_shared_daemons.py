@@ -187,3 +187,23 @@ async def test_a_daemon_started_before_its_database_waits_and_says_why(cluster_o
     await asyncio.to_thread(wait_ready, d.port, d.proc, d.log_path, 30.0)
     log = d.log_path.read_text()
     assert "cannot reach the database; retrying" in log and postgres_cluster.password not in log
+
+
+async def test_status_lists_the_daemons_and_flags_one_whose_configuration_differs(cluster_of,
+                                                                                 receiver: Receiver) -> None:
+    a, b = cluster_of(2, [webhook("erp", receiver.url)])
+    b.config.write_text(b.config.read_text().replace("order.paid", "order.created"))  # b observes another type
+    await start_all([a, b])
+    async with aiohttp.ClientSession() as session:
+        async def daemons() -> list[dict]:
+            async with session.get(f"{a.url}/v1/status") as r:
+                return (await r.json())["data"]["daemons"]
+
+        seen = await wait_for(daemons, lambda ds: len(ds) == 2, timeout=15)
+    assert [d["this"] for d in seen] == [True, False]
+    assert [d["config_differs"] for d in seen] == [False, True]
+    assert seen[1]["pid"] == b.proc.pid
+    shown = subprocess.run([sys.executable, "-m", "eventrelay", "status", "--url", a.url], capture_output=True,
+                           text=True, timeout=30, cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    assert "2 daemons share the database" in shown.stdout and "CONFIGURATION DIFFERS" in shown.stdout

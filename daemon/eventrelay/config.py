@@ -8,6 +8,7 @@ written once, on the dataclass fields.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -21,8 +22,8 @@ from .delivery import targets
 from .events import Observes, is_observe_pattern
 from .text import quoted
 from .units import (
-    boolean, choice, duration_range, file_mode, fraction, header_value, host_port, int_range, nonempty_string, parse_duration,
-    parse_rate, parse_size, positive_duration, string, template, uri_reference,
+    boolean, choice, duration_range, file_mode, fraction, header_value, host_port, int_range, nonempty_string,
+    parse_duration, parse_rate, parse_size, positive_duration, string, template, uri_reference,
 )
 
 __all__ = ["BreakerConfig", "Config", "ConfigError", "DeliveryConfig", "Integration", "ListenConfig", "LogConfig",
@@ -185,6 +186,12 @@ class Config:
 
     def integration(self, name: str) -> Integration | None:
         return next((i for i in self.integrations if i.name == name), None)
+
+    def fingerprint(self) -> str:
+        """A short hash of what daemons sharing a store must agree on (integrations, delivery, the queue
+        messages' store id), for status to flag a daemon that runs another configuration."""
+        shared = repr((self.delivery, self.integrations, self.store_id))
+        return hashlib.sha256(shared.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def mask(secret: str) -> str:

@@ -90,6 +90,7 @@ class Service:
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         config = self.config
         self.store = store = await self._open_store(config)
+        store.announce(__version__, config.fingerprint())
         store.on_jobs_added = self._wake
         store.on_commit = self._observe_commit
         try:
@@ -361,6 +362,8 @@ class Service:
         except OSError as e:  # e.g. a new listen address already in use
             log.error("reload failed; still running the previous configuration where it could", error=str(e))
             return ReloadResult(time.time(), False, (str(e),))
+        if self.store is not None:
+            self.store.announce(__version__, self.config.fingerprint())
         log.info("configuration reloaded", changes=list(changes) or "none")
         return ReloadResult(time.time(), True, changes=tuple(changes))
 

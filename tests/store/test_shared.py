@@ -13,8 +13,9 @@ import pytest
 from eventrelay.config import PostgresConfig, StorageConfig
 from eventrelay.jobs import AttemptRecord, Job, JobState, Outcome
 from eventrelay.store import StoreError, open_store
+from eventrelay.store.postgresql.schema import MIGRATIONS
 
-from ..conftest import wait_until
+from ..conftest import wait_for, wait_until
 from .conftest import FAR, R, Stores, ev
 
 
@@ -51,8 +52,8 @@ async def test_claims_are_exclusive_across_daemons(daemons: Stores) -> None:
     ids = [job.id for page in pages for job in page]
     assert len(ids) == 30 and len(set(ids)) == 30, [len(p) for p in pages]
     # A daemon's own claims stay claimable by it (its dispatcher excludes what it holds), never by another.
-    assert await b.claim("x", FAR, 50) == [] or all(j.id in {k.id for k in pages[1]} for j in await b.claim("x", FAR, 50))
-    assert {j.id for j in await a.claim("x", FAR, 50)} == {j.id for j in pages[0]}
+    for store, page in zip((a, b, c), pages):
+        assert {j.id for j in await store.claim("x", FAR, 50)} == {j.id for j in page}
 
 
 async def test_an_event_sent_to_two_daemons_at_once_is_stored_once(daemons: Stores) -> None:
@@ -151,7 +152,7 @@ async def test_retry_on_one_daemon_wakes_the_others(daemons: Stores) -> None:
 async def test_daemons_starting_together_migrate_once(daemons: Stores) -> None:
     stores = await asyncio.gather(*(daemons.open() for _ in range(4)))
     versions = await stores[0]._pool.fetch("SELECT version FROM eventrelay.schema_version")  # noqa: SLF001
-    assert sorted(r[0] for r in versions) == [1]
+    assert sorted(r[0] for r in versions) == list(range(1, len(MIGRATIONS) + 1))
 
 
 async def test_a_schema_newer_than_this_eventrelay_is_refused(daemons: Stores) -> None:
@@ -185,3 +186,16 @@ async def test_an_unreachable_database_is_waited_for(postgres_cluster, tmp_path,
     opening.cancel()
     with pytest.raises(asyncio.CancelledError):
         await opening
+
+
+async def test_each_daemon_sees_the_live_daemons_and_what_they_run(daemons: Stores) -> None:
+    a, b = await daemons.open(), await daemons.open()
+    a.announce("1.0", "aaaa")
+    b.announce("1.0", "bbbb")
+    seen = await wait_for(lambda: a.daemons(), lambda views: len(views) == 2, timeout=10)
+    assert [v.id for v in seen] == [a.id, b.id] and {v.config_hash for v in seen} == {"aaaa", "bbbb"}
+    assert all(v.version == "1.0" and v.last_seen > time.time() - 10 for v in seen)
+    b.announce("1.0", "aaaa")  # a reload: the news goes at once, not at the next heartbeat
+    await wait_for(lambda: a.daemons(), lambda views: {v.config_hash for v in views} == {"aaaa"}, timeout=3)
+    await daemons.close(b)  # a daemon that stops says so
+    assert [v.id for v in await a.daemons()] == [a.id]

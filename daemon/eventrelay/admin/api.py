@@ -73,6 +73,11 @@ class AdminApi:
                 **_held(state),
             })
         reload = view.last_reload
+        mine = view.config.fingerprint()
+        daemons = [{"id": d.id, "host": d.host, "pid": d.pid, "version": d.version, "config_hash": d.config_hash,
+                    "config_differs": d.config_hash != mine, "this": d.id == self._store.id,
+                    "started_at": iso_time(d.started_at), "last_seen": iso_time(d.last_seen)}
+                   for d in await self._store.daemons()]
         return _json({"data": {
             "version": __version__, "started_at": iso_time(view.started_at),
             "uptime_s": round(time.time() - view.started_at, 3),
@@ -80,6 +85,7 @@ class AdminApi:
                        "last_reload": None if reload is None else {
                            "at": iso_time(reload.at), "ok": reload.ok, "errors": list(reload.errors)}},
             "integrations": rows,
+            "daemons": daemons,
         }})
 
     async def integrations(self, request: web.Request) -> web.Response:

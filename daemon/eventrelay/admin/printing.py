@@ -36,6 +36,7 @@ def format_status(data: dict[str, Any], now: datetime, pid: int | None = None) -
         lines.append(f"config {path}: reload {_ago(reload.get('at'), now)} FAILED; the daemon still runs the "
                      f"previous configuration. Fix these, check with `{check}`, reload again:")
         lines.extend(f"  {error}" for error in reload.get("errors") or [])
+    lines.extend(_daemons(data.get("daemons") or [], now))
     lines.append("")
     integrations = data.get("integrations") or []
     if not integrations:
@@ -55,6 +56,21 @@ def format_status(data: dict[str, Any], now: datetime, pid: int | None = None) -
                "LAST ERROR"]
     lines.append(table(headers, rows, right={4, 5, 6, 7}))
     return "\n".join(lines)
+
+
+def _daemons(daemons: list[dict[str, Any]], now: datetime) -> list[str]:
+    """The daemons sharing the database, when there are others than this one; a configuration that differs
+    from this daemon's is flagged: daemons that disagree deliver differently depending on who claims a job."""
+    if len(daemons) < 2:
+        return []
+    lines = [f"{len(daemons)} daemons share the database:"]
+    for d in daemons:
+        notes = [" (this one)" if d.get("this") else "",
+                 " CONFIGURATION DIFFERS from this one's: make the files agree and reload"
+                 if d.get("config_differs") else ""]
+        lines.append(f"  {d.get('host', '?')} pid {d.get('pid', '?')}, eventrelay {d.get('version', '?')}, "
+                     f"config {d.get('config_hash', '?')}, seen {_ago(d.get('last_seen'), now)}{''.join(notes)}")
+    return lines
 
 
 def delivery_state(integration: dict[str, Any], now: datetime, *, reasons: bool = True) -> str:

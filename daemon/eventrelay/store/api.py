@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # the writer process imports this module too, and needs none 
     from ..events import Event
     from ..jobs import AttemptRecord, Job
 
-__all__ = ["DEAD_LETTER_TYPE", "Accepted", "AttemptView", "JobState", "JobView", "LastAttempts", "OutcomeCounts",
-           "Route", "Store", "StoreError", "StoredEvent", "WATCHED_STATES"]
+__all__ = ["DEAD_LETTER_TYPE", "Accepted", "AttemptView", "DaemonView", "JobState", "JobView", "LastAttempts",
+           "OutcomeCounts", "Route", "Store", "StoreError", "StoredEvent", "WATCHED_STATES"]
 
 Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key (or None)
 
@@ -113,6 +113,19 @@ class OutcomeCounts:
     dead: int = 0  # attempts that left their job dead
 
 
+@dataclass(frozen=True, slots=True)
+class DaemonView:
+    """A daemon using the store, as it last said of itself."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    config_hash: str  # of what must agree across daemons: integrations and delivery (Service says what)
+    started_at: float  # unix seconds
+    last_seen: float  # its last heartbeat (for a store of one daemon: now)
+
+
 class Store(Protocol):
     """Everything the daemon asks of its storage. Every method may raise StoreError."""
 
@@ -137,6 +150,14 @@ class Store(Protocol):
 
     async def ping(self) -> bool:
         """The store can read and write: for readiness and the watchdog."""
+
+    id: str  # this daemon, among those sharing the store
+
+    def announce(self, version: str, config_hash: str) -> None:
+        """What this daemon tells the others about itself, from its start and again after each reload."""
+
+    async def daemons(self) -> list[DaemonView]:
+        """The daemons using the store now (heartbeats not older than a few seconds), this one first."""
 
     # -- ingest ---------------------------------------------------------------------------------------------
 

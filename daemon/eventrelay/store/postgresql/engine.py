@@ -9,9 +9,6 @@ the others claim the jobs then. New jobs are announced with NOTIFY, so every dae
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -20,13 +17,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import structlog
 
-from ...aio import Backoff, cancel
+from ...aio import Backoff, cancel, wait_event
 from ...config import PostgresConfig
 from ...events import Event
 from ...jobs import AttemptRecord, Job, JobState
-from ..api import (WATCHED_STATES, Accepted, AttemptView, JobView, LastAttempts, OutcomeCounts, Route, StoredEvent,
-                   StoreError)
+from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, LastAttempts, OutcomeCounts, Route,
+                   StoredEvent, StoreError)
 from . import schema
+from ..identity import Identity
 from .reads import Reads
 from .writes import EventRow, Statements, dead_letter_rows, forward_dead, ingest_arguments, job_from_row, \
     record_arguments
@@ -36,6 +34,8 @@ log = structlog.get_logger(component="store")
 _CONNECT_TIMEOUT = 10.0  # seconds for one connection attempt
 _RECONNECT_MAX = 30.0  # seconds between attempts to reach an unreachable database, at most
 _LISTENER_CHECK = 1.0  # seconds between checks that the connection receiving wake-ups is alive
+_HEARTBEAT = 5.0  # seconds between a daemon's heartbeats
+_MISSED_HEARTBEATS = 3  # a daemon silent for this many heartbeats is no longer listed
 _SERVER_SETTINGS = {"application_name": "eventrelay", "jit": "off"}  # JIT costs short queries milliseconds
 
 # Failures of the database or the way to it, not of one operation's data: nothing in the batch can be stored.
@@ -63,7 +63,8 @@ class PostgresStore:
 
     def __init__(self, config: PostgresConfig, pool: asyncpg.Pool, loop: asyncio.AbstractEventLoop):
         self.config = config
-        self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"  # this daemon, in leases
+        self._identity = Identity()
+        self.id = self.me = self._identity.id  # this daemon, in leases and among the daemons
         self._pool = pool
         self._loop = loop
         self._sql = Statements(config.schema)
@@ -73,6 +74,7 @@ class PostgresStore:
         self._held: dict[int, None] = {}  # jobs this daemon claimed and has not recorded or released
         self._seen: set[str] = set()  # integrations this daemon has claimed for: woken after a missed NOTIFY
         self._stopping = False
+        self._announced = asyncio.Event()  # set by announce(): a heartbeat with the news goes at once
         self.commits = 0
         self.on_jobs_added: Callable[[set[str]], None] = lambda names: None
         self.on_commit: Callable[[int, float], None] = lambda operations, seconds: None
@@ -110,7 +112,8 @@ class PostgresStore:
             lanes = [tasks.create_task(self._drain(self._ingests, self._commit_ingests), name="store-ingests"),
                      tasks.create_task(self._drain(self._records, self._commit_records), name="store-outcomes")]
             helpers = [tasks.create_task(self._renew_leases(), name="store-leases"),
-                       tasks.create_task(self._listen(), name="store-wakeups")]
+                       tasks.create_task(self._listen(), name="store-wakeups"),
+                       tasks.create_task(self._heartbeat(), name="store-heartbeat")]
             try:
                 await asyncio.gather(*lanes)
             finally:
@@ -124,6 +127,10 @@ class PostgresStore:
 
     async def close(self) -> None:
         self.stop()
+        try:
+            await self._pool.execute(self._sql.forget_daemons, self.id, timeout=5.0)
+        except (asyncpg.PostgresError, *_UNAVAILABLE):
+            pass  # the row ages out of status on its own
         if self._held:
             try:
                 await self.release(list(self._held))
@@ -285,6 +292,34 @@ class PostgresStore:
                 except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
                     log.warning("cannot renew the leases of the jobs being delivered; other daemons may take "
                                 "them when the leases run out", error=str(e), jobs=len(self._held))
+
+    def announce(self, version: str, config_hash: str) -> None:
+        self._identity.announce(version, config_hash)
+        self._announced.set()
+
+    async def daemons(self) -> list[DaemonView]:
+        rows = await self._fetch(self._sql.daemons, _HEARTBEAT * _MISSED_HEARTBEATS)
+        views = [DaemonView(*r) for r in rows]
+        return sorted(views, key=lambda v: v.id != self.id)  # this one first
+
+    async def _heartbeat(self) -> None:
+        """Tell the others this daemon is alive, as it described itself, every few seconds."""
+        await self._announced.wait()
+        self._announced.clear()
+        failing = False
+        while True:
+            me = self._identity
+            try:
+                await self._pool.execute(self._sql.heartbeat, me.id, me.host, me.pid, me.version, me.config_hash,
+                                         me.started_at)
+                failing = False
+            except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
+                if not failing:
+                    log.warning("cannot record this daemon's heartbeat; other daemons' status will not list it "
+                                "until the database answers", error=str(e))
+                failing = True
+            await wait_event(self._announced, _HEARTBEAT)
+            self._announced.clear()
 
     async def _listen(self) -> None:
         """Receive other daemons' NOTIFY of new jobs on a connection of its own, reconnecting when it drops;

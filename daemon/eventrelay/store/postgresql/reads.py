@@ -62,7 +62,8 @@ class Reads:
 
     async def jobs(self, integration: str | None, state: JobState | None, limit: int, offset: int,
                    event_id: str | None) -> tuple[list[JobView], int]:
-        clauses, args = _where(("j.integration = $", integration), ("j.state = $", JobState(state).value if state else None),
+        clauses, args = _where(("j.integration = $", integration),
+                               ("j.state = $", JobState(state).value if state else None),
                                (f"j.event_seq IN (SELECT seq FROM {self._s}.events WHERE id = $)", event_id))
         n = len(args)
         rows = await self._fetch(

@@ -75,6 +75,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (minute, integration)
     );
     """,
+    """
+    -- The daemons sharing the schema, each as it last said of itself: status shows the live ones.
+    CREATE TABLE {s}.daemons (
+        id          text PRIMARY KEY,
+        host        text NOT NULL,
+        pid         integer NOT NULL,
+        version     text NOT NULL,
+        config_hash text NOT NULL,
+        started_at  double precision NOT NULL,
+        last_seen   double precision NOT NULL  -- the database's clock
+    );
+    """,
 )
 
 

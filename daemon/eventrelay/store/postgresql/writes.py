@@ -145,6 +145,17 @@ class Statements:
             DELETE FROM {s}.outcome_minutes WHERE (minute, integration) IN (
                 SELECT minute, integration FROM {s}.outcome_minutes WHERE minute < $1 LIMIT $2)"""
 
+        self.heartbeat = f"""
+            INSERT INTO {s}.daemons (id, host, pid, version, config_hash, started_at, last_seen)
+            VALUES ($1, $2, $3, $4, $5, $6, {NOW})
+            ON CONFLICT (id) DO UPDATE SET version = excluded.version, config_hash = excluded.config_hash,
+                                           last_seen = excluded.last_seen"""
+        # Rows of daemons gone for an hour go: a crashed daemon's row says nothing after that.
+        self.forget_daemons = f"DELETE FROM {s}.daemons WHERE last_seen < {NOW} - 3600 OR id = $1"
+        self.daemons = f"""
+            SELECT id, host, pid, version, config_hash, started_at, last_seen FROM {s}.daemons
+            WHERE last_seen >= {NOW} - $1 ORDER BY started_at, id"""
+
     def claim(self, ordered: bool, only: bool) -> str:
         return (self.claim_head + (self.claim_only if only else "") + (self.claim_heads if ordered else "")
                 + self.claim_tail)

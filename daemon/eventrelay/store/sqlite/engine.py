@@ -26,8 +26,9 @@ import structlog
 
 from ...events import Event
 from ...jobs import AttemptRecord, Job, JobState
-from ..api import (WATCHED_STATES, Accepted, AttemptView, JobView, LastAttempts, OutcomeCounts, Route, StoredEvent,
-                   StoreError)
+from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, LastAttempts, OutcomeCounts, Route,
+                   StoredEvent, StoreError)
+from ..identity import Identity
 from . import files
 from .reads import Reads
 from .wire import ROW_OPS, Done, FrameReader, Op, Prune, Replay, Reply, Retry, SetDisabled, dumps, event_rows, \
@@ -88,6 +89,8 @@ class SqliteStore:
         self._started: asyncio.Future[None] = loop.create_future()
         self._gone: asyncio.Future[None] = loop.create_future()  # the socket to the writer closed
         self.commits = 0
+        self._identity = Identity()
+        self.id = self._identity.id
         self.on_jobs_added: Callable[[set[str]], None] = lambda names: None
         self.on_commit: Callable[[int, float], None] = lambda operations, seconds: None
 
@@ -190,6 +193,13 @@ class SqliteStore:
             self._flush()
             if self._transport is not None and not self._transport.is_closing() and self._transport.can_write_eof():
                 self._transport.write_eof()
+
+    def announce(self, version: str, config_hash: str) -> None:
+        self._identity.announce(version, config_hash)
+
+    async def daemons(self) -> list[DaemonView]:
+        """This daemon alone: the file's lock keeps any other away."""
+        return [self._identity.view(time.time())]
 
     async def ping(self) -> bool:
         """The database answers a read, and the writer is running."""

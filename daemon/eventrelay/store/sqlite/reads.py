@@ -151,7 +151,8 @@ class Reads:
 
     async def jobs(self, integration: str | None, state: JobState | None, limit: int, offset: int,
                    event_id: str | None) -> tuple[list[JobView], int]:
-        clauses, params = _where(("j.integration = ?", integration), ("j.state = ?", JobState(state).value if state else None),
+        clauses, params = _where(("j.integration = ?", integration),
+                                 ("j.state = ?", JobState(state).value if state else None),
                                  ("j.event_seq IN (SELECT seq FROM events WHERE id = ?)", event_id))
         rows = await self._fetch(
             f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq {clauses} "
