@@ -207,3 +207,29 @@ async def test_status_lists_the_daemons_and_flags_one_whose_configuration_differ
                            text=True, timeout=30, cwd=REPO)
     assert shown.returncode == 0, shown.stderr
     assert "2 daemons share the database" in shown.stdout and "CONFIGURATION DIFFERS" in shown.stdout
+
+
+async def test_a_410_heard_by_one_daemon_stops_them_all_and_an_enable_on_any_resumes_all(
+        cluster_of, receiver: Receiver) -> None:
+    gone = True
+    receiver.respond = lambda r: web.Response(status=410 if gone else 204)
+    a, b = cluster_of(2, [webhook("erp", receiver.url)])
+    await start_all([a, b])
+    async with aiohttp.ClientSession() as session:
+        async def disabled(d: DaemonProcess) -> bool:
+            async with session.get(f"{d.url}/v1/status") as r:
+                (row,) = (await r.json())["data"]["integrations"]
+                return isinstance(row.get("disabled"), dict)
+
+        await post(session, a.url, [{"id": "first", "type": "order.paid", "data": {}}])
+        await wait_until(lambda: disabled(a) if receiver.requests else False, timeout=15)
+        await wait_until(lambda: disabled(b), timeout=15)  # b heard no 410 itself
+        for i in range(6):
+            await post(session, (a, b)[i % 2].url, [{"id": f"held-{i}", "type": "order.paid", "data": {}}])
+        await asyncio.sleep(1.0)
+        assert all(r.json["id"] == "first" for r in receiver.requests)  # nothing more was sent
+        gone = False
+        async with session.post(f"{b.url}/v1/integrations/erp/enable") as r:
+            assert r.status == 200, await r.text()
+        await wait_until(lambda: {f"held-{i}" for i in range(6)} <= set(receiver.ids()), timeout=20)
+        assert not await disabled(a)

@@ -39,6 +39,8 @@ log = structlog.get_logger(component="service")
 USER_AGENT = f"eventrelay/{__version__}"
 _INGEST_DRAIN = 5.0  # seconds open requests get to finish once we stop listening
 _STATUS_EVERY = 30.0
+_SHARED_STATE_EVERY = 2.0  # seconds; how soon a daemon follows a 410 or an enable recorded by another
+_RECORD_MARGIN = 10.0  # seconds within which a daemon's own 410 is surely recorded
 # Seconds systemd's start timeout is pushed past each wait for the database: the next try, then this much.
 _START_WAIT_MARGIN = 30.0
 _SETTLE_MARGIN = 5.0  # seconds an operator's retry waits, past the delivery timeout, for an outcome's write
@@ -103,7 +105,8 @@ class Service:
                         self._start_dispatcher(integration)
                 self._ingestor = Ingestor(store, Router(config.integrations), self.metrics)
                 await self._listen(config)
-                housekeeping = [tasks.create_task(self._reload_on_request(stop), name="reloader"),
+                housekeeping = [tasks.create_task(self._follow_shared_state(stop), name="shared-state"),
+                                tasks.create_task(self._reload_on_request(stop), name="reloader"),
                                 tasks.create_task(self._prune_forever(stop), name="pruner"),
                                 tasks.create_task(self._report_status(stop), name="status"),
                                 tasks.create_task(watchdog_loop(self.notifier, self.is_ready, stop), name="watchdog")]
@@ -463,6 +466,30 @@ class Service:
                     log.info("pruned past retention", rows=pruned)
             except StoreError as e:
                 log.error("pruning failed; will try again", error=str(e))
+
+    async def _follow_shared_state(self, stop: asyncio.Event) -> None:
+        """With daemons sharing the store: follow the 410-disabled states the others record, and enables by an
+        operator on any of them, so every daemon stops (or resumes) sending, not only the one that heard it."""
+        if self.config.storage.backend == "sqlite":
+            return  # this daemon is the store's only one: its own dispatchers changed the state
+        while not await wait_event(stop, _SHARED_STATE_EVERY):
+            assert self.store is not None
+            read_at = time.time()
+            try:
+                stored = await self.store.disabled()
+            except StoreError:
+                continue  # the dispatchers say it when the database is away
+            for name, dispatcher in self.dispatchers.items():
+                local = dispatcher.gate.disabled
+                if name in stored and local is None:
+                    log.warning("integration disabled by another daemon: its target answered 410 Gone",
+                                integration=name, reason=stored[name][1])
+                    dispatcher.disable(stored[name])
+                elif name not in stored and local is not None and local[0] < read_at - _RECORD_MARGIN:
+                    # An enable elsewhere, not this daemon's own 410 whose record is still on its way.
+                    log.info("integration enabled again on another daemon", integration=name)
+                    dispatcher.enable()
+            self._disabled = stored
 
     async def _report_status(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

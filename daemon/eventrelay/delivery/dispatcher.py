@@ -365,6 +365,11 @@ class Dispatcher:
     def in_flight(self) -> int:
         return self._running * self._batch
 
+    def disable(self, disabled: tuple[float, str]) -> None:
+        """Another daemon sharing the store got a 410 from the target: (when, why)."""
+        self.gate.disabled = disabled
+        self._report_disabled()
+
     def enable(self) -> None:
         """An operator turned the integration back on after a 410."""
         self.gate.enable()
