@@ -233,3 +233,20 @@ async def test_a_410_heard_by_one_daemon_stops_them_all_and_an_enable_on_any_res
             assert r.status == 200, await r.text()
         await wait_until(lambda: {f"held-{i}" for i in range(6)} <= set(receiver.ids()), timeout=20)
         assert not await disabled(a)
+
+
+async def test_the_rate_limit_holds_for_all_the_daemons_together(cluster_of, receiver: Receiver) -> None:
+    daemons = cluster_of(3, [webhook("erp", receiver.url, delivery={"rate_limit": "20/s", "concurrency": 8})])
+    await start_all(daemons)
+    async with aiohttp.ClientSession() as session:
+        for i, d in enumerate(daemons):  # every daemon holds a share of the backlog
+            status, _ = await post(session, d.url, [{"id": f"r{i}-{n}", "type": "order.paid", "data": {}}
+                                                   for n in range(30)])
+            assert status == 202
+    await wait_until(lambda: len(receiver.requests) >= 90, timeout=30)
+    times = sorted(r.at for r in receiver.requests)
+    # One bucket of 20 per second for the three: a burst of 20, then 20 a second; three daemons each with a
+    # bucket of their own would have sent the 90 in about a second.
+    assert times[-1] - times[0] >= 3.0, times[-1] - times[0]
+    for i, start in enumerate(times):
+        assert sum(1 for t in times[i:] if t < start + 1.0) <= 42

@@ -309,8 +309,8 @@ class _Parser(Reader):
     def postgresql(self, s: dict[str, Any]) -> PostgresConfig:
         d = PostgresConfig()
         return PostgresConfig(
-            dsn=self.value(s, "dsn", "storage", _postgres_dsn, d.dsn),
-            schema=self.value(s, "schema", "storage", _sql_identifier, d.schema),
+            dsn=self.value(s, "dsn", "storage", postgres_dsn, d.dsn),
+            schema=self.value(s, "schema", "storage", sql_identifier, d.schema),
             pool=self.value(s, "pool", "storage", int_range(2, 1000), d.pool),
             lease=self.value(s, "lease", "storage", duration_range(5.0, 3600.0), d.lease))
 
@@ -438,7 +438,7 @@ _POSTGRES_KEYS = ("dsn", "schema", "pool", "lease")
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
-def _postgres_dsn(value: Any) -> str:
+def postgres_dsn(value: Any) -> str:
     """A libpq URL (postgresql://user:password@host:port/database?options). The password is not shown in the
     error, whatever is wrong."""
     if not isinstance(value, str):
@@ -457,7 +457,7 @@ def _postgres_dsn(value: Any) -> str:
     return value
 
 
-def _sql_identifier(value: Any) -> str:
+def sql_identifier(value: Any) -> str:
     if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise ValueError("must be a lower-case SQL name: letters, digits and _, not starting with a digit, "
                          "at most 63 characters")

@@ -18,11 +18,13 @@ from ..jobs import AttemptRecord, Job, JobState, Outcome
 from ..metrics import Metrics
 from ..store import Store, StoreError
 from .gate import NO_CHANGES, Gate
-from .policy import CircuitBreaker, RetryPolicy
+from .policy import CircuitBreaker, RetryPolicy, SharedBucket
 from .targets import Sender
 
 _IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
 _STORE_ERROR_PAUSE = 1.0
+_TOKENS_IDLE_CHECK = 1.0  # seconds between looks at `stopping` while no start waits for the rate limit
+_TOKENS_MIN_WAIT = 0.01  # seconds at least between two fetches the shared rate limit turned down
 _RECORD_RETRY_MAX = 30.0  # seconds between attempts to write outcomes the database refused, at most
 _SENDER_RESTART_MAX = 60.0  # seconds between attempts to start a sender that failed to, at most
 # Outcomes are written behind: a slot is free once the target answers. The room for unwritten outcomes, as a
@@ -66,7 +68,7 @@ class Dispatcher:
         # unrecorded stay under UNRECORDED_FACTOR × concurrency, the most a crash can duplicate per integration.
         self._recording = 0
         self._unrecorded_limit = UNRECORDED_FACTOR * self._slots
-        self.gate = Gate(delivery, burst=self._batch, disabled=disabled)
+        self.gate = Gate(delivery, burst=self._batch, disabled=disabled, shared=store.shared)
         self._expedite: set[int] = set()  # jobs an operator asked to send now, to be claimed first
         self._settling: dict[int, asyncio.Future[None]] = {}  # jobs someone waits to see recorded
         self._finished = False  # `run` has returned: outcomes still unwritten are given up
@@ -98,6 +100,8 @@ class Dispatcher:
         try:
             async with asyncio.TaskGroup() as deliveries:
                 self._deliveries = deliveries
+                if isinstance(self.gate.bucket, SharedBucket) and self.gate.bucket.rate is not None:
+                    deliveries.create_task(self._fetch_tokens(self.gate.bucket), name=f"rate-limit:{self.name}")
                 while not self._stopping:
                     self._wake.clear()
                     try:
@@ -124,6 +128,26 @@ class Dispatcher:
             except StoreError as e:
                 self._log.warning("cannot release claimed jobs; they are claimable again when their leases "
                                   "run out", error=str(e), jobs=len(unsent))
+
+    async def _fetch_tokens(self, bucket: SharedBucket) -> None:
+        """Fetch starts from the rate limit the daemons sharing the store share, whenever the gate is short
+        of them, and wake the loop when some come."""
+        assert bucket.rate is not None
+        while not self._stopping:
+            if not bucket.short:
+                await wait_event(bucket.wanted, _TOKENS_IDLE_CHECK)
+                continue
+            try:
+                granted, retry_in = await self._store.take_tokens(self.name, bucket.rate, bucket.capacity,
+                                                                  bucket.fetch)
+            except StoreError as e:
+                self._log.warning("cannot take from the shared rate limit", error=str(e))
+                granted, retry_in = 0, _STORE_ERROR_PAUSE
+            bucket.grant(granted, retry_in)
+            if granted:
+                self._wake.set()
+            else:
+                await asyncio.sleep(min(max(retry_in, _TOKENS_MIN_WAIT), _TOKENS_IDLE_CHECK))
 
     async def _start_sender(self) -> bool:
         """Open the sender's connection; a failure is retried with backoff, never fatal to the daemon."""
@@ -360,6 +384,8 @@ class Dispatcher:
         """Claim nothing more; `run` returns once the deliveries in flight have finished."""
         self._stopping = True
         self._wake.set()
+        if isinstance(self.gate.bucket, SharedBucket):
+            self.gate.bucket.wanted.set()  # its fetch task sees the stop
 
     @property
     def in_flight(self) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..config import DeliveryConfig
 from ..jobs import AttemptRecord
-from .policy import CircuitBreaker, TokenBucket
+from .policy import CircuitBreaker, SharedBucket, TokenBucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +39,12 @@ class Gate:
     The gate decides and remembers; the dispatcher logs, persists and reports what changed.
     """
 
-    def __init__(self, delivery: DeliveryConfig, burst: int, disabled: tuple[float, str] | None = None):
+    def __init__(self, delivery: DeliveryConfig, burst: int, disabled: tuple[float, str] | None = None,
+                 shared: bool = False):
         self.breaker = CircuitBreaker(delivery.breaker)
-        self._bucket = TokenBucket(delivery.rate_limit, burst=burst)
+        # Daemons sharing a store share the target's rate limit too: its bucket is in the database.
+        self.bucket: TokenBucket | SharedBucket = (SharedBucket if shared else TokenBucket)(
+            delivery.rate_limit, burst=burst)
         self.disabled = disabled
         self.unwritable = False
         self.paused_until = 0.0  # wall time
@@ -56,11 +59,11 @@ class Gate:
         breaker = self.breaker.wait(now)
         if breaker != 0.0:
             return breaker
-        return self._bucket.wait(now, size)
+        return self.bucket.wait(now, size)
 
     def started(self, now: float, size: int) -> None:
         """`size` jobs start now, as one request (`wait` said they may)."""
-        self._bucket.take(now, size)
+        self.bucket.take(now, size)
         self.breaker.started()
 
     def react(self, records: Sequence[AttemptRecord], now: float) -> Changes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -151,3 +152,46 @@ class TokenBucket:
         if self._at:
             self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)  # type: ignore[operator]
         self._at = now
+
+
+class SharedBucket:
+    """The rate limit of daemons sharing a store: the bucket lives in the database (Store.take_tokens), and
+    this daemon starts deliveries with the tokens granted to it, fetched a tenth of a second's worth at a
+    time, so that the target sees at most `rate` starts per second from all the daemons together.
+
+    `wait` and `take` are those of TokenBucket; the dispatcher's refill task fetches tokens when `short`
+    says some are wanted, and adds them with `grant`.
+    """
+
+    FETCH_SECONDS = 0.1  # how much of the rate one fetch asks for: more tokens idle here, fewer round trips
+
+    def __init__(self, rate: float | None, burst: float = 1.0):
+        self.rate = rate
+        self.capacity = max(burst, rate or 0.0)
+        self.short = 0  # tokens wanted and not held: the refill task fetches while this is above 0
+        self.wanted = asyncio.Event()  # set when `short` becomes more than 0
+        self.retry_in = 0.0  # seconds until the database's bucket has tokens again, after a fetch came short
+        self._tokens = 0.0
+
+    @property
+    def fetch(self) -> int:
+        """Tokens to ask for in one fetch."""
+        return max(self.short, int(min(self.capacity, (self.rate or 0.0) * self.FETCH_SECONDS)), 1)
+
+    def wait(self, now: float, tokens: float = 1.0) -> float:
+        if self.rate is None or self._tokens >= tokens:
+            return 0.0
+        self.short = max(self.short, int(tokens - self._tokens + 0.999))
+        self.wanted.set()
+        return max(self.retry_in, 1.0 / self.rate if self.rate < 20 else 0.05)
+
+    def take(self, now: float, tokens: float = 1.0) -> None:
+        if self.rate is not None:
+            self._tokens -= tokens
+
+    def grant(self, tokens: int, retry_in: float) -> None:
+        self._tokens += tokens
+        self.retry_in = retry_in
+        self.short = max(0, int(self.short - tokens))
+        if not self.short:
+            self.wanted.clear()

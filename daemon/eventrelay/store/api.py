@@ -152,6 +152,9 @@ class Store(Protocol):
         """The store can read and write: for readiness and the watchdog."""
 
     id: str  # this daemon, among those sharing the store
+    # Other daemons may use the store too: what they share beyond jobs (a target's rate limit, a 410) must
+    # be read from it, not kept in this daemon alone.
+    shared: bool
 
     def announce(self, version: str, config_hash: str) -> None:
         """What this daemon tells the others about itself, from its start and again after each reload."""
@@ -189,6 +192,11 @@ class Store(Protocol):
 
     async def record(self, records: Sequence[AttemptRecord]) -> None:
         """`record_later`, waiting for the commit."""
+
+    async def take_tokens(self, integration: str, rate: float, burst: float, want: int) -> tuple[int, float]:
+        """For a shared store: up to `want` starts from the integration's rate-limit bucket, which all the
+        daemons draw from (`rate` per second, holding at most `burst`). Returns (granted, seconds until the
+        rest could be granted)."""
 
     # -- integration state ----------------------------------------------------------------------------------
 

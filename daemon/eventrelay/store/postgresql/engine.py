@@ -35,7 +35,7 @@ _CONNECT_TIMEOUT = 10.0  # seconds for one connection attempt
 _RECONNECT_MAX = 30.0  # seconds between attempts to reach an unreachable database, at most
 _LISTENER_CHECK = 1.0  # seconds between checks that the connection receiving wake-ups is alive
 _HEARTBEAT = 5.0  # seconds between a daemon's heartbeats
-_MISSED_HEARTBEATS = 3  # a daemon silent for this many heartbeats is no longer listed
+LIVE_WITHIN = 3 * _HEARTBEAT  # seconds: a daemon silent for longer is no longer listed among the live ones
 _SERVER_SETTINGS = {"application_name": "eventrelay", "jit": "off"}  # JIT costs short queries milliseconds
 
 # Failures of the database or the way to it, not of one operation's data: nothing in the batch can be stored.
@@ -65,6 +65,7 @@ class PostgresStore:
         self.config = config
         self._identity = Identity()
         self.id = self.me = self._identity.id  # this daemon, in leases and among the daemons
+        self.shared = True
         self._pool = pool
         self._loop = loop
         self._sql = Statements(config.schema)
@@ -298,7 +299,7 @@ class PostgresStore:
         self._announced.set()
 
     async def daemons(self) -> list[DaemonView]:
-        rows = await self._fetch(self._sql.daemons, _HEARTBEAT * _MISSED_HEARTBEATS)
+        rows = await self._fetch(self._sql.daemons, LIVE_WITHIN)
         views = [DaemonView(*r) for r in rows]
         return sorted(views, key=lambda v: v.id != self.id)  # this one first
 
@@ -352,6 +353,11 @@ class PostgresStore:
         names = set(filter(None, payload.split(",")))
         if names:
             self.on_jobs_added(names)
+
+    async def take_tokens(self, integration: str, rate: float, burst: float, want: int) -> tuple[int, float]:
+        granted, left = await self._run("cannot take from the rate limit", self._pool.fetchrow,
+                                        self._sql.take_tokens, integration, rate, burst, want)
+        return granted, 0.0 if granted >= want else max(0.0, (want - granted - left) / rate)
 
     # -- integration state and admin writes -------------------------------------------------------------------
 

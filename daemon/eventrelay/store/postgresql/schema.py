@@ -35,11 +35,11 @@ MIGRATIONS: tuple[str, ...] = (
         ordering_key text,
         claimed_by   text,  -- the daemon delivering it, until lease_until (the database's clock)
         lease_until  double precision
-    );
+    ) WITH (fillfactor = 80);
+    -- No index covers claimed_by or lease_until, and pages keep room: a claim or a lease renewal then updates
+    -- its rows in place (a HOT update), without new entries in every index of the table.
     -- A claim walks this index from its start: its cost depends on the page, not the backlog.
     CREATE INDEX jobs_due ON {s}.jobs (integration, next_at, id) WHERE state = 'pending';
-    -- Jobs some daemon holds: few (what is in flight), and the next lease to run out.
-    CREATE INDEX jobs_leased ON {s}.jobs (integration, lease_until) WHERE claimed_by IS NOT NULL;
     CREATE INDEX jobs_event ON {s}.jobs (event_seq);
     CREATE INDEX jobs_state ON {s}.jobs (integration, state, id);
     CREATE INDEX jobs_created ON {s}.jobs (integration, created_at);
@@ -69,10 +69,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE {s}.outcome_minutes (
         integration text NOT NULL,
         minute      bigint NOT NULL,  -- unix time // 60 of the attempts' start
+        daemon      text NOT NULL DEFAULT '',  -- a row per daemon: their commits of outcomes never wait on one row
         delivered   bigint NOT NULL DEFAULT 0,
         failed      bigint NOT NULL DEFAULT 0,
         dead        bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (minute, integration)
+        PRIMARY KEY (minute, integration, daemon)
     );
     """,
     """
@@ -85,6 +86,15 @@ MIGRATIONS: tuple[str, ...] = (
         config_hash text NOT NULL,
         started_at  double precision NOT NULL,
         last_seen   double precision NOT NULL  -- the database's clock
+    );
+    """,
+    """
+    -- Each integration's rate limit, one bucket for all the daemons (the target sees their sum).
+    CREATE TABLE {s}.rate_limits (
+        integration text PRIMARY KEY,
+        tokens      double precision NOT NULL,
+        granted     integer NOT NULL,  -- what the last take was given
+        updated_at  double precision NOT NULL  -- the database's clock
     );
     """,
 )

@@ -13,6 +13,8 @@ from ..api import DEAD_LETTER_TYPE
 from ..dead_letter import dead_letter_payload
 from .schema import NOW
 
+_NEXT_DUE_WINDOW = 1000  # jobs next_due looks at, at most
+
 EventRow = tuple[str, str, str, bool, Sequence[tuple[str, str | None]]]  # id, type, payload, id given, routes
 
 
@@ -60,16 +62,15 @@ class Statements:
             FROM chosen, {s}.events e WHERE j.id = chosen.id AND e.seq = j.event_seq
             RETURNING j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at,
                       coalesce(j.requeued_at, e.accepted_at), j.next_at"""
-        # The earliest a job of the integration may be claimed by this daemon: due now or later, or when
-        # another daemon's lease on it runs out.
+        # The earliest a job of the integration may be claimed by this daemon: when it falls due, or when
+        # another daemon's lease on it runs out. Among the first jobs by due time only, so the cost stays
+        # bounded whatever the backlog: past them, the others are busy, and the lease or a wake-up comes first.
         self.next_due = f"""
-            SELECT least(
-                (SELECT j.next_at FROM {s}.jobs j WHERE j.integration = $1 AND j.state = 'pending'
-                   AND NOT (j.id = ANY($2::bigint[])) AND {claimable}
-                 ORDER BY j.next_at LIMIT 1),
-                (SELECT min(greatest(j.next_at, j.lease_until)) FROM {s}.jobs j
-                 WHERE j.integration = $1 AND j.claimed_by IS NOT NULL AND j.claimed_by <> $3
-                   AND j.state = 'pending'))"""
+            SELECT min(CASE WHEN claimed_by IS NOT NULL AND claimed_by <> $3 AND lease_until > {NOW}
+                            THEN greatest(next_at, lease_until) ELSE next_at END)
+            FROM (SELECT next_at, claimed_by, lease_until FROM {s}.jobs
+                  WHERE integration = $1 AND state = 'pending' AND NOT (id = ANY($2::bigint[]))
+                  ORDER BY next_at, id LIMIT {_NEXT_DUE_WINDOW}) first"""
         self.renew = f"""
             UPDATE {s}.jobs SET lease_until = {NOW} + $3 WHERE id = ANY($1::bigint[]) AND claimed_by = $2"""
         self.release = f"""
@@ -94,11 +95,11 @@ class Statements:
                                           status_code, error_detail, body)
                 SELECT job_id, integration, attempt, succeeded, started_at, duration, status_code, error, body
                 FROM o)
-            INSERT INTO {s}.outcome_minutes AS m (integration, minute, delivered, failed, dead)
-            SELECT integration, floor(started_at / 60)::bigint, count(*) FILTER (WHERE state = 'delivered'),
+            INSERT INTO {s}.outcome_minutes AS m (integration, minute, daemon, delivered, failed, dead)
+            SELECT integration, floor(started_at / 60)::bigint, $13, count(*) FILTER (WHERE state = 'delivered'),
                    count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead')
             FROM o GROUP BY 1, 2 ORDER BY 2, 1
-            ON CONFLICT (minute, integration) DO UPDATE SET delivered = m.delivered + excluded.delivered,
+            ON CONFLICT (minute, integration, daemon) DO UPDATE SET delivered = m.delivered + excluded.delivered,
                 failed = m.failed + excluded.failed, dead = m.dead + excluded.dead"""
         self.payload_of = f"SELECT payload FROM {s}.events WHERE id = $1"
         self.add_event = f"""
@@ -155,6 +156,18 @@ class Statements:
         self.daemons = f"""
             SELECT id, host, pid, version, config_hash, started_at, last_seen FROM {s}.daemons
             WHERE last_seen >= {NOW} - $1 ORDER BY started_at, id"""
+
+        # A token bucket per integration that all the daemons draw from: refilled at $2 per second up to $3,
+        # up to $4 tokens granted at once. `granted` keeps what this call took, for RETURNING.
+        available = f"least($3, b.tokens + greatest(0, {NOW} - b.updated_at) * $2)"
+        self.take_tokens = f"""
+            INSERT INTO {s}.rate_limits AS b (integration, tokens, granted, updated_at)
+            VALUES ($1, $3 - least($4, floor($3)), least($4, floor($3)), {NOW})
+            ON CONFLICT (integration) DO UPDATE SET
+                granted = least($4, floor({available})),
+                tokens = {available} - least($4, floor({available})),
+                updated_at = {NOW}
+            RETURNING granted::int, tokens"""
 
     def claim(self, ordered: bool, only: bool) -> str:
         return (self.claim_head + (self.claim_only if only else "") + (self.claim_heads if ordered else "")

@@ -91,6 +91,7 @@ class SqliteStore:
         self.commits = 0
         self._identity = Identity()
         self.id = self._identity.id
+        self.shared = False
         self.on_jobs_added: Callable[[set[str]], None] = lambda names: None
         self.on_commit: Callable[[int, float], None] = lambda operations, seconds: None
 
@@ -196,6 +197,10 @@ class SqliteStore:
 
     def announce(self, version: str, config_hash: str) -> None:
         self._identity.announce(version, config_hash)
+
+    async def take_tokens(self, integration: str, rate: float, burst: float, want: int) -> tuple[int, float]:
+        """Not asked: the store is this daemon's alone, so its dispatchers keep their rate limits themselves."""
+        return want, 0.0
 
     async def daemons(self) -> list[DaemonView]:
         """This daemon alone: the file's lock keeps any other away."""
