@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from . import config as config_module
 from . import log as log_setup
+from . import migrate
 from .admin import client as admin_client
 from .admin import commands as admin_commands
 from .limits import ensure_descriptors
@@ -57,6 +58,7 @@ def _main(argv: Sequence[str] | None) -> int:
     receive.add_argument("--status", type=int, default=204, help="status to answer (e.g. 500 to watch retries)")
 
     admin_commands.add_commands(commands)
+    migrate.add_command(commands)
 
     args = parser.parse_args(argv)
     if getattr(args, "func", None):
