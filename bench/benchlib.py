@@ -35,6 +35,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -462,15 +463,17 @@ def daemon_config(
     synchronous: str,
     integrations: list[dict[str, Any]],
     concurrency: int = 8,
+    storage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The daemon's YAML config as a dict, following the fixed contract."""
+    """The daemon's YAML config as a dict, following the fixed contract. `storage` replaces the SQLite
+    section (e.g. the PostgreSQL engine's), whose `synchronous` then does not apply."""
     return {
         "listen": {
             "http": f"127.0.0.1:{http_port}",
             "socket": str(workdir / "eventrelay.sock"),
             "token": None,
         },
-        "storage": {"path": str(workdir / "eventrelay.db"), "synchronous": synchronous},
+        "storage": storage or {"path": str(workdir / "eventrelay.db"), "synchronous": synchronous},
         "delivery": {
             "timeout": "10s",
             "concurrency": concurrency,
@@ -502,6 +505,7 @@ class Daemon:
         integrations: list[dict[str, Any]] | None = None,
         concurrency: int = 8,
         ready_timeout: float = 30.0,
+        storage: dict[str, Any] | None = None,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="erbench-")
         self.workdir = Path(self._tmp.name)
@@ -511,8 +515,8 @@ class Daemon:
         self.socket_path = str(self.workdir / "eventrelay.sock")
         self.config_path = self.workdir / "eventrelay.yaml"
         self.log_path = self.workdir / "daemon.log"
-        cfg = daemon_config(self.workdir, self.http_port, synchronous, integrations or [], concurrency)
-        self.db_path = Path(cfg["storage"]["path"])
+        cfg = daemon_config(self.workdir, self.http_port, synchronous, integrations or [], concurrency, storage)
+        self.db_path = Path(cfg["storage"]["path"]) if "path" in cfg["storage"] else None  # None: not SQLite
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.ready_timeout = ready_timeout
         self.ready_seconds: float | None = None
@@ -1092,6 +1096,70 @@ def socket_load(spec: SocketLoadSpec) -> LoadResult:
     return asyncio.run(_socket_load(spec))
 
 
+# --------------------------------------------------------------------------- ingest scenarios
+
+
+@dataclass(frozen=True)
+class IngestScenario:
+    """One ingest scenario of bench/ingest.py (also run by bench/postgres.py on each storage engine)."""
+
+
+    key: str
+    title: str
+    transport: str  # "http" | "socket"
+    connections: int
+    batch: int = 1  # events per HTTP request
+    window: int = 1000  # socket: unanswered lines per connection
+    chunk: int = 100  # socket: lines per write
+    target_ratio: float | None = None  # vs bare handler
+    target_rate: float | None = None  # absolute events/s
+
+    def target_text(self) -> str:
+        if self.target_ratio is not None:
+            return f">= {self.target_ratio:.0%} of bare"
+        return f">= {self.target_rate:,.0f} ev/s"
+
+    def met(self, rate: float, ratio: float | None) -> bool | None:
+        if self.target_ratio is not None:
+            return None if ratio is None else ratio >= self.target_ratio
+        assert self.target_rate is not None
+        return rate >= self.target_rate
+
+
+INGEST_SCENARIOS = (
+    IngestScenario("a", "(a) http 1 ev/req x32 conns", "http", 32, batch=1, target_ratio=0.75),
+    IngestScenario("b", "(b) http 100 ev/req x32 conns", "http", 32, batch=100, target_rate=50_000),
+    IngestScenario("c", "(c) socket ndjson x4, window 1000", "socket", 4, window=1000, chunk=100, target_rate=40_000),
+)
+
+
+def run_ingest_load(sc: IngestScenario, http_base: str, socket_path: str, server_pid: int, args: Any) -> LoadResult:
+    """One ingest scenario against one server, load generator in a separate process; `args` has the
+    command line's warmup, seconds and client."""
+    budget = args.warmup + args.seconds + 60  # generous, but bounded
+    if sc.transport == "http":
+        spec_h = HttpLoadSpec(
+            url=f"{http_base}/v1/events",
+            connections=sc.connections,
+            batch=sc.batch,
+            warmup=args.warmup,
+            seconds=args.seconds,
+            server_pid=server_pid,
+            client=args.client,
+        )
+        return run_in_child(http_load, spec_h, timeout=budget)
+    spec_s = SocketLoadSpec(
+        path=socket_path,
+        connections=sc.connections,
+        window=sc.window,
+        chunk=sc.chunk,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        server_pid=server_pid,
+    )
+    return run_in_child(socket_load, spec_s, timeout=budget)
+
+
 # --------------------------------------------------------------------------- webhook receiver
 
 TRIGGER_HEADER = "X-MOLTIN-INTEGRATION-TRIGGER"
@@ -1323,4 +1391,141 @@ async def _preload(events_url: str, n: int, batch: int, timeout: float) -> dict[
                 out["duplicates"] += bool(item.get("duplicate"))
     out["errors"] = out["errors"][:5] + ([f"... {len(out['errors']) - 5} more"] if len(out["errors"]) > 5 else [])
     out["client_cpu_s"] = time.process_time()
+    return out
+
+
+# -- paced single events, for accept -> delivered latency --------------------------------------------------
+
+def paced(events_url: str | list[str], rate: float, warmup: float, seconds: float, max_inflight: int
+          ) -> dict[str, Any]:
+    """Child entry: open-loop single-event POSTs at `rate`/s with bench-chosen ids; several URLs (daemons
+    sharing one database) take the events in turn."""
+    return asyncio.run(_paced(events_url, rate, warmup, seconds, max_inflight))
+
+
+async def _paced(events_url: str | list[str], rate: float, warmup: float, seconds: float, max_inflight: int
+                 ) -> dict[str, Any]:
+    import aiohttp
+
+    urls = [events_url] if isinstance(events_url, str) else list(events_url)
+
+    n_warm = int(rate * warmup)
+    n_total = n_warm + int(rate * seconds)
+    ids = [str(uuid.uuid4()) for _ in range(n_total)]
+    bodies = [json.dumps(event_obj(i, ids[i])).encode() for i in range(n_total)]
+    records: dict[str, tuple[float, float]] = {}  # id -> (sent, accepted), measured part only
+    errors: list[str] = []
+    state = {"max_lag": 0.0, "skipped": 0}
+    inflight = asyncio.Semaphore(max_inflight)
+    headers = {"Content-Type": "application/json"}
+
+    async def send(session: aiohttp.ClientSession, i: int) -> None:
+        async with inflight:
+            t_send = time.monotonic()
+            try:
+                async with session.post(urls[i % len(urls)], data=bodies[i], headers=headers) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+                return
+            t_acc = time.monotonic()
+        if status != 202:
+            errors.append(f"HTTP {status}: {raw[:200]!r}")
+        elif i >= n_warm:
+            records[ids[i]] = (t_send, t_acc)
+
+    connector = aiohttp.TCPConnector(limit=max_inflight)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        tasks = []
+        t0 = time.monotonic()
+        for i in range(n_total):
+            target = t0 + i / rate
+            delay = target - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                state["max_lag"] = max(state["max_lag"], -delay)
+            tasks.append(asyncio.create_task(send(session, i)))
+        t_paced_end = time.monotonic()
+        await asyncio.wait(tasks, timeout=60)
+    return {
+        "records": records,
+        "measured_ids": ids[n_warm:],
+        "errors": errors[:5],
+        "error_count": len(errors),
+        "max_schedule_lag_ms": state["max_lag"] * 1e3,
+        "achieved_rate": n_total / max(t_paced_end - t0, 1e-9),
+        "client_cpu_s": time.process_time(),
+    }
+
+def delivery_latency(res: dict[str, Any], arrivals: dict[str, float]) -> dict[str, Any]:
+    """Accept -> delivered and send -> delivered of a paced() run, from the receiver's first arrivals."""
+    acc_lat, e2e_lat, missing = [], [], 0
+    for eid in res["measured_ids"]:
+        rec, arr = res["records"].get(eid), arrivals.get(eid)
+        if rec is None:
+            continue  # not accepted: counted in the client's errors
+        if arr is None:
+            missing += 1
+            continue
+        acc_lat.append(arr - rec[1])
+        e2e_lat.append(arr - rec[0])
+    return {
+        "accepted": len(res["records"]),
+        "measured": len(res["measured_ids"]),
+        "missing": missing,
+        "negative": sum(1 for x in acc_lat if x < 0),
+        "accept_to_delivered": latency_summary_ms(acc_lat),
+        "send_to_delivered": latency_summary_ms(e2e_lat),
+    }
+
+
+# -- a stored backlog, released by a reload ----------------------------------------------------------------
+
+
+def held_webhook(url: str) -> dict[str, Any]:
+    """A webhook integration held back by a rate limit of 1/s: its events pile up as pending jobs until
+    release_backlog() lifts the limit."""
+    hook = webhook_integration(url)
+    hook["delivery"] = {"rate_limit": "1/s"}
+    return hook
+
+
+def release_backlog(daemons: list[Daemon], receiver: Receiver, events: int, timeout: float, batch: int = 1000,
+                    server_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Delivery alone: `events` are stored through the first daemon while held_webhook()'s rate limit holds
+    them back, then a reload (SIGHUP) of every daemon lifts it; measured from the SIGHUP until the receiver
+    has seen every id still waiting. Daemons that share one database drain it together. `server_cpu()`:
+    the database server's CPU seconds so far, taken around the drain as well."""
+    out: dict[str, Any] = {"load": run_in_child(preload, daemons[0].events_url, events, batch, timeout,
+                                                timeout=timeout + 30)}
+    for d in daemons:
+        config = yaml.safe_load(d.config_path.read_text())
+        for integration in config["integrations"]:
+            integration.pop("delivery", None)
+        d.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    time.sleep(1.2)  # a delivery the rate limit let through just now has finished
+    out["before"] = before = receiver.stats()["unique"]
+    receiver.reset()
+    machine, r_meter = CpuMeter(None), CpuMeter(receiver.pid)
+    d_meters = [CpuMeter(d.pid) for d in daemons]
+    server0 = server_cpu() if server_cpu else None
+    t_release = time.monotonic()
+    for d in daemons:
+        os.kill(d.pid, signal.SIGHUP)
+    st = receiver.wait_unique(events - before, timeout=timeout)
+    if server_cpu is not None and server0 is not None:
+        out["server_cpu_s"] = server_cpu() - server0
+    d_cpu = [m.seconds() for m in d_meters]
+    out["daemon_cpu_s"] = d_cpu
+    out["daemon_cpu_pct"] = None if None in d_cpu else 100.0 * sum(d_cpu) / d_meters[0].elapsed()  # type: ignore
+    out["receiver_cpu_pct"], out["receiver_cpu_s"] = r_meter.percent(), r_meter.seconds()
+    server = [out["server_cpu_s"]] if "server_cpu_s" in out else []
+    out["other_cpu_pct"] = other_cpu_pct(machine, [*d_cpu, out["receiver_cpu_s"], *server])
+    out["receiver"] = st
+    out["delivered"] = st["unique"]
+    if st["unique"] >= events - before:
+        out["seconds"] = st["t_last_new"] - t_release
+        out["rate"] = st["unique"] / out["seconds"]
     return out

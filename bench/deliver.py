@@ -32,14 +32,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sys
 import time
 import uuid
 from typing import Any
 
-import yaml
 from benchlib import (
     run_on_daemon_loop,
     TRIGGER_HEADER,
@@ -50,14 +47,16 @@ from benchlib import (
     preload,
     Receiver,
     daemon_problems,
+    delivery_latency,
     environment,
-    event_obj,
-    latency_summary_ms,
+    held_webhook,
     log,
     lower_median,
     order_data,
     other_cpu_pct,
+    paced,
     print_header,
+    release_backlog,
     run_in_child,
     webhook_integration,
 )
@@ -138,65 +137,6 @@ async def _webhook_baseline(hook_url: str, n: int, concurrency: int, timeout: fl
 
 
 
-def paced(events_url: str, rate: float, warmup: float, seconds: float, max_inflight: int) -> dict[str, Any]:
-    """Child entry: open-loop single-event POSTs at `rate`/s with bench-chosen ids."""
-    return asyncio.run(_paced(events_url, rate, warmup, seconds, max_inflight))
-
-
-async def _paced(events_url: str, rate: float, warmup: float, seconds: float, max_inflight: int) -> dict[str, Any]:
-    import aiohttp
-
-    n_warm = int(rate * warmup)
-    n_total = n_warm + int(rate * seconds)
-    ids = [str(uuid.uuid4()) for _ in range(n_total)]
-    bodies = [json.dumps(event_obj(i, ids[i])).encode() for i in range(n_total)]
-    records: dict[str, tuple[float, float]] = {}  # id -> (sent, accepted), measured part only
-    errors: list[str] = []
-    state = {"max_lag": 0.0, "skipped": 0}
-    inflight = asyncio.Semaphore(max_inflight)
-    headers = {"Content-Type": "application/json"}
-
-    async def send(session: aiohttp.ClientSession, i: int) -> None:
-        async with inflight:
-            t_send = time.monotonic()
-            try:
-                async with session.post(events_url, data=bodies[i], headers=headers) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-            except Exception as exc:  # noqa: BLE001
-                errors.append(repr(exc))
-                return
-            t_acc = time.monotonic()
-        if status != 202:
-            errors.append(f"HTTP {status}: {raw[:200]!r}")
-        elif i >= n_warm:
-            records[ids[i]] = (t_send, t_acc)
-
-    connector = aiohttp.TCPConnector(limit=max_inflight)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        tasks = []
-        t0 = time.monotonic()
-        for i in range(n_total):
-            target = t0 + i / rate
-            delay = target - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                state["max_lag"] = max(state["max_lag"], -delay)
-            tasks.append(asyncio.create_task(send(session, i)))
-        t_paced_end = time.monotonic()
-        await asyncio.wait(tasks, timeout=60)
-    return {
-        "records": records,
-        "measured_ids": ids[n_warm:],
-        "errors": errors[:5],
-        "error_count": len(errors),
-        "max_schedule_lag_ms": state["max_lag"] * 1e3,
-        "achieved_rate": n_total / max(t_paced_end - t0, 1e-9),
-        "client_cpu_s": time.process_time(),
-    }
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -252,28 +192,11 @@ def run_backlog(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
     1/s, and released by a reload (SIGHUP) that lifts the limit; measured from the SIGHUP until the
     receiver has seen every id that was still waiting."""
     receiver.reset()
-    out: dict[str, Any] = {}
-    held = webhook_integration(receiver.hook_url)
-    held["delivery"] = {"rate_limit": "1/s"}
-    with Daemon(synchronous=args.synchronous, integrations=[held], concurrency=CONCURRENCY) as d:
-        out["load"] = run_in_child(preload, d.events_url, args.events, BATCH, args.timeout, timeout=args.timeout + 30)
-        config = yaml.safe_load(d.config_path.read_text())
-        del config["integrations"][0]["delivery"]
-        d.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        time.sleep(1.2)  # a delivery the rate limit let through just now has finished
-        out["before"] = before = receiver.stats()["unique"]
-        receiver.reset()
-        d_meter, r_meter = CpuMeter(d.pid), CpuMeter(receiver.pid)
-        t_release = time.monotonic()
-        os.kill(d.pid, signal.SIGHUP)
-        st = receiver.wait_unique(args.events - before, timeout=args.timeout)
-        out["daemon_cpu_pct"], out["receiver_cpu_pct"] = d_meter.percent(), r_meter.percent()
+    with Daemon(synchronous=args.synchronous, integrations=[held_webhook(receiver.hook_url)],
+                concurrency=CONCURRENCY) as d:
+        out = release_backlog([d], receiver, args.events, args.timeout, batch=BATCH)
         d.stop()
         out["daemon_notes"] = daemon_problems(d)
-    out["delivered"] = st["unique"]
-    if st["unique"] >= args.events - before:
-        out["seconds"] = st["t_last_new"] - t_release
-        out["rate"] = st["unique"] / out["seconds"]
     return out
 
 
@@ -292,24 +215,8 @@ def run_latency(receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
         out["daemon_rss_kib"] = d.rss()
         d.stop()
         out["daemon_notes"] = daemon_problems(d)
-    acc_lat, e2e_lat, missing = [], [], 0
-    for eid in res["measured_ids"]:
-        rec, arr = res["records"].get(eid), arrivals.get(eid)
-        if rec is None:
-            continue  # not accepted: counted in the client's errors
-        if arr is None:
-            missing += 1
-            continue
-        acc_lat.append(arr - rec[1])
-        e2e_lat.append(arr - rec[0])
-    negative = sum(1 for x in acc_lat if x < 0)
     out.update(
-        accepted=len(res["records"]),
-        measured=len(res["measured_ids"]),
-        missing=missing,
-        negative=negative,
-        accept_to_delivered=latency_summary_ms(acc_lat),
-        send_to_delivered=latency_summary_ms(e2e_lat),
+        delivery_latency(res, arrivals),
         client_errors=res["error_count"],
         client_error_samples=res["errors"],
         achieved_rate=res["achieved_rate"],

@@ -36,61 +36,27 @@ import json
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from benchlib import (
+    INGEST_SCENARIOS as SCENARIOS,
     run_on_daemon_loop,
     BUSY_OTHER_PCT,
     Daemon,
-    HttpLoadSpec,
+    IngestScenario as Scenario,
     LoadResult,
     Receiver,
     ServerChild,
-    SocketLoadSpec,
     daemon_problems,
     environment,
     free_port,
-    http_load,
     install_stop_signals,
     log,
     lower_median,
     print_header,
-    run_in_child,
-    socket_load,
+    run_ingest_load as run_load,
     wait_http_ok,
     webhook_integration,
-)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    title: str
-    transport: str  # "http" | "socket"
-    connections: int
-    batch: int = 1  # events per HTTP request
-    window: int = 1000  # socket: unanswered lines per connection
-    chunk: int = 100  # socket: lines per write
-    target_ratio: float | None = None  # vs bare handler
-    target_rate: float | None = None  # absolute events/s
-
-    def target_text(self) -> str:
-        if self.target_ratio is not None:
-            return f">= {self.target_ratio:.0%} of bare"
-        return f">= {self.target_rate:,.0f} ev/s"
-
-    def met(self, rate: float, ratio: float | None) -> bool | None:
-        if self.target_ratio is not None:
-            return None if ratio is None else ratio >= self.target_ratio
-        assert self.target_rate is not None
-        return rate >= self.target_rate
-
-
-SCENARIOS = (
-    Scenario("a", "(a) http 1 ev/req x32 conns", "http", 32, batch=1, target_ratio=0.75),
-    Scenario("b", "(b) http 100 ev/req x32 conns", "http", 32, batch=100, target_rate=50_000),
-    Scenario("c", "(c) socket ndjson x4, window 1000", "socket", 4, window=1000, chunk=100, target_rate=40_000),
 )
 
 
@@ -156,32 +122,6 @@ async def _serve_bare(port: int, socket_path: str) -> None:
 
 
 # --------------------------------------------------------------------------- running
-
-
-def run_load(sc: Scenario, http_base: str, socket_path: str, server_pid: int, args: argparse.Namespace) -> LoadResult:
-    """One scenario against one server, load generator in a separate process."""
-    budget = args.warmup + args.seconds + 60  # generous, but bounded
-    if sc.transport == "http":
-        spec_h = HttpLoadSpec(
-            url=f"{http_base}/v1/events",
-            connections=sc.connections,
-            batch=sc.batch,
-            warmup=args.warmup,
-            seconds=args.seconds,
-            server_pid=server_pid,
-            client=args.client,
-        )
-        return run_in_child(http_load, spec_h, timeout=budget)
-    spec_s = SocketLoadSpec(
-        path=socket_path,
-        connections=sc.connections,
-        window=sc.window,
-        chunk=sc.chunk,
-        warmup=args.warmup,
-        seconds=args.seconds,
-        server_pid=server_pid,
-    )
-    return run_in_child(socket_load, spec_s, timeout=budget)
 
 
 class BareServer(ServerChild):
