@@ -250,3 +250,30 @@ async def test_the_rate_limit_holds_for_all_the_daemons_together(cluster_of, rec
     assert times[-1] - times[0] >= 3.0, times[-1] - times[0]
     for i, start in enumerate(times):
         assert sum(1 for t in times[i:] if t < start + 1.0) <= 42
+
+
+async def test_per_resource_ordering_holds_across_daemons(cluster_of, receiver: Receiver) -> None:
+    failures = {"o1-a": 2}  # o1's head fails twice: its later events must wait, on every daemon
+
+    def answer(r):
+        if failures.get(r.json["id"], 0) > 0:
+            failures[r.json["id"]] -= 1
+            return web.Response(status=500)
+        return web.Response(status=204)
+
+    receiver.respond = answer
+    daemons = cluster_of(3, [webhook("erp", receiver.url, ["order.*"], delivery={
+        "ordering": "per_resource", "concurrency": 8,
+        "retry": {"initial": "200ms", "max_interval": "200ms", "max_age": "1h"}})])
+    await start_all(daemons)
+    async with aiohttp.ClientSession() as session:
+        for step in "abcdef":  # each step accepted by another daemon
+            status, _ = await post(session, daemons["abcdef".index(step) % 3].url, [
+                {"id": f"{order}-{step}", "type": "order.updated", "data": {"id": order}}
+                for order in ("o1", "o2", "o3", "o4")])
+            assert status == 202
+    await wait_until(lambda: len({r.json["id"] for r in receiver.requests}) == 24, timeout=30)
+    delivered = [r.json["id"] for r in receiver.requests]  # the failed attempts at o1-a included
+    for order in ("o1", "o2", "o3", "o4"):
+        sequence = [e for e in delivered if e.startswith(order)]
+        assert sequence == sorted(sequence) and sequence[-1] == f"{order}-f", sequence

@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import structlog
@@ -23,25 +22,20 @@ from ...events import Event
 from ...jobs import AttemptRecord, Job, JobState
 from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, LastAttempts, OutcomeCounts, Route,
                    StoredEvent, StoreError)
-from . import schema
 from ..identity import Identity
+from . import schema
+from .connect import (CONNECT_TIMEOUT, RECONNECT_MAX, SERVER_SETTINGS, UNAVAILABLE, Transaction, rollback_if_open,
+                      split_timeout, store_error, wait_for_database)
 from .reads import Reads
 from .writes import EventRow, Statements, dead_letter_rows, forward_dead, ingest_arguments, job_from_row, \
     record_arguments
 
 log = structlog.get_logger(component="store")
 
-_CONNECT_TIMEOUT = 10.0  # seconds for one connection attempt
-_RECONNECT_MAX = 30.0  # seconds between attempts to reach an unreachable database, at most
 _LISTENER_CHECK = 1.0  # seconds between checks that the connection receiving wake-ups is alive
 _HEARTBEAT = 5.0  # seconds between a daemon's heartbeats
 LIVE_WITHIN = 3 * _HEARTBEAT  # seconds: a daemon silent for longer is no longer listed among the live ones
-_SERVER_SETTINGS = {"application_name": "eventrelay", "jit": "off"}  # JIT costs short queries milliseconds
 
-# Failures of the database or the way to it, not of one operation's data: nothing in the batch can be stored.
-_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.OperatorInterventionError,
-                asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError)
 
 
 class _Lane:
@@ -86,10 +80,10 @@ class PostgresStore:
     async def open(cls, config: PostgresConfig, on_wait: Callable[[str, float], None] | None = None
                    ) -> PostgresStore:
         """Connect (waiting for a database that cannot be reached yet), migrate the schema, and return."""
-        dsn, timeout = _split_timeout(config.dsn)
-        pool = await _connect(config, on_wait, lambda: asyncpg.create_pool(
-            dsn, min_size=1, max_size=config.pool, timeout=timeout, server_settings=_SERVER_SETTINGS,
-            reset=_rollback_if_open))
+        dsn, timeout = split_timeout(config.dsn)
+        pool = await wait_for_database(config, on_wait, lambda: asyncpg.create_pool(
+            dsn, min_size=1, max_size=config.pool, timeout=timeout, server_settings=SERVER_SETTINGS,
+            reset=rollback_if_open))
         try:
             async with pool.acquire() as db:
                 applied = await schema.migrate(db, config.schema)
@@ -99,7 +93,7 @@ class PostgresStore:
                              f"this eventrelay understands ({e.known}): upgrade eventrelay on this host") from None
         except BaseException as e:
             await pool.close()
-            if isinstance(e, (asyncpg.PostgresError, *_UNAVAILABLE)):
+            if isinstance(e, (asyncpg.PostgresError, *UNAVAILABLE)):
                 raise StoreError(f"cannot prepare the schema {config.schema} in {config.shown_dsn}: {e}") from e
             raise
         for version in applied:
@@ -130,7 +124,7 @@ class PostgresStore:
         self.stop()
         try:
             await self._pool.execute(self._sql.forget_daemons, self.id, timeout=5.0)
-        except (asyncpg.PostgresError, *_UNAVAILABLE):
+        except (asyncpg.PostgresError, *UNAVAILABLE):
             pass  # the row ages out of status on its own
         if self._held:
             try:
@@ -143,7 +137,7 @@ class PostgresStore:
     async def ping(self) -> bool:
         try:
             return await self._pool.fetchval("SELECT 1", timeout=5.0) == 1
-        except (asyncpg.PostgresError, *_UNAVAILABLE):
+        except (asyncpg.PostgresError, *UNAVAILABLE):
             return False
 
     # -- group commits ------------------------------------------------------------------------------------
@@ -174,11 +168,11 @@ class PostgresStore:
         try:
             results = await write([items for items, _ in batch])
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting callers
-            if len(batch) > 1 and not isinstance(e, _UNAVAILABLE):
+            if len(batch) > 1 and not isinstance(e, UNAVAILABLE):
                 for one in batch:
                     await self._commit([one], write, what)
                 return
-            failure = _store_error(e, what, self.config)
+            failure = store_error(e, what, self.config)
             log.error("write failed; nothing from this transaction was stored", error=str(failure),
                       operations=len(batch))
             for _, future in batch:
@@ -290,7 +284,7 @@ class PostgresStore:
             if self._held:
                 try:
                     await self._pool.execute(self._sql.renew, list(self._held), self.me, self.config.lease)
-                except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
+                except (asyncpg.PostgresError, *UNAVAILABLE) as e:
                     log.warning("cannot renew the leases of the jobs being delivered; other daemons may take "
                                 "them when the leases run out", error=str(e), jobs=len(self._held))
 
@@ -314,7 +308,7 @@ class PostgresStore:
                 await self._pool.execute(self._sql.heartbeat, me.id, me.host, me.pid, me.version, me.config_hash,
                                          me.started_at)
                 failing = False
-            except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
+            except (asyncpg.PostgresError, *UNAVAILABLE) as e:
                 if not failing:
                     log.warning("cannot record this daemon's heartbeat; other daemons' status will not list it "
                                 "until the database answers", error=str(e))
@@ -325,12 +319,12 @@ class PostgresStore:
     async def _listen(self) -> None:
         """Receive other daemons' NOTIFY of new jobs on a connection of its own, reconnecting when it drops;
         after a gap every dispatcher looks again, since announcements may have been missed."""
-        backoff = Backoff(0.5, _RECONNECT_MAX)
+        backoff = Backoff(0.5, RECONNECT_MAX)
         while True:
             try:
-                dsn, timeout = _split_timeout(self.config.dsn)
-                db = await asyncpg.connect(dsn, timeout=timeout, server_settings=_SERVER_SETTINGS)
-            except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
+                dsn, timeout = split_timeout(self.config.dsn)
+                db = await asyncpg.connect(dsn, timeout=timeout, server_settings=SERVER_SETTINGS)
+            except (asyncpg.PostgresError, *UNAVAILABLE) as e:
                 delay = backoff.next()
                 log.warning("cannot listen for new jobs; retrying", error=str(e), retry_in_s=delay)
                 await asyncio.sleep(delay)
@@ -343,8 +337,8 @@ class PostgresStore:
                 while not db.is_closed():
                     await asyncio.sleep(_LISTENER_CHECK)
                     try:
-                        await db.execute("SELECT 1", timeout=_CONNECT_TIMEOUT)
-                    except (asyncpg.PostgresError, *_UNAVAILABLE):
+                        await db.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
+                    except (asyncpg.PostgresError, *UNAVAILABLE):
                         break
             finally:
                 db.terminate()
@@ -408,16 +402,16 @@ class PostgresStore:
             deleted += int((await db.execute(self._sql.prune_unobserved, delivered_before, batch)).split()[-1])
         return deleted
 
-    def _write(self, what: str) -> _Transaction:
-        return _Transaction(self, what)
+    def _write(self, what: str) -> Transaction:
+        return Transaction(self, what)
 
     # -- reads ----------------------------------------------------------------------------------------------
 
     async def _run(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
         try:
             return await call(*args)
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
-            raise _store_error(e, what, self.config) from e
+        except (asyncpg.PostgresError, *UNAVAILABLE) as e:
+            raise store_error(e, what, self.config) from e
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         return await self._run("cannot read from the database", self._pool.fetch, sql, *args)
@@ -453,91 +447,3 @@ class PostgresStore:
 
     async def event(self, event_id: str) -> StoredEvent | None:
         return await self._reads.event(event_id)
-
-
-class _Transaction:
-    """A pool connection in a transaction, for the admin writes; failures become StoreErrors."""
-
-    def __init__(self, store: PostgresStore, what: str):
-        self._store, self._what = store, what
-        self._connection: Any = None
-        self._transaction: Any = None
-
-    async def __aenter__(self) -> Any:
-        if self._store._stopping:
-            raise StoreError("the store is closing; nothing more is written")
-        try:
-            self._connection = await self._store._pool.acquire()
-            self._transaction = self._connection.transaction()
-            await self._transaction.start()
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
-            await self._release()
-            raise _store_error(e, self._what, self._store.config) from e
-        return self._connection
-
-    async def __aexit__(self, kind: Any, error: BaseException | None, _tb: Any) -> None:
-        try:
-            if error is None:
-                await self._transaction.commit()
-            else:
-                await self._transaction.rollback()
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as e:
-            if error is None:
-                raise _store_error(e, self._what, self._store.config) from e
-        finally:
-            await self._release()
-        if isinstance(error, (asyncpg.PostgresError, *_UNAVAILABLE)):
-            raise _store_error(error, self._what, self._store.config) from error
-
-    async def _release(self) -> None:
-        if self._connection is not None:
-            await self._store._pool.release(self._connection)
-            self._connection = None
-
-
-async def _connect(config: PostgresConfig, on_wait: Callable[[str, float], None] | None,
-                   make: Callable[[], Any]) -> Any:
-    """`make()` once the database can be reached: an unreachable one is waited for, with backoff; a refused
-    login, a missing database or role is a StoreError at once (waiting would not fix it)."""
-    backoff = Backoff(0.5, _RECONNECT_MAX)
-    while True:
-        try:
-            return await make()
-        except _UNAVAILABLE as e:
-            delay = backoff.next()
-            error = str(e) or type(e).__name__
-            log.warning("cannot reach the database; retrying", dsn=config.shown_dsn, error=error,
-                        retry_in_s=round(delay, 1))
-            if on_wait is not None:
-                on_wait(f"waiting for the database {config.shown_dsn}: {error}", delay)
-            await asyncio.sleep(delay)
-        except asyncpg.PostgresError as e:
-            raise StoreError(f"PostgreSQL refused eventrelay ({config.shown_dsn}): {e}; check the user, password "
-                             "and database of storage.dsn") from e
-
-
-async def _rollback_if_open(db: asyncpg.Connection) -> None:
-    """What a connection needs on its way back to the pool. asyncpg's default reset (unlock advisory locks,
-    CLOSE ALL, UNLISTEN *, RESET ALL) is a round trip on every release, and the engine leaves none of those
-    behind: its advisory locks end with their transactions and it listens on a connection of its own."""
-    if db.is_in_transaction():
-        await db.execute("ROLLBACK")
-
-
-def _split_timeout(dsn: str) -> tuple[str | None, float]:
-    """The DSN without libpq's `connect_timeout` parameter, and that timeout: asyncpg would pass it on to the
-    server as a setting, which the server refuses."""
-    parts = urlsplit(dsn)
-    params = parse_qsl(parts.query, keep_blank_values=True)
-    timeout = next((float(v) for k, v in params if k == "connect_timeout" and v), _CONNECT_TIMEOUT)
-    rest = urlencode([(k, v) for k, v in params if k != "connect_timeout"])
-    return (urlunsplit(parts._replace(query=rest)) if dsn else None), timeout
-
-
-def _store_error(e: BaseException, what: str, config: PostgresConfig) -> StoreError:
-    if isinstance(e, StoreError):
-        return e
-    if isinstance(e, _UNAVAILABLE):
-        return StoreError(f"{what}: the database cannot be reached ({type(e).__name__}: {e}); eventrelay keeps "
-                          f"trying. Check PostgreSQL at {config.shown_dsn}")
-    return StoreError(f"{what}: {type(e).__name__}: {e}")

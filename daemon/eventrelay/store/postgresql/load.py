@@ -13,6 +13,7 @@ import asyncpg
 from ...config import PostgresConfig
 from ..api import StoreError
 from . import schema
+from .connect import split_timeout
 from .engine import LIVE_WITHIN
 from .writes import Statements
 
@@ -20,7 +21,6 @@ from .writes import Statements
 # database numbers (GENERATED ALWAYS AS IDENTITY) where there is one.
 _TABLES: dict[str, str | None] = {"events": "seq", "jobs": "id", "attempts": "id", "integration_state": None,
                                   "outcome_minutes": None}
-_CONNECT_TIMEOUT = 10.0  # seconds; a command fails rather than waits, unlike a daemon
 _LOCK_TIMEOUT = "10s"  # for the tables, which a daemon using the schema may hold for a moment
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -37,7 +37,8 @@ class Target:
     async def connect(cls, config: PostgresConfig) -> Target:
         """Connect and bring the schema to the current version (created if need be). Raises StoreError."""
         try:
-            db = await asyncpg.connect(config.dsn or None, timeout=_CONNECT_TIMEOUT,
+            dsn, timeout = split_timeout(config.dsn)
+            db = await asyncpg.connect(dsn, timeout=timeout,
                                        server_settings={"application_name": "eventrelay migrate-store"})
         except _ERRORS as e:
             raise StoreError(f"cannot connect to PostgreSQL at {config.shown_dsn}: {_reason(e)}; check the "
