@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ...jobs import JobState
 from ..api import AttemptView, JobView, LastAttempts, OutcomeCounts, StoredEvent
+from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, attempt_view, job_view
 
 Fetch = Callable[..., Awaitable[list[Any]]]  # (sql, *args) -> rows, failures already StoreErrors
 
-_JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, "
-                "j.next_at, j.last_error")
-_ATTEMPT_COLUMNS = ("id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, "
-                    "body")
-_EVENT_COLUMNS = "id, type, payload, accepted_at"
 
 
 class Reads:
@@ -67,53 +63,43 @@ class Reads:
                                (f"j.event_seq IN (SELECT seq FROM {self._s}.events WHERE id = $)", event_id))
         n = len(args)
         rows = await self._fetch(
-            f"SELECT {_JOB_COLUMNS} FROM {self._s}.jobs j JOIN {self._s}.events e ON e.seq = j.event_seq {clauses} "
+            f"SELECT {JOB_COLUMNS} FROM {self._s}.jobs j JOIN {self._s}.events e ON e.seq = j.event_seq {clauses} "
             f"ORDER BY j.id DESC LIMIT ${n + 1} OFFSET ${n + 2}", *args, limit, offset)
         total = await self._scalar(f"SELECT count(*) FROM {self._s}.jobs j {clauses}", *args)
-        return [_job_view(r) for r in rows], total
+        return [job_view(r) for r in rows], total
 
     async def job(self, integration: str, job_id: int) -> JobView | None:
         rows = await self._fetch(
-            f"SELECT {_JOB_COLUMNS} FROM {self._s}.jobs j JOIN {self._s}.events e ON e.seq = j.event_seq "
+            f"SELECT {JOB_COLUMNS} FROM {self._s}.jobs j JOIN {self._s}.events e ON e.seq = j.event_seq "
             "WHERE j.integration = $1 AND j.id = $2", integration, job_id)
-        return _job_view(rows[0]) if rows else None
+        return job_view(rows[0]) if rows else None
 
     async def logs(self, integration: str | None, job_id: int | None, limit: int, offset: int
                    ) -> tuple[list[AttemptView], int]:
         clauses, args = _where(("integration = $", integration), ("job_id = $", job_id))
         n = len(args)
         rows = await self._fetch(
-            f"SELECT {_ATTEMPT_COLUMNS} FROM {self._s}.attempts {clauses} ORDER BY id DESC "
+            f"SELECT {ATTEMPT_COLUMNS} FROM {self._s}.attempts {clauses} ORDER BY id DESC "
             f"LIMIT ${n + 1} OFFSET ${n + 2}", *args, limit, offset)
         total = await self._scalar(f"SELECT count(*) FROM {self._s}.attempts {clauses}", *args)
-        return [_attempt_view(r) for r in rows], total
+        return [attempt_view(r) for r in rows], total
 
     async def attempts(self, job_id: int) -> list[AttemptView]:
-        rows = await self._fetch(f"SELECT {_ATTEMPT_COLUMNS} FROM {self._s}.attempts WHERE job_id = $1 ORDER BY id",
+        rows = await self._fetch(f"SELECT {ATTEMPT_COLUMNS} FROM {self._s}.attempts WHERE job_id = $1 ORDER BY id",
                                  job_id)
-        return [_attempt_view(r) for r in rows]
+        return [attempt_view(r) for r in rows]
 
     async def events(self, limit: int, offset: int) -> tuple[list[StoredEvent], int]:
-        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM {self._s}.events ORDER BY seq DESC "
+        rows = await self._fetch(f"SELECT {EVENT_COLUMNS} FROM {self._s}.events ORDER BY seq DESC "
                                  "LIMIT $1 OFFSET $2", limit, offset)
         total = await self._scalar(f"SELECT count(*) FROM {self._s}.events")
         return [StoredEvent(*r) for r in rows], total
 
     async def event(self, event_id: str) -> StoredEvent | None:
-        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM {self._s}.events WHERE id = $1", event_id)
+        rows = await self._fetch(f"SELECT {EVENT_COLUMNS} FROM {self._s}.events WHERE id = $1", event_id)
         return StoredEvent(*rows[0]) if rows else None
 
 
-def _job_view(r: Sequence[Any]) -> JobView:
-    state = JobState(r[4])
-    return JobView(id=r[0], integration=r[1], event_id=r[2], event_type=r[3], state=state, attempts=r[5],
-                   created_at=r[6], updated_at=r[7], next_attempt_at=r[8] if state is JobState.PENDING else None,
-                   last_error=r[9])
-
-
-def _attempt_view(r: Sequence[Any]) -> AttemptView:
-    return AttemptView(id=r[0], job_id=r[1], integration=r[2], attempt=r[3], succeeded=r[4], created_at=r[5],
-                       duration=r[6], status_code=r[7], error_detail=r[8], body=r[9])
 
 
 def _where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:

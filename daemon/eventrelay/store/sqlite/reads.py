@@ -13,6 +13,7 @@ import aiosqlite
 
 from ...jobs import Job, JobState
 from ..api import AttemptView, JobView, LastAttempts, OutcomeCounts, StoredEvent, StoreError
+from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, attempt_view, job_view
 from .errors import read_failure
 
 # The claims' connection runs on the event loop's thread, so how long a busy database may stall it is
@@ -20,11 +21,6 @@ from .errors import read_failure
 # that times out is retried by its dispatcher a second later.
 _CLAIMS_BUSY_TIMEOUT_MS = 200
 
-_JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, "
-                "j.next_at, j.last_error")
-_ATTEMPT_COLUMNS = ("id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, "
-                    "body")
-_EVENT_COLUMNS = "id, type, payload, accepted_at"
 
 
 class Reads:
@@ -155,47 +151,37 @@ class Reads:
                                  ("j.state = ?", JobState(state).value if state else None),
                                  ("j.event_seq IN (SELECT seq FROM events WHERE id = ?)", event_id))
         rows = await self._fetch(
-            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq {clauses} "
+            f"SELECT {JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq {clauses} "
             "ORDER BY j.id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
         total = await self._scalar(f"SELECT count(*) FROM jobs j {clauses}", params)
-        return [_job_view(r) for r in rows], total
+        return [job_view(r) for r in rows], total
 
     async def job(self, integration: str, job_id: int) -> JobView | None:
         rows = await self._fetch(
-            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq "
+            f"SELECT {JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq "
             "WHERE j.integration = ? AND j.id = ?", (integration, job_id))
-        return _job_view(rows[0]) if rows else None
+        return job_view(rows[0]) if rows else None
 
     async def logs(self, integration: str | None, job_id: int | None, limit: int, offset: int
                    ) -> tuple[list[AttemptView], int]:
         clauses, params = _where(("integration = ?", integration), ("job_id = ?", job_id))
         rows = await self._fetch(
-            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts {clauses} ORDER BY id DESC LIMIT ? OFFSET ?",
+            f"SELECT {ATTEMPT_COLUMNS} FROM attempts {clauses} ORDER BY id DESC LIMIT ? OFFSET ?",
             (*params, limit, offset))
         total = await self._scalar(f"SELECT count(*) FROM attempts {clauses}", params)
-        return [_attempt_view(r) for r in rows], total
+        return [attempt_view(r) for r in rows], total
 
     async def events(self, limit: int, offset: int) -> tuple[list[StoredEvent], int]:
-        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ? OFFSET ?",
+        rows = await self._fetch(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ? OFFSET ?",
                                  (limit, offset))
         total = await self._scalar("SELECT count(*) FROM events")
         return [StoredEvent(*r) for r in rows], total
 
     async def event(self, event_id: str) -> StoredEvent | None:
-        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,))
+        rows = await self._fetch(f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,))
         return StoredEvent(*rows[0]) if rows else None
 
 
-def _job_view(r: tuple[Any, ...]) -> JobView:
-    state = JobState(r[4])
-    return JobView(id=r[0], integration=r[1], event_id=r[2], event_type=r[3], state=state, attempts=r[5],
-                   created_at=r[6], updated_at=r[7], next_attempt_at=r[8] if state is JobState.PENDING else None,
-                   last_error=r[9])
-
-
-def _attempt_view(r: tuple[Any, ...]) -> AttemptView:
-    return AttemptView(id=r[0], job_id=r[1], integration=r[2], attempt=r[3], succeeded=bool(r[4]), created_at=r[5],
-                       duration=r[6], status_code=r[7], error_detail=r[8], body=r[9])
 
 
 def _where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:

@@ -1,0 +1,27 @@
+"""How the rows both engines read become the API's value types: the same columns, in the same order, on
+either engine, so the reads of each differ only in their SQL dialect."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..jobs import JobState
+from .api import AttemptView, JobView
+
+JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, j.next_at, "
+               "j.last_error")  # of `jobs j JOIN events e`
+ATTEMPT_COLUMNS = "id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, body"
+EVENT_COLUMNS = "id, type, payload, accepted_at"  # a StoredEvent's fields, in order
+
+
+def job_view(r: Sequence[Any]) -> JobView:
+    state = JobState(r[4])
+    return JobView(id=r[0], integration=r[1], event_id=r[2], event_type=r[3], state=state, attempts=r[5],
+                   created_at=r[6], updated_at=r[7], next_attempt_at=r[8] if state is JobState.PENDING else None,
+                   last_error=r[9])
+
+
+def attempt_view(r: Sequence[Any]) -> AttemptView:
+    return AttemptView(id=r[0], job_id=r[1], integration=r[2], attempt=r[3], succeeded=bool(r[4]), created_at=r[5],
+                       duration=r[6], status_code=r[7], error_detail=r[8], body=r[9])
