@@ -60,13 +60,14 @@ KNOWN_KEYS = ["listen", "storage", "delivery", "integrations", "shutdown_grace",
               "observes", "configuration", "url", "secret_key", "signing_secret", "region", "aws_access_key_id",
               "aws_secret_access_key", "endpoint_url", "message_group_id", "max_message_size", "addresses",
               "destination", "username", "password", "vhost", "heartbeat", "ca_file", "request_timeout",
-              "file_mode", "store_id", "send_resources"]
+              "file_mode", "store_id", "send_resources", "backend", "dsn", "schema", "pool", "lease"]
 INTERESTING = ["10s", "250ms", "5m", "24h", "7d", "0s", "-1s", "1.5h", "1MiB", "512KiB", "0", "1GB", "0660", "0o777",
                "999", "127.0.0.1:8787", "[::1]:0", "localhost:99999", ":80", "order.paid", "order.*", "*", "Order",
                "webhook", "aws_sqs", "stomp", "http://127.0.0.1:9/h", "https://sqs.eu-west-1.amazonaws.com/1/q.fifo",
                "stomp://h:61613", "stomp+ssl://[::1]:1", "ftp://x", "${X}", "${X:-d}", "$$", "${", "full", "normal",
                "debug", "json", "per_resource", "{data.id}", "{nope}", "50/s", "0/s", "whsec_" + "QUJD" * 8,
-               "whsec_!", "./var/x.db", "/dev/null", "", " ", "\x00", "~", "ünï", "erp-orders"]
+               "whsec_!", "./var/x.db", "/dev/null", "", " ", "\x00", "~", "ünï", "erp-orders", "postgresql", "sqlite",
+               "postgresql://u:pw@127.0.0.1:5432/db?connect_timeout=2", "postgres://h:x/db", "eventrelay", "Bad-Name"]
 yaml_scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(10**30), 10**30) | st.floats()
                 | st.sampled_from(INTERESTING) | st.text(max_size=12))
 yaml_keys = st.sampled_from(KNOWN_KEYS) | st.text(max_size=10) | st.integers(-5, 5) | st.none() | st.booleans()
