@@ -22,7 +22,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # installs from them inside a container without network, as those steps would from PyPI.
 BUILD_REQUIRES = $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))")
 $(VENV)/wheelhouse/.built: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip wheel --quiet --wheel-dir $(VENV)/wheelhouse . $(BUILD_REQUIRES)
+	$(PY) -m pip wheel --quiet --wheel-dir $(VENV)/wheelhouse . $(foreach r,$(BUILD_REQUIRES),'$(r)')
 	@touch $@
 
 run: $(VENV)/.installed
