@@ -197,3 +197,31 @@ async def test_status_figures_come_from_the_records_and_survive_a_reload(start_d
     # A success after the failure: the failure and its error are still there to read.
     assert erp["last_success_at"] > erp["last_failure_at"]
     assert erp["last_error"] == "Received a status code outside of 2xx range (500)"
+
+
+async def test_a_paused_integration_keeps_its_jobs_sends_nothing_and_stays_paused_across_a_restart(
+        start_daemon, receiver: Receiver) -> None:
+    integrations = [webhook("erp", receiver.url), webhook("crm", receiver.url + "/crm")]
+    d = await start_daemon(integrations)
+    status, body = await post(d, "/v1/integrations/erp/pause")
+    assert (status, body["data"]) == (200, {"name": "erp", "paused": True, "was_paused": False})
+    assert (await post(d, "/v1/integrations/erp/pause"))[1]["data"]["was_paused"] is True
+    await d.post([{"id": f"p{i}", "type": "order.paid", "data": {}} for i in range(5)])
+    await wait_until(lambda: len([r for r in receiver.requests if r.path == "/hook/crm"]) == 5)  # crm goes on
+    await asyncio.sleep(0.5)
+    assert not [r for r in receiver.requests if r.path == "/hook"]  # erp sends nothing
+    _, status_body = await get(d, "/v1/status")
+    erp = {row["name"]: row for row in status_body["data"]["integrations"]}["erp"]
+    assert erp["pending"] == 5 and erp["paused"]["at"]
+    _, metrics = await get(d, "/metrics")
+    assert 'eventrelay_integration_paused{integration="erp"} 1.0' in metrics
+    assert 'eventrelay_integration_paused{integration="crm"} 0.0' in metrics
+
+    await d.shutdown()
+    d = await start_daemon(integrations)  # the same database: the pause outlives the restart
+    await asyncio.sleep(0.5)
+    assert not [r for r in receiver.requests if r.path == "/hook"]
+    status, body = await post(d, "/v1/integrations/erp/resume")
+    assert (status, body["data"]["was_paused"]) == (200, True)
+    await wait_until(lambda: len([r for r in receiver.requests if r.path == "/hook"]) == 5)
+    assert (await post(d, "/v1/integrations/nope/pause"))[0] == 404

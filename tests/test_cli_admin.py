@@ -257,6 +257,7 @@ GONE = {"at": ago(minutes=20), "reason": "the target answered 410 Gone: Received
     ({"paused_until": iso(NOW + timedelta(seconds=40))}, "paused until 12:00:40Z (in 40s)"),
     ({"paused_until": ago(seconds=1)}, "ok"),  # a pause that has run out holds nothing
     ({"disabled": GONE}, "disabled (410): the target answered 410 Gone: Received …"),
+    ({"paused": {"at": ago(minutes=3)}}, "paused by an operator 3m ago"),
     ({"circuit": "open", "circuit_open_until": iso(NOW + timedelta(minutes=4, seconds=10)),
       "paused_until": iso(NOW + timedelta(seconds=5))},
      "circuit open, probe in 4m 10s; paused until 12:00:05Z (in 5s)"),
@@ -1099,3 +1100,27 @@ async def test_e2e_close_circuit_and_a_retry_held_by_a_410(start_daemon, receive
     capsys.readouterr()
     assert await run("retry", "erp", gone["id"], "--url", d.url) == 0
     assert "held: the integration is disabled: the target answered 410 Gone" in capsys.readouterr().out
+
+
+@needs_admin_api
+async def test_e2e_pause_and_resume(start_daemon, receiver: Receiver, capsys, quiet_daemon) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)])
+    assert await run("pause", "erp", "--url", d.url) == 0
+    assert capsys.readouterr().out.startswith("erp paused: its jobs wait, nothing is sent")
+    assert await run("send", "order.paid", "--id", "waits", "--url", d.url) == 0
+    await asyncio.sleep(0.3)
+    assert receiver.requests == []
+    capsys.readouterr()
+    assert await run("status", "--url", d.url) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("erp ")]
+    assert "  paused by an operator " in row
+    assert await run("jobs", "erp", "--url", d.url) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if " waits  " in line]
+    assert "  held (paused by an operator" in row
+    assert await run("pause", "erp", "--url", d.url) == 0
+    assert capsys.readouterr().out == "erp was paused already\n"
+    assert await run("resume", "erp", "--url", d.url) == 0
+    assert capsys.readouterr().out == "erp resumed: its pending jobs are being delivered\n"
+    await wait_until(lambda: receiver.ids() == ["waits"])
+    assert await run("resume", "erp", "--url", d.url) == 0
+    assert capsys.readouterr().out == "erp was not paused: nothing to do\n"

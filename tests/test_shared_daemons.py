@@ -277,3 +277,25 @@ async def test_per_resource_ordering_holds_across_daemons(cluster_of, receiver: 
     for order in ("o1", "o2", "o3", "o4"):
         sequence = [e for e in delivered if e.startswith(order)]
         assert sequence == sorted(sequence) and sequence[-1] == f"{order}-f", sequence
+
+
+async def test_a_pause_on_one_daemon_holds_them_all_until_resumed_on_any(cluster_of, receiver: Receiver) -> None:
+    a, b = cluster_of(2, [webhook("erp", receiver.url)])
+    await start_all([a, b])
+    async with aiohttp.ClientSession() as session:
+        async def paused(d: DaemonProcess) -> bool:
+            async with session.get(f"{d.url}/v1/status") as r:
+                (row,) = (await r.json())["data"]["integrations"]
+                return isinstance(row.get("paused"), dict)
+
+        async with session.post(f"{a.url}/v1/integrations/erp/pause") as r:
+            assert r.status == 200
+        await wait_until(lambda: paused(b), timeout=15)
+        for i in range(6):
+            await post(session, (a, b)[i % 2].url, [{"id": f"held-{i}", "type": "order.paid", "data": {}}])
+        await asyncio.sleep(1.0)
+        assert receiver.requests == []
+        async with session.post(f"{b.url}/v1/integrations/erp/resume") as r:
+            assert r.status == 200
+        await wait_until(lambda: sorted(receiver.ids()) == [f"held-{i}" for i in range(6)], timeout=20)
+        assert not await paused(a)

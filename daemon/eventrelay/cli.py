@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="eventrelay", description="Single-host event delivery daemon.")
+    parser = argparse.ArgumentParser(prog="eventrelay",
+                                     description="Event delivery daemon: webhooks, SQS and STOMP, at least once.")
     parser.add_argument("--version", action="version", version=f"eventrelay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

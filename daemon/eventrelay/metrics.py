@@ -104,6 +104,8 @@ class Metrics:
                                            ["integration", "to"], registry=r)
         self.disabled = Gauge("eventrelay_integration_disabled", "1 while the target's 410 Gone keeps the "
                               "integration disabled", ["integration"], registry=r)
+        self.paused = Gauge("eventrelay_integration_paused", "1 while an operator keeps the integration paused",
+                            ["integration"], registry=r)
         self.reloads = Counter("eventrelay_config_reloads", "Configuration reloads by result", ["result"],
                                registry=r)
         # Counters with known labels exist at 0 from the start, so alerts on their increase see the first one.

@@ -75,6 +75,8 @@ class Service:
         self._http_cap: ConnectionCap | None = None
         self._socket: SocketIngest | None = None
         self._disabled: dict[str, tuple[float, str]] = {}  # integrations a 410 disabled, as stored
+        self._paused: dict[str, float] = {}  # integrations an operator paused: since when, as stored
+        self._operator_actions = 0  # pauses and resumes made here, so a read of the shared state can tell
         self._reload_lock = asyncio.Lock()
         self._reload_requested = asyncio.Event()
         self._ready = False
@@ -100,6 +102,7 @@ class Service:
                 self._tasks = tasks
                 writer = tasks.create_task(store.run(), name="store-writer")
                 self._disabled = await store.disabled()
+                self._paused = await store.paused()
                 for integration in config.integrations:
                     if integration.enabled:
                         self._start_dispatcher(integration)
@@ -168,7 +171,8 @@ class Service:
         assert self._tasks is not None and self.store is not None
         context = targets.SenderContext(USER_AGENT, self.config.event_source, self.config.store_id)
         sender = targets.get(integration.integration_type).sender(integration, context)
-        dispatcher = Dispatcher(integration, self.store, sender, self.metrics, self._disabled.get(integration.name))
+        dispatcher = Dispatcher(integration, self.store, sender, self.metrics, self._disabled.get(integration.name),
+                                self._paused.get(integration.name))
         self.dispatchers[dispatcher.name] = dispatcher
         self._dispatcher_tasks[dispatcher.name] = self._tasks.create_task(
             dispatcher.run(), name=f"dispatcher:{dispatcher.name}")
@@ -205,6 +209,32 @@ class Service:
         if was is not None:
             log.info("integration enabled again", integration=name)
         return was is not None
+
+    async def pause(self, name: str) -> bool:
+        """Hold an integration's deliveries until resumed; its jobs stay. False if it was paused already."""
+        assert self.store is not None
+        if name in self._paused:
+            return False
+        await self.store.set_paused(name, True)
+        self._operator_actions += 1
+        self._paused[name] = since = time.time()
+        if name in self.dispatchers:
+            self.dispatchers[name].pause(since)
+        log.info("integration paused by an operator", integration=name)
+        return True
+
+    async def resume(self, name: str) -> bool:
+        """Let a paused integration deliver again. False if it was not paused."""
+        assert self.store is not None
+        if name not in self._paused:
+            return False
+        await self.store.set_paused(name, False)
+        self._operator_actions += 1
+        del self._paused[name]
+        if name in self.dispatchers:
+            self.dispatchers[name].resume()
+        log.info("integration resumed by an operator", integration=name)
+        return True
 
     # -- operators' actions: they go now (DESIGN: "an operator's explicit action goes now") -------------------
 
@@ -247,6 +277,8 @@ class Service:
         gate = dispatcher.gate
         if gate.disabled is not None:
             return f"the integration is disabled: {gate.disabled[1]}; `eventrelay enable {name}` turns it on"
+        if gate.paused_at is not None:
+            return f"the integration is paused by an operator; `eventrelay resume {name}` lets it deliver again"
         if gate.unwritable:
             return "delivery outcomes cannot be written to the database (see the daemon's log)"
         return None
@@ -260,7 +292,7 @@ class Service:
         circuit = gate.breaker.state
         return IntegrationState(circuit, gate.breaker.opened_until if circuit == CircuitBreaker.OPEN else None,
                                 gate.paused_until if gate.paused_until > now else None, gate.disabled,
-                                dispatcher.in_flight, gate.unwritable)
+                                dispatcher.in_flight, gate.unwritable, gate.paused_at)
 
     # -- listeners -----------------------------------------------------------------------------------------
 
@@ -474,11 +506,14 @@ class Service:
             return  # this daemon is the store's only one: its own dispatchers changed the state
         while not await wait_event(stop, _SHARED_STATE_EVERY):
             assert self.store is not None
-            read_at = time.time()
+            read_at, actions = time.time(), self._operator_actions
             try:
                 stored = await self.store.disabled()
+                paused = await self.store.paused()
             except StoreError:
                 continue  # the dispatchers say it when the database is away
+            if actions == self._operator_actions:  # else this daemon's own pause or resume outran the read
+                self._follow_pauses(paused)
             for name, dispatcher in self.dispatchers.items():
                 local = dispatcher.gate.disabled
                 if name in stored and local is None:
@@ -490,6 +525,17 @@ class Service:
                     log.info("integration enabled again on another daemon", integration=name)
                     dispatcher.enable()
             self._disabled = stored
+
+    def _follow_pauses(self, paused: dict[str, float]) -> None:
+        """Pauses and resumes an operator made on another daemon."""
+        for name, dispatcher in self.dispatchers.items():
+            if name in paused and dispatcher.gate.paused_at is None:
+                log.info("integration paused by an operator on another daemon", integration=name)
+                dispatcher.pause(paused[name])
+            elif name not in paused and dispatcher.gate.paused_at is not None:
+                log.info("integration resumed by an operator on another daemon", integration=name)
+                dispatcher.resume()
+        self._paused = paused
 
     async def _report_status(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

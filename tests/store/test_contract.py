@@ -246,6 +246,26 @@ async def test_a_disabled_integration_stays_disabled_across_a_reopen(stores: Sto
     assert list(await store.disabled()) == ["b"]
 
 
+async def test_a_paused_integration_stays_paused_across_a_reopen_apart_from_its_410(stores: Stores) -> None:
+    store = await stores.open()
+    assert await store.paused() == {}
+    before = time.time()
+    await store.set_paused("a", True)
+    await store.set_disabled("a", "gone")  # a 410 and a pause are separate states of one integration
+    await store.set_paused("b", True)
+    store = await stores.reopen(store)
+    paused = await store.paused()
+    assert sorted(paused) == ["a", "b"] and all(before - 1 <= at <= time.time() + 1 for at in paused.values())
+    assert list(await store.disabled()) == ["a"]
+    woken: list[set[str]] = []
+    store.on_jobs_added = woken.append
+    await store.set_paused("a", False)  # resumed: its dispatchers look again for its jobs
+    assert any("a" in names for names in woken)
+    await store.set_disabled("a", None)
+    store = await stores.reopen(store)
+    assert list(await store.paused()) == ["b"] and await store.disabled() == {}
+
+
 # -- admin writes ------------------------------------------------------------------------------------------------
 
 async def test_retry_and_replay(store: Store) -> None:

@@ -42,6 +42,8 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/jobs/{job}/retry", self.retry)
         r.add_post("/v1/integrations/{name}/replay", self.replay)
         r.add_post("/v1/integrations/{name}/enable", self.enable)
+        r.add_post("/v1/integrations/{name}/pause", self.pause)
+        r.add_post("/v1/integrations/{name}/resume", self.resume)
         r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
@@ -201,6 +203,20 @@ class AdminApi:
         was_disabled = await self._view.enable(name)
         return _json({"data": {"name": name, "enabled": True, "was_disabled": was_disabled}})
 
+    async def pause(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not self._known(name):
+            return _unknown(name)
+        changed = await self._view.pause(name)
+        return _json({"data": {"name": name, "paused": True, "was_paused": not changed}})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not self._known(name):
+            return _unknown(name)
+        changed = await self._view.resume(name)
+        return _json({"data": {"name": name, "paused": False, "was_paused": changed}})
+
     async def reload(self, request: web.Request) -> web.Response:
         """Read the config file again now, as SIGHUP does, and answer how it went: 200 even when the file was
         refused (the request worked; `ok` says the reload did not). Concurrent requests queue on the service's
@@ -218,10 +234,11 @@ def _held(state: IntegrationState | None) -> dict[str, Any]:
     """What may hold a running integration's deliveries back, as its status row shows it (all None when it is
     not running)."""
     if state is None:
-        return {"circuit": None, "circuit_open_until": None, "paused_until": None, "disabled": None}
+        return {"circuit": None, "circuit_open_until": None, "paused_until": None, "paused": None, "disabled": None}
     disabled = state.disabled
     return {"circuit": state.circuit, "circuit_open_until": _iso_or_none(state.circuit_open_until),
             "paused_until": _iso_or_none(state.paused_until),
+            "paused": {"at": iso_time(state.paused_at)} if state.paused_at is not None else None,
             "disabled": {"at": iso_time(disabled[0]), "reason": disabled[1]} if disabled else None}
 
 

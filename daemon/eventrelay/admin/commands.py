@@ -1,5 +1,5 @@
 """Operator commands that talk to a running daemon over its admin API: status, reload, jobs, logs, retry,
-replay, enable, close-circuit, send.
+replay, enable, pause, resume, close-circuit, send.
 
 Each finds the daemon by itself (client.py). Output is an aligned table for people (printing.py); `--json`
 prints the `data` member of the server's answer instead, for scripts.
@@ -221,6 +221,37 @@ async def _enable(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_pause(args: argparse.Namespace) -> int:
+    return with_daemon(args, _pause)
+
+
+async def _pause(client: Client, args: argparse.Namespace) -> int:
+    data = (await client.post(f"{_integration_path(args.integration)}/pause", {}))["data"]
+    if args.json:
+        print_json(data)
+    elif data.get("was_paused"):
+        print(f"{args.integration} was paused already")
+    else:
+        print(f"{args.integration} paused: its jobs wait, nothing is sent (deliveries under way finish); "
+              f"`eventrelay resume {args.integration}` lets it deliver again")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return with_daemon(args, _resume)
+
+
+async def _resume(client: Client, args: argparse.Namespace) -> int:
+    data = (await client.post(f"{_integration_path(args.integration)}/resume", {}))["data"]
+    if args.json:
+        print_json(data)
+    elif data.get("was_paused"):
+        print(f"{args.integration} resumed: its pending jobs are being delivered")
+    else:
+        print(f"{args.integration} was not paused: nothing to do")
+    return EXIT_OK
+
+
 def cmd_close_circuit(args: argparse.Namespace) -> int:
     return with_daemon(args, _close_circuit)
 
@@ -366,8 +397,8 @@ def _event_from(args: argparse.Namespace) -> dict[str, Any]:
 # -- argument parsing ---------------------------------------------------------------------------------------
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register status, reload, jobs, logs, retry, enable, close-circuit, replay and send; each sets `func` to its
-    cmd_* function."""
+    """Register status, reload, jobs, logs, retry, enable, pause, resume, close-circuit, replay and send; each
+    sets `func` to its cmd_* function."""
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_argument_group("reaching the daemon")
     where.add_argument("--config", "-c", metavar="FILE",
@@ -416,6 +447,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                                    help="turn an integration back on after its target answered 410 Gone")
     enable.add_argument("integration", help="its name, as in the config")
     enable.set_defaults(func=cmd_enable)
+
+    for name, func, what in (("pause", cmd_pause, "hold an integration's deliveries (its jobs wait) until resumed"),
+                             ("resume", cmd_resume, "let a paused integration deliver again")):
+        command = subparsers.add_parser(name, parents=[common], help=what)
+        command.add_argument("integration", help="its name, as in the config")
+        command.set_defaults(func=func)
 
     close = subparsers.add_parser("close-circuit", parents=[common],
                                   help="close an integration's open circuit now (its target is fixed)")

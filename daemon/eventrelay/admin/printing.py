@@ -77,6 +77,9 @@ def delivery_state(integration: dict[str, Any], now: datetime, *, reasons: bool 
     """What holds a running integration's deliveries back, from its /v1/status row: `ok` when nothing does,
     `-` when it is not running. `reasons=False` leaves out the why of a 410, for narrow columns."""
     held = []
+    paused_by = integration.get("paused")
+    if isinstance(paused_by, dict):
+        held.append(f"paused by an operator {_ago(paused_by.get('at'), now)}" if reasons else "paused by an operator")
     disabled = integration.get("disabled")
     if isinstance(disabled, dict):
         held.append(f"disabled (410): {one_line(disabled.get('reason'), 40)}" if reasons else "disabled (410)")

@@ -27,6 +27,7 @@ class IntegrationState:
     disabled: tuple[float, str] | None  # (since, why) while a 410 Gone keeps the integration disabled
     in_flight: int  # deliveries under way
     unwritable: bool  # outcomes cannot be written to the database, so nothing new is sent
+    paused_at: float | None = None  # since an operator paused the integration
 
 
 class ReloadReport(Protocol):
@@ -76,6 +77,14 @@ class ServiceView(Protocol):
 
     async def enable(self, name: str) -> bool:
         """Turn on an integration a 410 disabled; False when it was not disabled."""
+        ...
+
+    async def pause(self, name: str) -> bool:
+        """Hold the integration's deliveries until resumed; False when it was paused already."""
+        ...
+
+    async def resume(self, name: str) -> bool:
+        """Let a paused integration deliver again; False when it was not paused."""
         ...
 
     def close_circuit(self, name: str) -> str | None:

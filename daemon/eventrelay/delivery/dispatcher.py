@@ -49,7 +49,7 @@ class Dispatcher:
     """
 
     def __init__(self, integration: Integration, store: Store, sender: Sender, metrics: Metrics | None = None,
-                 disabled: tuple[float, str] | None = None):
+                 disabled: tuple[float, str] | None = None, paused_at: float | None = None):
         self.integration = integration
         self.name = integration.name
         self._store = store
@@ -68,7 +68,7 @@ class Dispatcher:
         # unrecorded stay under UNRECORDED_FACTOR × concurrency, the most a crash can duplicate per integration.
         self._recording = 0
         self._unrecorded_limit = UNRECORDED_FACTOR * self._slots
-        self.gate = Gate(delivery, burst=self._batch, disabled=disabled, shared=store.shared)
+        self.gate = Gate(delivery, burst=self._batch, disabled=disabled, shared=store.shared, paused_at=paused_at)
         self._expedite: set[int] = set()  # jobs an operator asked to send now, to be claimed first
         self._settling: dict[int, asyncio.Future[None]] = {}  # jobs someone waits to see recorded
         self._finished = False  # `run` has returned: outcomes still unwritten are given up
@@ -391,6 +391,17 @@ class Dispatcher:
     def in_flight(self) -> int:
         return self._running * self._batch
 
+    def pause(self, since: float) -> None:
+        """An operator paused the integration: nothing new is sent (deliveries under way finish)."""
+        self.gate.paused_at = since
+        self._report_disabled()
+
+    def resume(self) -> None:
+        """An operator resumed the integration: its due jobs go now."""
+        self.gate.paused_at = None
+        self._report_disabled()
+        self._wake.set()
+
     def disable(self, disabled: tuple[float, str]) -> None:
         """Another daemon sharing the store got a 410 from the target: (when, why)."""
         self.gate.disabled = disabled
@@ -450,6 +461,7 @@ class Dispatcher:
     def _report_disabled(self) -> None:
         if self._metrics is not None:
             self._metrics.disabled.labels(self.name).set(1 if self.gate.disabled else 0)
+            self._metrics.paused.labels(self.name).set(1 if self.gate.paused_at is not None else 0)
 
     def _log_outcomes(self, records: list[AttemptRecord]) -> None:
         """Count and log committed outcomes."""

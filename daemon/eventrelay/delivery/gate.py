@@ -30,6 +30,7 @@ class Gate:
     Held back, a job waits in the database without an attempt. What holds (first match wins):
 
     - `disabled` (when, why): the target answered 410 Gone. Until an operator enables the integration again.
+    - `paused_at` (since when): an operator paused the integration. Until an operator resumes it.
     - `unwritable`: delivery outcomes cannot be written. What was delivered must be recorded before anything
       new goes, or a full disk would have every job sent again and again.
     - `paused_until`: the target asked us to slow down (429, 502, 504, honouring Retry-After).
@@ -40,19 +41,20 @@ class Gate:
     """
 
     def __init__(self, delivery: DeliveryConfig, burst: int, disabled: tuple[float, str] | None = None,
-                 shared: bool = False):
+                 shared: bool = False, paused_at: float | None = None):
         self.breaker = CircuitBreaker(delivery.breaker)
         # Daemons sharing a store share the target's rate limit too: its bucket is in the database.
         self.bucket: TokenBucket | SharedBucket = (SharedBucket if shared else TokenBucket)(
             delivery.rate_limit, burst=burst)
         self.disabled = disabled
+        self.paused_at = paused_at
         self.unwritable = False
         self.paused_until = 0.0  # wall time
 
     def wait(self, now: float, size: int) -> float | None:
         """Seconds until `size` jobs may start: 0.0 now; None until something else changes it (an operator,
         outcomes written again, a probe's outcome)."""
-        if self.disabled is not None or self.unwritable:
+        if self.disabled is not None or self.paused_at is not None or self.unwritable:
             return None
         if self.paused_until > now:
             return self.paused_until - now

@@ -206,6 +206,12 @@ class Store(Protocol):
     async def set_disabled(self, name: str, reason: str | None) -> None:
         """Disable an integration with a reason, or (reason None) enable it again. Survives restarts."""
 
+    async def paused(self) -> dict[str, float]:
+        """Integrations an operator paused: name → since when."""
+
+    async def set_paused(self, name: str, paused: bool) -> None:
+        """Pause an integration (it keeps its jobs and sends nothing) or resume it. Survives restarts."""
+
     # -- reads for status and the admin API -------------------------------------------------------------------
 
     async def job_counts(self, states: Iterable[JobState] = WATCHED_STATES) -> dict[tuple[str, JobState], int]:

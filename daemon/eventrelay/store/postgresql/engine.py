@@ -362,6 +362,15 @@ class PostgresStore:
         await self._run("cannot write the integration's state", self._pool.execute, self._sql.set_disabled,
                         name, time.time() if reason is not None else None, reason)
 
+    async def set_paused(self, name: str, paused: bool) -> None:
+        await self._run("cannot write the integration's state", self._pool.execute, self._sql.set_paused,
+                        name, time.time() if paused else None)
+        if not paused:
+            self.on_jobs_added({name})
+
+    async def paused(self) -> dict[str, float]:
+        return await self._reads.paused()
+
     async def retry(self, integration: str, job_id: int) -> JobState | None:
         async with self._write("cannot retry the job") as db:
             state = await db.fetchval(self._sql.retry, job_id, integration, time.time())

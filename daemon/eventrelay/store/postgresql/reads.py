@@ -27,6 +27,11 @@ class Reads:
                                  "WHERE disabled_at IS NOT NULL")
         return {r[0]: (r[1], r[2]) for r in rows}
 
+    async def paused(self) -> dict[str, float]:
+        rows = await self._fetch(f"SELECT name, paused_at FROM {self._s}.integration_state "
+                                 "WHERE paused_at IS NOT NULL")
+        return {r[0]: r[1] for r in rows}
+
     async def job_counts(self, states: Iterable[JobState]) -> dict[tuple[str, JobState], int]:
         wanted = [JobState(s).value for s in states]
         rows = await self._fetch(f"SELECT integration, state, count(*) FROM {self._s}.jobs "

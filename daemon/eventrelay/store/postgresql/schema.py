@@ -97,6 +97,10 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at  double precision NOT NULL  -- the database's clock
     );
     """,
+    """
+    -- An operator paused the integration: it keeps its jobs and sends nothing until resumed.
+    ALTER TABLE {s}.integration_state ADD COLUMN paused_at double precision;
+    """,
 )
 
 

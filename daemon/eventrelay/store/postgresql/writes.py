@@ -111,6 +111,9 @@ class Statements:
             INSERT INTO {s}.integration_state (name, disabled_at, disabled_reason) VALUES ($1, $2, $3)
             ON CONFLICT (name) DO UPDATE SET disabled_at = excluded.disabled_at,
                                              disabled_reason = excluded.disabled_reason"""
+        self.set_paused = f"""
+            INSERT INTO {s}.integration_state (name, paused_at) VALUES ($1, $2)
+            ON CONFLICT (name) DO UPDATE SET paused_at = excluded.paused_at"""
         self.retry = f"""
             WITH old AS (SELECT id, state FROM {s}.jobs WHERE id = $1 AND integration = $2 FOR UPDATE),
             new AS (UPDATE {s}.jobs j SET state = 'pending', next_at = $3, requeued_at = $3, updated_at = $3

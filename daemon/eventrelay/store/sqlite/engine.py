@@ -31,8 +31,8 @@ from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, L
 from ..identity import Identity
 from . import files
 from .reads import Reads
-from .wire import ROW_OPS, Done, FrameReader, Op, Prune, Replay, Reply, Retry, SetDisabled, dumps, event_rows, \
-    outcome_rows
+from .wire import ROW_OPS, Done, FrameReader, Op, Prune, Replay, Reply, Retry, SetDisabled, SetPaused, dumps, \
+    event_rows, outcome_rows
 
 log = structlog.get_logger(component="store")
 
@@ -225,6 +225,12 @@ class SqliteStore:
 
     async def set_disabled(self, name: str, reason: str | None) -> None:
         await self._enqueue(Op.SET_DISABLED, tuple(SetDisabled(name, reason)))
+
+    async def set_paused(self, name: str, paused: bool) -> None:
+        await self._enqueue(Op.SET_PAUSED, tuple(SetPaused(name, paused)))
+
+    async def paused(self) -> dict[str, float]:
+        return await self._reader.paused()
 
     async def retry(self, integration: str, job_id: int) -> JobState | None:
         state = await self._enqueue(Op.RETRY, tuple(Retry(integration, job_id)))

@@ -116,6 +116,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (minute, integration)  -- the last hour of every integration is one range
     ) WITHOUT ROWID;
     """,
+    """
+    -- An operator paused the integration: it keeps its jobs and sends nothing until resumed.
+    ALTER TABLE integration_state ADD COLUMN paused_at REAL;
+    """,
 )
 
 

@@ -71,6 +71,7 @@ class Op(IntEnum):
     PRUNE = 6  # items: Prune; result: how many rows went
     VACUUM = 7  # items: None; run once the transaction has committed, outside any (what SQLite will not do
     #             inside one): hand the pages pruning freed back to the file system
+    SET_PAUSED = 8  # items: SetPaused; result: None
 
 
 ROW_OPS = frozenset((Op.INGEST, Op.RECORD))  # operations whose items are rows (the rest count as one row)
@@ -131,6 +132,11 @@ class SetDisabled(NamedTuple):
     reason: str | None  # None: enabled again
 
 
+class SetPaused(NamedTuple):
+    name: str
+    paused: bool  # False: resumed
+
+
 class Retry(NamedTuple):
     integration: str
     job_id: int
@@ -152,7 +158,7 @@ class Prune(NamedTuple):
 
 
 ADMIN_WRITES: dict[Op, type[tuple[Any, ...]]] = {
-    Op.SET_DISABLED: SetDisabled, Op.RETRY: Retry, Op.REPLAY: Replay, Op.PRUNE: Prune}
+    Op.SET_DISABLED: SetDisabled, Op.SET_PAUSED: SetPaused, Op.RETRY: Retry, Op.REPLAY: Replay, Op.PRUNE: Prune}
 
 
 def operation(value: Sequence[Any]) -> Operation:

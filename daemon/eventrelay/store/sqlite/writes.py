@@ -16,7 +16,7 @@ from ..dead_letter import dead_letter_payload
 from . import schema
 from .errors import Failed, damaged, explain, is_storage_failure, looks_damaged
 from .schema import INGEST, OUTCOME, Insert, Log
-from .wire import ADMIN_WRITES, Done, Op, Operation, OutcomeRow, Prune, Replay, Retry, SetDisabled
+from .wire import ADMIN_WRITES, Done, Op, Operation, OutcomeRow, Prune, Replay, Retry, SetDisabled, SetPaused
 
 COUNTS_LINGER = 1.0  # seconds attempt counts may wait for a transaction to go with (Writer.write_counts)
 _ROWS_PER_STATEMENT = 500  # x at most 12 columns: well under SQLite's 32,766 bound parameters
@@ -44,8 +44,8 @@ class Writer:
         self._counts_written = 0.0
         self._counts_failing = False
         self._admin: dict[Op, Callable[[float, Any], AdminResult]] = {
-            Op.SET_DISABLED: self._set_disabled, Op.RETRY: self._retry, Op.REPLAY: self._replay,
-            Op.PRUNE: self._prune}
+            Op.SET_DISABLED: self._set_disabled, Op.SET_PAUSED: self._set_paused, Op.RETRY: self._retry,
+            Op.REPLAY: self._replay, Op.PRUNE: self._prune}
         assert self._admin.keys() == ADMIN_WRITES.keys()
 
     def prepare(self) -> None:
@@ -248,6 +248,13 @@ class Writer:
             "disabled_reason = excluded.disabled_reason",
             (args.name, now if args.reason is not None else None, args.reason))
         return None, ()
+
+    def _set_paused(self, now: float, args: SetPaused) -> AdminResult:
+        self._db.execute(
+            "INSERT INTO integration_state (name, paused_at) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET paused_at = excluded.paused_at",
+            (args.name, now if args.paused else None))
+        return None, ([] if args.paused else [args.name])
 
     def _retry(self, now: float, args: Retry) -> AdminResult:
         rows = self._db.execute("SELECT state FROM jobs WHERE id = ? AND integration = ?",
