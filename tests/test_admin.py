@@ -225,3 +225,20 @@ async def test_a_paused_integration_keeps_its_jobs_sends_nothing_and_stays_pause
     assert (status, body["data"]["was_paused"]) == (200, True)
     await wait_until(lambda: len([r for r in receiver.requests if r.path == "/hook"]) == 5)
     assert (await post(d, "/v1/integrations/nope/pause"))[0] == 404
+
+
+async def test_a_test_event_goes_to_one_integration_whatever_it_observes(start_daemon, receiver: Receiver) -> None:
+    d = await start_daemon([webhook("erp", receiver.url, ["order.paid"]), webhook("crm", receiver.url + "/crm",
+                                                                                   ["*"])])
+    status, body = await post(d, "/v1/integrations/erp/test")
+    assert status == 202 and body["data"]["jobs"] == 1 and not body["data"]["duplicate"]
+    await wait_until(lambda: len(receiver.requests) == 1)
+    (got,) = receiver.requests
+    assert got.path == "/hook" and got.json["triggered_by"] == "eventrelay.test"  # crm observes "*" and got none
+    assert got.json["payload"]["data"] == {"message": "a test event for erp"}
+    status, body = await post(d, "/v1/integrations/erp/test", {"type": "order.created", "data": {"id": "o-1"},
+                                                               "id": "t-1"})
+    assert status == 202
+    await wait_until(lambda: [r.json["id"] for r in receiver.requests][-1:] == ["t-1"])
+    assert (await post(d, "/v1/integrations/erp/test", {"typo": 1}))[0] == 400
+    assert (await post(d, "/v1/integrations/nope/test"))[0] == 404

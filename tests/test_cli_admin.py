@@ -1124,3 +1124,12 @@ async def test_e2e_pause_and_resume(start_daemon, receiver: Receiver, capsys, qu
     await wait_until(lambda: receiver.ids() == ["waits"])
     assert await run("resume", "erp", "--url", d.url) == 0
     assert capsys.readouterr().out == "erp was not paused: nothing to do\n"
+
+
+@needs_admin_api
+async def test_e2e_send_to_one_integration(start_daemon, receiver: Receiver, capsys, quiet_daemon) -> None:
+    d = await start_daemon([webhook("erp", receiver.url, ["order.paid"])])
+    assert await run("send", "customer.updated", "--data", '{"id": "c-1"}', "--to", "erp", "--url", d.url) == 0
+    assert capsys.readouterr().out.endswith("accepted: 1 job(s) queued\n")
+    await wait_until(lambda: [r.json["triggered_by"] for r in receiver.requests] == ["customer.updated"])
+    assert await run("send", "order.paid", "--to", "nope", "--url", d.url) == 1  # unknown: the API's 404

@@ -32,7 +32,8 @@ from .limits import ensure_descriptors
 from .metrics import Metrics
 from .notify import Notifier, watchdog_loop
 from .runtime import RuntimeFile
-from .store import Store, StoreError, open_store
+from .events import Event
+from .store import Accepted, Store, StoreError, open_store
 
 log = structlog.get_logger(component="service")
 
@@ -209,6 +210,15 @@ class Service:
         if was is not None:
             log.info("integration enabled again", integration=name)
         return was is not None
+
+    async def send_test(self, name: str, event: Event) -> Accepted:
+        """An operator's test event for one integration (whatever it observes): stored like any event, and
+        sent now, ahead of a slow-down pause or an open circuit's cool-down, as an operator's retry is."""
+        assert self.store is not None
+        (accepted,) = await self.store.ingest([event], [[(name, None)]])
+        if name in self.dispatchers:
+            self.dispatchers[name].send_now()
+        return accepted
 
     async def pause(self, name: str) -> bool:
         """Hold an integration's deliveries until resumed; its jobs stay. False if it was paused already."""

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .. import __version__, codec
 from ..clock import iso_time, parse_time
+from ..events import EventError, parse_event
 from ..ingest.http import error_response
 from ..jobs import JobState
 from ..metrics import CONTENT_TYPE
@@ -22,6 +23,8 @@ from .view import IntegrationState, ServiceView
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 25
+
+TEST_EVENT_TYPE = "eventrelay.test"  # the type of a test event sent to one integration
 
 
 class AdminApi:
@@ -42,6 +45,7 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/jobs/{job}/retry", self.retry)
         r.add_post("/v1/integrations/{name}/replay", self.replay)
         r.add_post("/v1/integrations/{name}/enable", self.enable)
+        r.add_post("/v1/integrations/{name}/test", self.test_event)
         r.add_post("/v1/integrations/{name}/pause", self.pause)
         r.add_post("/v1/integrations/{name}/resume", self.resume)
         r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
@@ -202,6 +206,23 @@ class AdminApi:
             return _unknown(name)
         was_disabled = await self._view.enable(name)
         return _json({"data": {"name": name, "enabled": True, "was_disabled": was_disabled}})
+
+    async def test_event(self, request: web.Request) -> web.Response:
+        """An event for this integration alone, whatever it observes, to check the way to its target; it goes
+        now, as an operator's action. The body is an event (type, data, included, id), all optional."""
+        name = request.match_info["name"]
+        if not self._known(name):
+            return _unknown(name)
+        try:
+            body = codec.loads(await request.read() or b"{}")
+            if not isinstance(body, dict):
+                raise EventError("must be a JSON object (an event: type, data, included, id), or nothing")
+            event = parse_event({"type": TEST_EVENT_TYPE, "data": {"message": f"a test event for {name}"}, **body})
+        except (ValueError, EventError) as e:
+            return error_response(400, str(e))
+        accepted = await self._view.send_test(name, event)
+        return _json({"data": {"id": accepted.id, "jobs": accepted.jobs, "duplicate": accepted.duplicate},
+                      "meta": self._sending(name)}, status=202)
 
     async def pause(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -364,7 +364,10 @@ def cmd_send(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def body(client: Client, args: argparse.Namespace) -> int:
-        accepted = (await client.post("/v1/events", event))["data"]
+        if args.to:  # a test event for one integration, whatever it observes
+            accepted = [(await client.post(f"{_integration_path(args.to)}/test", event))["data"]]
+        else:
+            accepted = (await client.post("/v1/events", event))["data"]
         if args.json:
             print_json(accepted)
             return EXIT_OK
@@ -476,6 +479,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     send.add_argument("type", help="the event key, e.g. order.paid")
     send.add_argument("--data", help="the event's data as a JSON object, or - to read it from stdin (default {})")
     send.add_argument("--id", help="the event's id (idempotency key); without it the daemon makes one")
+    send.add_argument("--to", metavar="INTEGRATION",
+                      help="a test event for this integration alone, whatever it observes; it goes now")
     send.set_defaults(func=cmd_send)
 
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Config
+from ..events import Event
 from ..jobs import JobState
 from ..metrics import Metrics
+from ..store import Accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,10 @@ class ServiceView(Protocol):
 
     async def enable(self, name: str) -> bool:
         """Turn on an integration a 410 disabled; False when it was not disabled."""
+        ...
+
+    async def send_test(self, name: str, event: Event) -> Accepted:
+        """Store `event` with a job for this integration alone, and send it now."""
         ...
 
     async def pause(self, name: str) -> bool:
