@@ -242,3 +242,23 @@ async def test_a_test_event_goes_to_one_integration_whatever_it_observes(start_d
     await wait_until(lambda: [r.json["id"] for r in receiver.requests][-1:] == ["t-1"])
     assert (await post(d, "/v1/integrations/erp/test", {"typo": 1}))[0] == 400
     assert (await post(d, "/v1/integrations/nope/test"))[0] == 404
+
+
+async def test_the_chart_counts_deliveries_and_failures_per_minute(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=500 if r.json["id"].startswith("bad") else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={**FAST, "breaker": NO_BREAKER,
+                                                                  "retry": {"max_attempts": 1}})])
+    await d.post([{"id": f"ok-{i}", "type": "order.paid", "data": {}} for i in range(3)]
+                 + [{"id": "bad-1", "type": "order.paid", "data": {}}])
+
+    async def totals() -> dict[str, int]:
+        _, body = await get(d, "/v1/integrations/erp/chart?hours=1")
+        return {k: sum(m[k] for m in body["data"]) for k in ("delivered", "failed", "dead")}
+
+    await wait_for(totals, {"delivered": 3, "failed": 0, "dead": 1}, timeout=10)  # counts lag up to a second
+    _, body = await get(d, "/v1/integrations/erp/chart?hours=2")
+    minutes = [m["minute"] for m in body["data"]]
+    assert len(minutes) == 120 and minutes == sorted(minutes)  # every minute, empty ones too
+    assert (await get(d, "/v1/integrations/erp/chart?hours=0"))[0] == 400
+    assert (await get(d, "/v1/integrations/erp/chart?hours=49"))[0] == 400
+    assert (await get(d, "/v1/integrations/nope/chart"))[0] == 404

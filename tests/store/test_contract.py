@@ -342,6 +342,13 @@ async def test_outcome_counts_and_the_last_attempts(store: Store) -> None:
 
     await wait_until(counted, timeout=5)  # counts may lag the outcomes by a second
     assert await store.outcomes_since(now - 3 * 3600) == {"a": OutcomeCounts(delivered=1, failed=1, dead=1)}
+    # Per minute, for a chart: the minutes with attempts, oldest first, each at its start.
+    minute = lambda at: at // 60 * 60.0  # noqa: E731
+    by_minute = await store.outcomes_by_minute("a", now - 3 * 3600)
+    assert {at: c for at, c in by_minute if at == minute(now - 7200)} == {minute(now - 7200): OutcomeCounts(dead=1)}
+    assert [at for at, _ in by_minute] == sorted({minute(now - 7200), minute(now - 5), minute(now - 2)})
+    assert sum(c.delivered for _, c in by_minute) == 1 and sum(c.failed for _, c in by_minute) == 1
+    assert await store.outcomes_by_minute("a", now + 60) == [] and await store.outcomes_by_minute("b", 0) == []
     oldest = await store.oldest_pending()
     assert set(oldest) == {"a", "b"} and all(abs(at - now) < 60 for at in oldest.values())
 

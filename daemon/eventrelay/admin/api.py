@@ -25,6 +25,11 @@ MAX_PAGE = 100
 DEFAULT_PAGE = 25
 
 TEST_EVENT_TYPE = "eventrelay.test"  # the type of a test event sent to one integration
+_CHART_HOURS_MAX = 48
+
+
+def _counts(counts: OutcomeCounts) -> dict[str, int]:
+    return {"delivered": counts.delivered, "failed": counts.failed, "dead": counts.dead}
 
 
 class AdminApi:
@@ -46,6 +51,7 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/replay", self.replay)
         r.add_post("/v1/integrations/{name}/enable", self.enable)
         r.add_post("/v1/integrations/{name}/test", self.test_event)
+        r.add_get("/v1/integrations/{name}/chart", self.chart)
         r.add_post("/v1/integrations/{name}/pause", self.pause)
         r.add_post("/v1/integrations/{name}/resume", self.resume)
         r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
@@ -206,6 +212,20 @@ class AdminApi:
             return _unknown(name)
         was_disabled = await self._view.enable(name)
         return _json({"data": {"name": name, "enabled": True, "was_disabled": was_disabled}})
+
+    async def chart(self, request: web.Request) -> web.Response:
+        """Attempts per minute over the last `hours` (default 6, at most 48), oldest first, every minute listed:
+        the data of a chart of deliveries and failures."""
+        name = request.match_info["name"]
+        if not self._known(name):
+            return _unknown(name)
+        text = request.query.get("hours", "6")
+        if not text.isdigit() or not 1 <= int(text) <= _CHART_HOURS_MAX:
+            return error_response(400, f"hours must be a whole number from 1 to {_CHART_HOURS_MAX}")
+        first = (int(time.time()) // 60 - int(text) * 60 + 1) * 60
+        counted = dict(await self._store.outcomes_by_minute(name, first))
+        minutes = range(first, first + int(text) * 3600, 60)
+        return _json({"data": [{"minute": iso_time(m), **_counts(counted.get(m, OutcomeCounts()))} for m in minutes]})
 
     async def test_event(self, request: web.Request) -> web.Response:
         """An event for this integration alone, whatever it observes, to check the way to its target; it goes

@@ -225,6 +225,10 @@ class Store(Protocol):
         """integration → its attempts started since `since` (to the minute), by outcome. These counts outlive
         reloads and restarts, are pruned with the attempt log, and may lag the latest outcomes by a second."""
 
+    async def outcomes_by_minute(self, integration: str, since: float) -> list[tuple[float, OutcomeCounts]]:
+        """An integration's attempts per minute since `since` (a minute's start, unix seconds, and its counts),
+        oldest first; minutes without attempts are left out. At most one row per minute: a chart's data."""
+
     async def last_attempts(self, integration: str) -> LastAttempts:
         """The latest successful and failed attempt of an integration."""
 

@@ -434,6 +434,9 @@ class PostgresStore:
     async def outcomes_since(self, since: float) -> dict[str, OutcomeCounts]:
         return await self._reads.outcomes_since(since)
 
+    async def outcomes_by_minute(self, integration: str, since: float) -> list[tuple[float, OutcomeCounts]]:
+        return await self._reads.outcomes_by_minute(integration, since)
+
     async def last_attempts(self, integration: str) -> LastAttempts:
         return await self._reads.last_attempts(integration)
 

@@ -49,6 +49,12 @@ class Reads:
             "WHERE minute >= $1 GROUP BY integration", int(since // 60))
         return {r[0]: OutcomeCounts(int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
+    async def outcomes_by_minute(self, integration: str, since: float) -> list[tuple[float, OutcomeCounts]]:
+        rows = await self._fetch(
+            f"SELECT minute, sum(delivered), sum(failed), sum(dead) FROM {self._s}.outcome_minutes "
+            "WHERE minute >= $1 AND integration = $2 GROUP BY minute ORDER BY minute", int(since // 60), integration)
+        return [(r[0] * 60.0, OutcomeCounts(int(r[1]), int(r[2]), int(r[3]))) for r in rows]
+
     async def last_attempts(self, integration: str) -> LastAttempts:
         rows = await self._fetch(
             f"""SELECT s.created_at, f.created_at, f.error_detail FROM

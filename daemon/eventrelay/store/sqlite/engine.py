@@ -370,6 +370,9 @@ class SqliteStore:
     async def outcomes_since(self, since: float) -> dict[str, OutcomeCounts]:
         return await self._reader.outcomes_since(since)
 
+    async def outcomes_by_minute(self, integration: str, since: float) -> list[tuple[float, OutcomeCounts]]:
+        return await self._reader.outcomes_by_minute(integration, since)
+
     async def last_attempts(self, integration: str) -> LastAttempts:
         return await self._reader.last_attempts(integration)
 

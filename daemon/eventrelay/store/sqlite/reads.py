@@ -138,6 +138,12 @@ class Reads:
             "GROUP BY integration", (int(since // 60),))
         return {r[0]: OutcomeCounts(r[1], r[2], r[3]) for r in rows}
 
+    async def outcomes_by_minute(self, integration: str, since: float) -> list[tuple[float, OutcomeCounts]]:
+        rows = await self._fetch(
+            "SELECT minute, delivered, failed, dead FROM outcome_minutes WHERE integration = ? AND minute >= ? "
+            "ORDER BY minute", (integration, int(since // 60)))
+        return [(r[0] * 60.0, OutcomeCounts(r[1], r[2], r[3])) for r in rows]
+
     async def last_attempts(self, integration: str) -> LastAttempts:
         latest: dict[int, tuple[float, str | None] | None] = {}
         for succeeded in (1, 0):
