@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from eventrelay.config import PostgresConfig, StorageConfig
 from eventrelay.events import Event, parse_event
+from eventrelay.jobs import AttemptRecord, Job, JobState, Outcome
 from eventrelay.store import Store, open_store
 
 FAR = 10**10  # a `now` at which everything stored is due
@@ -78,3 +80,16 @@ def ev(i: int | str | None = None, type_: str = "order.paid") -> Event:
     if i is not None:
         obj["id"] = f"evt-{i}"
     return parse_event(obj)
+
+
+def delivered(job: Job) -> AttemptRecord:
+    return AttemptRecord(job, Outcome(job.id, True, 0.01), time.time(), JobState.DELIVERED, None)
+
+
+@pytest.fixture
+async def daemons(postgres_dsn: str, tmp_path: Path) -> AsyncIterator[Stores]:
+    """Stores on one PostgreSQL database, as the daemons sharing it would open them; closed after the test."""
+    shared = Stores(StorageConfig(tmp_path / "unused.db", backend="postgresql",
+                                  postgresql=PostgresConfig(dsn=postgres_dsn, pool=4, lease=5.0)))
+    yield shared
+    await shared.close_all()

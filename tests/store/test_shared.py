@@ -16,27 +16,11 @@ from eventrelay.store import StoreError, open_store
 from eventrelay.store.postgresql.schema import MIGRATIONS
 
 from ..conftest import wait_for, wait_until
-from .conftest import FAR, R, Stores, ev
-
-
-def delivered(job: Job) -> AttemptRecord:
-    return AttemptRecord(job, Outcome(job.id, True, 0.01), time.time(), JobState.DELIVERED, None)
+from .conftest import FAR, R, Stores, delivered, ev
 
 
 def failed(job: Job, next_at: float) -> AttemptRecord:
     return AttemptRecord(job, Outcome(job.id, False, 0.01, error="boom"), time.time(), JobState.PENDING, next_at)
-
-
-@pytest.fixture
-def shared(postgres_dsn: str, tmp_path) -> Stores:
-    return Stores(StorageConfig(tmp_path / "unused.db", backend="postgresql",
-                                postgresql=PostgresConfig(dsn=postgres_dsn, pool=4, lease=5.0)))
-
-
-@pytest.fixture
-async def daemons(shared: Stores):
-    yield shared
-    await shared.close_all()
 
 
 def with_lease(stores: Stores, lease: float) -> Stores:

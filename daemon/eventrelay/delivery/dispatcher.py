@@ -116,12 +116,13 @@ class Dispatcher:
             await self._all_recorded.wait()
         finally:
             self._finished = True
-            await self._release_unsent()
+            await self._release_claims()
             await self._sender.close()
 
-    async def _release_unsent(self) -> None:
-        """Hand back the claimed jobs never sent, so another daemon sharing the store may take them now."""
-        unsent, self._ready = [job.id for job in self._ready], collections.deque()
+    async def _release_claims(self) -> None:
+        """Hand back the jobs still claimed: never sent, or abandoned at the grace's end, or whose outcome could
+        not be written (they go again, at least once), so another daemon sharing the store may take them now."""
+        unsent, self._ready = list(self._claimed), collections.deque()
         if unsent:
             try:
                 await self._store.release(unsent)
@@ -204,7 +205,7 @@ class Dispatcher:
 
     async def _until_due(self) -> float:
         """Nothing ready and nothing due: seconds until the earliest retry falls due (new jobs wake us)."""
-        due = await self._store.next_due(self.name, self._claimed)
+        due = await self._store.next_due(self.name, self._claimed, self._ordered)
         return _IDLE_RECHECK if due is None else max(0.0, min(due - time.time(), _IDLE_RECHECK))
 
     # -- starting deliveries -------------------------------------------------------------------------------

@@ -179,8 +179,9 @@ class Store(Protocol):
         ordering key, i.e. no earlier job of the same key is still pending, so a key's jobs go one at a time,
         in order. Claims are cheap and bounded by `limit`, whatever the backlog."""
 
-    async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
-        """When the earliest pending job of an integration (outside `exclude`) falls due; None if none."""
+    async def next_due(self, integration: str, exclude: Iterable[int] = (), ordered: bool = False) -> float | None:
+        """When the earliest pending job of an integration (outside `exclude`) falls due; None if none.
+        `ordered`: as for `claim`, only the head of each ordering key counts."""
 
     async def release(self, job_ids: Iterable[int]) -> None:
         """Claimed jobs that will not be attempted now (a dispatcher stopping with jobs in hand): another

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(component="store")
 
 CONNECT_TIMEOUT = 10.0  # seconds for one connection attempt, unless the DSN's connect_timeout says otherwise
+# Seconds a statement may take: past it, a database host that vanished without a reset fails the operation
+# (producers get 503) instead of holding it until TCP gives up, minutes later.
+COMMAND_TIMEOUT = 15.0
 RECONNECT_MAX = 30.0  # seconds between attempts to reach an unreachable database, at most
 SERVER_SETTINGS = {"application_name": "eventrelay", "jit": "off"}  # JIT costs short queries milliseconds
 

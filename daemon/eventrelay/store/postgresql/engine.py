@@ -24,11 +24,11 @@ from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, L
                    StoredEvent, StoreError)
 from ..identity import Identity
 from . import schema
-from .connect import (CONNECT_TIMEOUT, RECONNECT_MAX, SERVER_SETTINGS, UNAVAILABLE, Transaction, rollback_if_open,
-                      split_timeout, store_error, wait_for_database)
+from .connect import (COMMAND_TIMEOUT, CONNECT_TIMEOUT, RECONNECT_MAX, SERVER_SETTINGS, UNAVAILABLE, Transaction,
+                      rollback_if_open, split_timeout, store_error, wait_for_database)
 from .reads import Reads
-from .writes import EventRow, Statements, dead_letter_rows, forward_dead, ingest_arguments, job_from_row, \
-    record_arguments
+from .writes import WAKE_ALL, EventRow, Statements, dead_letter_rows, forward_dead, ingest_arguments, \
+    job_from_row, record_arguments
 
 log = structlog.get_logger(component="store")
 
@@ -36,6 +36,9 @@ _LISTENER_CHECK = 1.0  # seconds between checks that the connection receiving wa
 _HEARTBEAT = 5.0  # seconds between a daemon's heartbeats
 LIVE_WITHIN = 3 * _HEARTBEAT  # seconds: a daemon silent for longer is no longer listed among the live ones
 
+
+
+_CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
 class _Lane:
@@ -83,7 +86,7 @@ class PostgresStore:
         dsn, timeout = split_timeout(config.dsn)
         pool = await wait_for_database(config, on_wait, lambda: asyncpg.create_pool(
             dsn, min_size=1, max_size=config.pool, timeout=timeout, server_settings=SERVER_SETTINGS,
-            reset=rollback_if_open))
+            reset=rollback_if_open, command_timeout=COMMAND_TIMEOUT))
         try:
             async with pool.acquire() as db:
                 applied = await schema.migrate(db, config.schema)
@@ -166,7 +169,12 @@ class PostgresStore:
         operation's data is at fault, each operation alone, so it fails none of its neighbours."""
         started = time.monotonic()
         try:
-            results = await write([items for items, _ in batch])
+            try:
+                results = await write([items for items, _ in batch])
+            except _CONFLICTS:
+                # Two transactions waited on each other (two daemons storing the same event ids in other orders,
+                # say) and PostgreSQL chose this one to give way: nothing of it was written. Once more.
+                results = await write([items for items, _ in batch])
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting callers
             if len(batch) > 1 and not isinstance(e, UNAVAILABLE):
                 for one in batch:
@@ -238,10 +246,10 @@ class PostgresStore:
         self._held.update(dict.fromkeys(r[0] for r in rows))
         return [job_from_row(integration, r) for r in rows]
 
-    async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
+    async def next_due(self, integration: str, exclude: Iterable[int] = (), ordered: bool = False) -> float | None:
         self._seen.add(integration)
         return await self._run("cannot read due jobs", self._pool.fetchval, self._sql.next_due, integration,
-                               list(exclude), self.me)
+                               list(exclude), self.me, ordered)
 
     async def release(self, job_ids: Iterable[int]) -> None:
         ids = list(job_ids)
@@ -267,9 +275,12 @@ class PostgresStore:
             await self._pool.execute(self._sql.record, *record_arguments(records, now, self.me))
         else:
             async with self._pool.acquire() as db, db.transaction():
+                # Only the deaths this daemon's claim still stands for: a late outcome changes nothing.
+                ours = {r[0] for r in await db.fetch(self._sql.still_claimed, [r.job.id for r in dead], self.me)}
                 await db.execute(self._sql.record, *record_arguments(records, now, self.me))
                 for record in dead:
-                    await forward_dead(db, self._sql, record, now)
+                    if record.job.id in ours:
+                        await forward_dead(db, self._sql, record, now)
                 await db.execute("SELECT pg_notify($1, $2)", self._sql.channel,
                                  ",".join({r.dead_letter for r in dead if r.dead_letter}))
             self._loop.call_soon(self.on_jobs_added, {r.dead_letter for r in dead if r.dead_letter})
@@ -330,7 +341,13 @@ class PostgresStore:
                 await asyncio.sleep(delay)
                 continue
             try:
-                await db.add_listener(self._sql.channel, self._on_notify)
+                try:
+                    await db.add_listener(self._sql.channel, self._on_notify)
+                except (asyncpg.PostgresError, *UNAVAILABLE) as e:  # dropped at once, or a standby's refusal
+                    delay = backoff.next()
+                    log.warning("cannot listen for new jobs; retrying", error=str(e), retry_in_s=delay)
+                    await asyncio.sleep(delay)
+                    continue
                 backoff.reset()
                 if self._seen:
                     self.on_jobs_added(set(self._seen))
@@ -344,7 +361,7 @@ class PostgresStore:
                 db.terminate()
 
     def _on_notify(self, _db: Any, _pid: int, _channel: str, payload: str) -> None:
-        names = set(filter(None, payload.split(",")))
+        names = set(self._seen) if payload == WAKE_ALL else set(filter(None, payload.split(",")))
         if names:
             self.on_jobs_added(names)
 

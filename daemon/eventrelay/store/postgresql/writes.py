@@ -14,6 +14,10 @@ from ..dead_letter import dead_letter_payload
 from .schema import NOW
 
 _NEXT_DUE_WINDOW = 1000  # jobs next_due looks at, at most
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more: past this, the payload is WAKE_ALL instead of the
+# integrations' names (which cannot contain it), and every daemon looks at all its integrations.
+_NOTIFY_MAX = 7900
+WAKE_ALL = "*"
 
 EventRow = tuple[str, str, str, bool, Sequence[tuple[str, str | None]]]  # id, type, payload, id given, routes
 
@@ -25,7 +29,8 @@ class Statements:
         s = schema
         self.channel = f"eventrelay_{s}"  # NOTIFY: integrations with new jobs, comma-separated
         # New events and their jobs in one statement. Events whose id is stored already (by any daemon, even
-        # in a transaction still open: the insert waits for it) are skipped, and so are their jobs.
+        # in a transaction still open: the insert waits for it) are skipped, and so are their jobs. Jobs go in
+        # as their events came, not by event id: job ids order a key's jobs.
         self.ingest = f"""
             WITH new AS (
                 INSERT INTO {s}.events (id, type, payload, accepted_at)
@@ -35,13 +40,14 @@ class Statements:
             queued AS (
                 INSERT INTO {s}.jobs (event_seq, integration, next_at, created_at, updated_at, ordering_key)
                 SELECT new.seq, r.integration, $4, $4, $4, r.key
-                FROM unnest($5::text[], $6::text[], $7::text[]) AS r (event_id, integration, key)
+                FROM unnest($5::text[], $6::text[], $7::text[]) WITH ORDINALITY AS r (event_id, integration, key, n)
                 JOIN new ON new.id = r.event_id
-                ORDER BY r.event_id, r.integration
+                ORDER BY r.n
                 RETURNING integration)
             SELECT (SELECT array_agg(id) FROM new),
-                   (SELECT pg_notify('{self.channel}', string_agg(DISTINCT integration, ',')) FROM queued
-                    HAVING count(*) > 0)"""
+                   (SELECT pg_notify('{self.channel}', CASE WHEN octet_length(names) < {_NOTIFY_MAX} THEN names
+                                                            ELSE '{WAKE_ALL}' END)
+                    FROM (SELECT string_agg(DISTINCT integration, ',') AS names FROM queued HAVING count(*) > 0) q)"""
         self.known_jobs = f"""
             SELECT e.id, (SELECT count(*) FROM {s}.jobs j WHERE j.event_seq = e.seq)
             FROM {s}.events e WHERE e.id = ANY($1::text[])"""
@@ -65,17 +71,31 @@ class Statements:
         # The earliest a job of the integration may be claimed by this daemon: when it falls due, or when
         # another daemon's lease on it runs out. Among the first jobs by due time only, so the cost stays
         # bounded whatever the backlog: past them, the others are busy, and the lease or a wake-up comes first.
+        # With ordering ($4), a job behind its key's head is not due, whatever its time: the head's time counts.
         self.next_due = f"""
             SELECT min(CASE WHEN claimed_by IS NOT NULL AND claimed_by <> $3 AND lease_until > {NOW}
                             THEN greatest(next_at, lease_until) ELSE next_at END)
-            FROM (SELECT next_at, claimed_by, lease_until FROM {s}.jobs
+            FROM (SELECT next_at, claimed_by, lease_until FROM {s}.jobs j
                   WHERE integration = $1 AND state = 'pending' AND NOT (id = ANY($2::bigint[]))
+                    AND (NOT $4 OR j.ordering_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM {s}.jobs k WHERE k.integration = j.integration AND k.state = 'pending'
+                          AND k.ordering_key = j.ordering_key AND k.id < j.id))
                   ORDER BY next_at, id LIMIT {_NEXT_DUE_WINDOW}) first"""
+        # Rows another transaction holds (an outcome being written, an operator's retry) are skipped, not
+        # waited for: a renewal never takes part in a deadlock, and the next one, a third of a lease later,
+        # renews them.
         self.renew = f"""
-            UPDATE {s}.jobs SET lease_until = {NOW} + $3 WHERE id = ANY($1::bigint[]) AND claimed_by = $2"""
+            UPDATE {s}.jobs SET lease_until = {NOW} + $3 WHERE id IN (
+                SELECT id FROM {s}.jobs WHERE id = ANY($1::bigint[]) AND claimed_by = $2
+                ORDER BY id FOR UPDATE SKIP LOCKED)"""
+        # Handed back jobs are announced as new ones are: the other daemons may be asleep until the lease.
         self.release = f"""
-            UPDATE {s}.jobs SET claimed_by = NULL, lease_until = NULL
-            WHERE id = ANY($1::bigint[]) AND claimed_by = $2"""
+            WITH released AS (
+                UPDATE {s}.jobs SET claimed_by = NULL, lease_until = NULL
+                WHERE id = ANY($1::bigint[]) AND claimed_by = $2
+                RETURNING integration)
+            SELECT pg_notify('{self.channel}', string_agg(DISTINCT integration, ',')) FROM released
+            HAVING count(*) > 0"""
         # A batch of outcomes: each job's new state (only while this daemon's claim stands: if its lease ran
         # out while it was sending, another daemon may have taken the job, and that one's outcome stands), its
         # line in the attempt log, and the per-minute counts, all in one statement.
@@ -102,6 +122,7 @@ class Statements:
             ON CONFLICT (minute, integration, daemon) DO UPDATE SET delivered = m.delivered + excluded.delivered,
                 failed = m.failed + excluded.failed, dead = m.dead + excluded.dead"""
         self.payload_of = f"SELECT payload FROM {s}.events WHERE id = $1"
+        self.still_claimed = f"SELECT id FROM {s}.jobs WHERE id = ANY($1::bigint[]) AND claimed_by = $2 FOR UPDATE"
         self.add_event = f"""
             WITH new AS (INSERT INTO {s}.events (id, type, payload, accepted_at) VALUES ($1, $2, $3, $4)
                          RETURNING seq)
@@ -130,10 +151,13 @@ class Statements:
                                    LIMIT $4 FOR UPDATE SKIP LOCKED)"""
         self.prune_jobs = f"""
             WITH gone AS (
-                DELETE FROM {s}.jobs WHERE id IN (SELECT id FROM (
+                DELETE FROM {s}.jobs j WHERE id IN (SELECT id FROM (
                     (SELECT id FROM {s}.jobs WHERE state = 'delivered' AND updated_at < $1 LIMIT $3)
                     UNION ALL
                     (SELECT id FROM {s}.jobs WHERE state = 'dead' AND updated_at < $2 LIMIT $3)) finished LIMIT $3)
+                  -- Again on the row itself: a retry or replay committed while this waited for the row made
+                  -- it pending, and the subquery's rows are not read again.
+                  AND ((j.state = 'delivered' AND j.updated_at < $1) OR (j.state = 'dead' AND j.updated_at < $2))
                 RETURNING id, event_seq),
             log AS (DELETE FROM {s}.attempts WHERE job_id IN (SELECT id FROM gone) RETURNING 1)
             SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM log),

@@ -352,8 +352,8 @@ class SqliteStore:
                     ordered: bool = False, only: Iterable[int] | None = None) -> list[Job]:
         return self._reader.claim(integration, now, limit, exclude, ordered, only)
 
-    async def next_due(self, integration: str, exclude: Iterable[int] = ()) -> float | None:
-        return self._reader.next_due(integration, exclude)
+    async def next_due(self, integration: str, exclude: Iterable[int] = (), ordered: bool = False) -> float | None:
+        return self._reader.next_due(integration, exclude, ordered)
 
     async def release(self, job_ids: Iterable[int]) -> None:
         """Nothing to do: claims are held in the daemon's memory only, and this daemon is the database's one."""

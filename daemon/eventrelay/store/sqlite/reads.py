@@ -20,6 +20,10 @@ from .errors import read_failure
 # bounded: a WAL reader waits only in rare moments (another connection recovering the WAL), and a claim
 # that times out is retried by its dispatcher a second later.
 _CLAIMS_BUSY_TIMEOUT_MS = 200
+# Only the head of each ordering key: no earlier job of the same key is still pending.
+_HEADS_ONLY = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
+               "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
+               "AND k.id < j.id)) ")
 
 
 
@@ -62,9 +66,7 @@ class Reads:
         dispatcher's buffer of ready jobs ran dry."""
         excluded = _padded(exclude)
         chosen = _padded(only) if only is not None else []
-        heads_only = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
-                      "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
-                      "AND k.id < j.id)) ") if ordered else ""
+        heads_only = _HEADS_ONLY if ordered else ""
         rows = self._read_claims(
             "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at, coalesce(j.requeued_at, e.accepted_at) "
             "FROM jobs j "
@@ -76,12 +78,13 @@ class Reads:
         return [Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3],
                     payload=r[4], accepted_at=r[5], age_from=r[6]) for r in rows]
 
-    def next_due(self, integration: str, exclude: Iterable[int]) -> float | None:
-        """Store.next_due; on the event loop's thread, as `claim`: one step down the `jobs_due` index."""
+    def next_due(self, integration: str, exclude: Iterable[int], ordered: bool = False) -> float | None:
+        """Store.next_due; on the event loop's thread, as `claim`: a walk down the `jobs_due` index."""
         excluded = _padded(exclude)
         rows = self._read_claims(
-            "SELECT next_at FROM jobs WHERE integration = ? AND state = 'pending' "
-            f"{_not_in('id', excluded)} ORDER BY next_at LIMIT 1", (integration, *excluded))
+            "SELECT next_at FROM jobs j WHERE integration = ? AND state = 'pending' "
+            f"{_not_in('id', excluded)} {_HEADS_ONLY if ordered else ''}ORDER BY next_at LIMIT 1",
+            (integration, *excluded))
         return rows[0][0] if rows else None
 
     def _read_claims(self, sql: str, params: Sequence[Any]) -> list[Any]:
