@@ -41,7 +41,6 @@ USER_AGENT = f"eventrelay/{__version__}"
 _INGEST_DRAIN = 5.0  # seconds open requests get to finish once we stop listening
 _STATUS_EVERY = 30.0
 _SHARED_STATE_EVERY = 2.0  # seconds; how soon a daemon follows a 410 or an enable recorded by another
-_RECORD_MARGIN = 10.0  # seconds within which a daemon's own 410 is surely recorded
 # Seconds systemd's start timeout is pushed past each wait for the database: the next try, then this much.
 _START_WAIT_MARGIN = 30.0
 _SETTLE_MARGIN = 5.0  # seconds an operator's retry waits, past the delivery timeout, for an outcome's write
@@ -530,7 +529,7 @@ class Service:
                     log.warning("integration disabled by another daemon: its target answered 410 Gone",
                                 integration=name, reason=stored[name][1])
                     dispatcher.disable(stored[name])
-                elif name not in stored and local is not None and local[0] < read_at - _RECORD_MARGIN:
+                elif name not in stored and local is not None and 0 < dispatcher.disabled_recorded_at < read_at:
                     # An enable elsewhere, not this daemon's own 410 whose record is still on its way.
                     log.info("integration enabled again on another daemon", integration=name)
                     dispatcher.enable()

@@ -70,6 +70,9 @@ class Dispatcher:
         self._unrecorded_limit = UNRECORDED_FACTOR * self._slots
         self.gate = Gate(delivery, burst=self._batch, disabled=disabled, shared=store.shared, paused_at=paused_at)
         self._expedite: set[int] = set()  # jobs an operator asked to send now, to be claimed first
+        # When the store had this integration's disabled state, as far as this daemon knows (0: not yet): a
+        # read of the store begun later that lacks it means an operator enabled it on another daemon.
+        self.disabled_recorded_at = time.time() if disabled is not None else 0.0
         self._settling: dict[int, asyncio.Future[None]] = {}  # jobs someone waits to see recorded
         self._finished = False  # `run` has returned: outcomes still unwritten are given up
         self._loop = asyncio.get_running_loop()  # made by the service, on its loop
@@ -305,6 +308,7 @@ class Dispatcher:
             self._report_disabled()
             try:
                 await self._store.set_disabled(self.name, changes.gone)
+                self.disabled_recorded_at = time.time()
             except StoreError as e:
                 self._log.error("cannot persist the disabled state", error=str(e))
 
@@ -406,6 +410,7 @@ class Dispatcher:
     def disable(self, disabled: tuple[float, str]) -> None:
         """Another daemon sharing the store got a 410 from the target: (when, why)."""
         self.gate.disabled = disabled
+        self.disabled_recorded_at = time.time()
         self._report_disabled()
 
     def enable(self) -> None:
