@@ -262,3 +262,30 @@ async def test_the_chart_counts_deliveries_and_failures_per_minute(start_daemon,
     assert (await get(d, "/v1/integrations/erp/chart?hours=0"))[0] == 400
     assert (await get(d, "/v1/integrations/erp/chart?hours=49"))[0] == 400
     assert (await get(d, "/v1/integrations/nope/chart"))[0] == 404
+
+
+async def test_an_event_with_its_jobs_and_every_attempt(start_daemon, receiver: Receiver) -> None:
+    failures = {"/hook": 1}
+
+    def answer(r):
+        if failures.get(r.path, 0) > 0:
+            failures[r.path] -= 1
+            return web.Response(status=502, text="bad gateway")
+        return web.Response(status=204)
+
+    receiver.respond = answer
+    d = await start_daemon([webhook("erp", receiver.url, delivery=FAST), webhook("crm", receiver.url + "/crm")])
+    await d.post({"id": "o-77", "type": "order.paid", "data": {"id": "77", "total": 12.5}})
+    await wait_for(lambda: d.states(), {"delivered": 2}, timeout=10)
+    status, body = await get(d, "/v1/events/o-77")
+    assert status == 200
+    event = body["data"]
+    assert (event["id"], event["type"], event["payload"]) == ("o-77", "order.paid",
+                                                              {"data": {"id": "77", "total": 12.5}})
+    assert [(j["integration"], j["state"]) for j in event["jobs"]] == [("crm", "delivered"), ("erp", "delivered")]
+    crm, erp = event["jobs"]
+    assert [(a["attempt"], a["status_code"], a["succeeded"]) for a in erp["log"]] == [(1, 502, False),
+                                                                                     (2, 204, True)]
+    assert erp["log"][0]["body"] == "bad gateway" and len(crm["log"]) == 1
+    status, body = await get(d, "/v1/events/never-sent")
+    assert status == 404 and "never-sent" in body["errors"][0]["detail"]

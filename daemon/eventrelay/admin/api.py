@@ -26,6 +26,8 @@ DEFAULT_PAGE = 25
 
 TEST_EVENT_TYPE = "eventrelay.test"  # the type of a test event sent to one integration
 _CHART_HOURS_MAX = 48
+_EVENT_JOBS_MAX = 1000  # an event's jobs shown at most: one per integration observing it
+_EVENT_ATTEMPTS_MAX = 200  # a job's latest attempts shown at most
 
 
 def _counts(counts: OutcomeCounts) -> dict[str, int]:
@@ -55,6 +57,7 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/pause", self.pause)
         r.add_post("/v1/integrations/{name}/resume", self.resume)
         r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
+        r.add_get("/v1/events/{id}", self.event)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
         r.add_post("/v1/reload", self.reload)
@@ -151,6 +154,20 @@ class AdminApi:
         if total == 0 and name is not None and not self._known(name):
             return _unknown(name)
         return _json(_paged(request, [_log(r) for r in rows], total, *page))
+
+    async def event(self, request: web.Request) -> web.Response:
+        """One event by its id: its payload, and per integration its job with every attempt, oldest first."""
+        event_id = request.match_info["id"]
+        event = await self._store.event(event_id)
+        if event is None:
+            return error_response(404, f"no event {event_id!r} is stored (never accepted, or pruned by retention)")
+        jobs, _ = await self._store.jobs(event_id=event_id, limit=_EVENT_JOBS_MAX)
+        shown = []
+        for job in sorted(jobs, key=lambda j: j.integration):
+            attempts = await self._store.attempts(job.id)
+            shown.append({**(_job(job) or {}), "log": [_log(a) for a in attempts[-_EVENT_ATTEMPTS_MAX:]]})
+        return _json({"data": {"id": event.id, "type": event.type, "accepted_at": iso_time(event.accepted_at),
+                               "payload": codec.loads(event.payload.encode()), "jobs": shown}})
 
     def _known(self, name: str) -> bool:
         return self._view.config.integration(name) is not None
