@@ -194,6 +194,7 @@ async def test_status_figures_come_from_the_records_and_survive_a_reload(start_d
 
     await wait_until(counted, timeout=5)  # counted in the database, within a second of the attempts
     erp = await erp_status()
+    assert erp["success_rate_last_hour"] == round(21 / 22, 4)
     # A success after the failure: the failure and its error are still there to read.
     assert erp["last_success_at"] > erp["last_failure_at"]
     assert erp["last_error"] == "Received a status code outside of 2xx range (500)"

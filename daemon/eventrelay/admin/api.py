@@ -81,6 +81,9 @@ class AdminApi:
                 "in_flight": state.in_flight if state else 0,
                 "delivered_last_hour": hour.delivered,
                 "failed_last_hour": hour.failed + hour.dead,
+                # Of the attempts of the last hour, the share that delivered; None without any.
+                "success_rate_last_hour": (round(hour.delivered / (hour.delivered + hour.failed + hour.dead), 4)
+                                           if hour.delivered + hour.failed + hour.dead else None),
                 "last_success_at": iso_time(last.success_at) if last.success_at is not None else None,
                 # The last failure stays shown after a success: what went wrong is what an operator looks for.
                 "last_failure_at": iso_time(last.failure_at) if last.failure_at is not None else None,
