@@ -21,6 +21,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -206,66 +207,37 @@ def _replay_command(args: argparse.Namespace, window: dict[str, Any]) -> str:
     return shlex.join(argv)
 
 
-def cmd_enable(args: argparse.Namespace) -> int:
-    return with_daemon(args, _enable)
+def _action(path: str, changed: Callable[[dict[str, Any]], bool], when_changed: str,
+            unchanged: str) -> Callable[[argparse.Namespace], int]:
+    """A command that POSTs an operator's action on one integration and says what it did: `when_changed` or
+    `unchanged` (formatted with the integration's `name` and the answer's `was`), as `changed` tells."""
+    async def act(client: Client, args: argparse.Namespace) -> int:
+        data = (await client.post(f"{_integration_path(args.integration)}/{path}", {}))["data"]
+        if args.json:
+            print_json(data)
+        else:
+            text = when_changed if changed(data) else unchanged
+            print(text.format(name=args.integration, was=data.get("was")))
+        return EXIT_OK
+
+    return lambda args: with_daemon(args, act)
 
 
-async def _enable(client: Client, args: argparse.Namespace) -> int:
-    data = (await client.post(f"{_integration_path(args.integration)}/enable", {}))["data"]
-    if args.json:
-        print_json(data)
-    elif data.get("was_disabled"):
-        print(f"{args.integration} enabled again: its pending jobs are being delivered")
-    else:
-        print(f"{args.integration} was not disabled: nothing to do")
-    return EXIT_OK
-
-
-def cmd_pause(args: argparse.Namespace) -> int:
-    return with_daemon(args, _pause)
-
-
-async def _pause(client: Client, args: argparse.Namespace) -> int:
-    data = (await client.post(f"{_integration_path(args.integration)}/pause", {}))["data"]
-    if args.json:
-        print_json(data)
-    elif data.get("was_paused"):
-        print(f"{args.integration} was paused already")
-    else:
-        print(f"{args.integration} paused: its jobs wait, nothing is sent (deliveries under way finish); "
-              f"`eventrelay resume {args.integration}` lets it deliver again")
-    return EXIT_OK
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    return with_daemon(args, _resume)
-
-
-async def _resume(client: Client, args: argparse.Namespace) -> int:
-    data = (await client.post(f"{_integration_path(args.integration)}/resume", {}))["data"]
-    if args.json:
-        print_json(data)
-    elif data.get("was_paused"):
-        print(f"{args.integration} resumed: its pending jobs are being delivered")
-    else:
-        print(f"{args.integration} was not paused: nothing to do")
-    return EXIT_OK
-
-
-def cmd_close_circuit(args: argparse.Namespace) -> int:
-    return with_daemon(args, _close_circuit)
-
-
-async def _close_circuit(client: Client, args: argparse.Namespace) -> int:
-    data = (await client.post(f"{_integration_path(args.integration)}/close-circuit", {}))["data"]
-    if args.json:
-        print_json(data)
-    elif data.get("was") == "closed":
-        print(f"the circuit of {args.integration} was not open: nothing to do")
-    else:
-        print(f"the circuit of {args.integration} is closed (it was {data.get('was')}): deliveries resume now; "
-              "if the target still fails, it opens again after `breaker.failures` failures in a row (5 by default)")
-    return EXIT_OK
+cmd_enable = _action("enable", lambda data: bool(data.get("was_disabled")),
+                     "{name} enabled again: its pending jobs are being delivered",
+                     "{name} was not disabled: nothing to do")
+cmd_pause = _action("pause", lambda data: not data.get("was_paused"),
+                    "{name} paused: its jobs wait, nothing is sent (deliveries under way finish); "
+                    "`eventrelay resume {name}` lets it deliver again",
+                    "{name} was paused already")
+cmd_resume = _action("resume", lambda data: bool(data.get("was_paused")),
+                     "{name} resumed: its pending jobs are being delivered",
+                     "{name} was not paused: nothing to do")
+cmd_close_circuit = _action(
+    "close-circuit", lambda data: data.get("was") != "closed",
+    "the circuit of {name} is closed (it was {was}): deliveries resume now; if the target still fails, it opens "
+    "again after `breaker.failures` failures in a row (5 by default)",
+    "the circuit of {name} was not open: nothing to do")
 
 
 # -- replay -------------------------------------------------------------------------------------------------
