@@ -1133,3 +1133,25 @@ async def test_e2e_send_to_one_integration(start_daemon, receiver: Receiver, cap
     assert capsys.readouterr().out.endswith("accepted: 1 job(s) queued\n")
     await wait_until(lambda: [r.json["triggered_by"] for r in receiver.requests] == ["customer.updated"])
     assert await run("send", "order.paid", "--to", "nope", "--url", d.url) == 1  # unknown: the API's 404
+
+
+@needs_admin_api
+async def test_e2e_event_shows_where_an_event_went(start_daemon, receiver: Receiver, capsys, quiet_daemon) -> None:
+    from aiohttp import web as aioweb
+
+    answers = iter([aioweb.Response(status=503, text="down for maintenance")])
+    receiver.respond = lambda r: next(answers, aioweb.Response(status=204))
+    d = await start_daemon([webhook("erp", receiver.url, delivery={
+        "retry": {"initial": "50ms", "max_interval": "50ms", "max_age": "1h"}})])
+    assert await run("send", "order.paid", "--id", "o/1 x", "--data", '{"id": "1"}', "--url", d.url) == 0
+    await wait_for(d.states, {"delivered": 1})
+    capsys.readouterr()
+    assert await run("event", "o/1 x", "--url", d.url) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("event o/1 x (order.paid), accepted ")
+    assert '"id": "1"' in out and "erp: job 1, delivered after 2 attempt(s)" in out
+    (failed,) = [line for line in out.splitlines() if " failed " in line]
+    assert " 503 " in failed and "outside of 2xx range (503)" in failed
+    assert "  attempt 1 answered: down for maintenance" in out.splitlines()
+    assert await run("event", "never", "--url", d.url) == 1  # the API's 404, printed
+    assert "no event 'never' is stored" in capsys.readouterr().err

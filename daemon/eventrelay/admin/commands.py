@@ -32,8 +32,8 @@ from ..clock import iso_time, parse_datetime
 from ..units import parse_duration
 from .client import (CONFIG_ENV, DEFAULT_CONFIG, EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, TOKEN_ENV, Client,
                      ServerError, UsageError, with_daemon)
-from .printing import (ERROR_WIDTH, any_due, format_jobs, format_logs, format_reload, format_status, held_by,
-                       num, print_json, table)
+from .printing import (ERROR_WIDTH, any_due, format_event, format_jobs, format_logs, format_reload, format_status,
+                       held_by, num, print_json, table)
 
 REPLAY_BATCH = 5000  # jobs re-queued per request: small enough to show progress, large enough to be quick
 DEFAULT_PAGE = 25  # rows of `jobs` and `logs`; the server takes at most 100 per page
@@ -205,6 +205,18 @@ def _replay_command(args: argparse.Namespace, window: dict[str, Any]) -> str:
         if getattr(args, option, None):
             argv += [f"--{option}", getattr(args, option)]
     return shlex.join(argv)
+
+
+def cmd_event(args: argparse.Namespace) -> int:
+    async def show(client: Client, args: argparse.Namespace) -> int:
+        event = (await client.get(f"/v1/events/{quote(args.id, safe='')}"))["data"]
+        if args.json:
+            print_json(event)
+        else:
+            print(format_event(event, _now()))
+        return EXIT_OK
+
+    return with_daemon(args, show)
 
 
 def _action(path: str, changed: Callable[[dict[str, Any]], bool], when_changed: str,
@@ -412,6 +424,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     logs.add_argument("--job", help="only this job's attempts, with answers shown whole")
     page(logs)
     logs.set_defaults(func=cmd_logs)
+
+    event = subparsers.add_parser("event", parents=[common],
+                                  help="one event by its id: its payload, and where it went, attempt by attempt")
+    event.add_argument("id", help="the event's id, as the producer gave it or the daemon answered")
+    event.set_defaults(func=cmd_event)
 
     retry = subparsers.add_parser("retry", parents=[common], help="deliver a pending or dead job again now")
     retry.add_argument("integration", help="its name, as in the config")

@@ -148,6 +148,11 @@ def _next_attempt(job: dict[str, Any], now: datetime, held: str | None = None) -
 def format_logs(document: dict[str, Any], *, what: str = "attempts", integration: str = "", offset: int = 0,
                 width: int | None = ERROR_WIDTH) -> str:
     entries = document.get("data") or []
+    body = [_attempts_table(entries, width)] if entries else []
+    return "\n".join(body + [_footer(document, len(entries), offset, f"{what} of {integration}")])
+
+
+def _attempts_table(entries: list[dict[str, Any]], width: int | None = ERROR_WIDTH) -> str:
     rows = []
     for e in entries:
         job = (((e.get("relationships") or {}).get("job") or {}).get("data") or {}).get("id", "-")
@@ -158,8 +163,29 @@ def format_logs(document: dict[str, Any], *, what: str = "attempts", integration
                      "-" if status is None else str(status), _seconds(e.get("processing_time")),
                      one_line(detail, width)])
     headers = ["TIME", "JOB", "ATTEMPT", "RESULT", "STATUS", "DURATION", "DETAIL"]
-    body = [table(headers, rows, right={1, 2, 5})] if rows else []
-    return "\n".join(body + [_footer(document, len(rows), offset, f"{what} of {integration}")])
+    return table(headers, rows, right={1, 2, 5})
+
+
+def format_event(event: dict[str, Any], now: datetime) -> str:
+    """One event as `GET /v1/events/{id}` answers it: what it was, then per integration its job and every
+    attempt, so an operator sees at once where it went and what each target answered."""
+    lines = [f"event {event.get('id')} ({event.get('type')}), accepted {_when(event.get('accepted_at'))} "
+             f"({_ago(event.get('accepted_at'), now)})",
+             indent(json.dumps(event.get("payload"), indent=2, ensure_ascii=False)), ""]
+    jobs = event.get("jobs") or []
+    if not jobs:
+        lines.append("no integration observed it: nothing was queued")
+    for job in jobs:
+        nxt = f", next attempt {_ago(job.get('next_attempt_at'), now)}" if job.get("next_attempt_at") else ""
+        lines.append(f"{job.get('integration')}: job {job.get('id')}, {job.get('state')} after "
+                     f"{num(job.get('attempts'))} attempt(s){nxt}")
+        if job.get("log"):
+            lines.append(indent(_attempts_table(job["log"])))
+            # What a failing target said, beside the error: the first line of its answer.
+            lines.extend(f"  attempt {a.get('attempt')} answered: {one_line(a['body'], ERROR_WIDTH)}"
+                         for a in job["log"] if not a.get("succeeded") and a.get("body"))
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 # -- formatting ---------------------------------------------------------------------------------------------
