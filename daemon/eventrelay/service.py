@@ -511,10 +511,10 @@ class Service:
     async def _follow_shared_state(self, stop: asyncio.Event) -> None:
         """With daemons sharing the store: follow the 410-disabled states the others record, and enables by an
         operator on any of them, so every daemon stops (or resumes) sending, not only the one that heard it."""
-        if self.config.storage.backend == "sqlite":
+        assert self.store is not None
+        if not self.store.shared:
             return  # this daemon is the store's only one: its own dispatchers changed the state
         while not await wait_event(stop, _SHARED_STATE_EVERY):
-            assert self.store is not None
             read_at, actions = time.time(), self._operator_actions
             try:
                 stored = await self.store.disabled()

@@ -435,21 +435,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     retry.add_argument("job", help="the job's id, as `eventrelay jobs` lists it")
     retry.set_defaults(func=cmd_retry)
 
-    enable = subparsers.add_parser("enable", parents=[common],
-                                   help="turn an integration back on after its target answered 410 Gone")
-    enable.add_argument("integration", help="its name, as in the config")
-    enable.set_defaults(func=cmd_enable)
-
-    for name, func, what in (("pause", cmd_pause, "hold an integration's deliveries (its jobs wait) until resumed"),
-                             ("resume", cmd_resume, "let a paused integration deliver again")):
+    for name, func, what in (
+            ("enable", cmd_enable, "turn an integration back on after its target answered 410 Gone"),
+            ("pause", cmd_pause, "hold an integration's deliveries (its jobs wait) until resumed"),
+            ("resume", cmd_resume, "let a paused integration deliver again"),
+            ("close-circuit", cmd_close_circuit, "close an integration's open circuit now (its target is fixed)")):
         command = subparsers.add_parser(name, parents=[common], help=what)
         command.add_argument("integration", help="its name, as in the config")
         command.set_defaults(func=func)
-
-    close = subparsers.add_parser("close-circuit", parents=[common],
-                                  help="close an integration's open circuit now (its target is fixed)")
-    close.add_argument("integration", help="its name, as in the config")
-    close.set_defaults(func=cmd_close_circuit)
 
     replay = subparsers.add_parser(
         "replay", parents=[common], help="re-queue an integration's dead jobs, or its jobs of a time range",
