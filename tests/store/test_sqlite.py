@@ -19,7 +19,8 @@ from eventrelay.store import Store, StoreError
 from eventrelay.store.sqlite import wire
 from eventrelay.store.sqlite.engine import SqliteStore
 from eventrelay.store.sqlite.schema import MIGRATIONS
-from eventrelay.store.sqlite.wire import EventRow, FrameReader, Op, OutcomeRow, Replay, dumps
+from eventrelay.store.rows import EventRow, event_rows
+from eventrelay.store.sqlite.wire import FrameReader, Op, OutcomeRow, Replay, dumps
 
 from .conftest import FAR, R, ev
 
@@ -238,7 +239,7 @@ def test_records_cross_as_plain_tuples_and_get_their_names_back() -> None:
     with pytest.raises(ValueError):
         marshal.dumps(Op.RETRY)
     event = parse_event({"id": "e1", "type": "order.paid", "data": {}})
-    (row,) = wire.event_rows([event], [[("a", "k")]])
+    (row,) = event_rows([event], [[("a", "k")]])
     assert type(row) is tuple and EventRow._make(row) == EventRow("e1", "order.paid", event.payload, True,
                                                                    [("a", "k")])
     job = Job(7, "a", 2, "e1", "order.paid", event.payload, 1.0)

@@ -1,13 +1,33 @@
-"""How the rows both engines read become the API's value types: the same columns, in the same order, on
-either engine, so the reads of each differ only in their SQL dialect."""
+"""The rows both engines write and read: events to store as plain tuples (EventRow names their fields), and
+how rows read become the API's value types, the same columns in the same order on either engine, so the
+engines differ only in their SQL dialect."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..jobs import JobState
-from .api import AttemptView, JobView
+from .api import AttemptView, JobView, Route
+
+if TYPE_CHECKING:
+    from ..events import Event
+
+
+class EventRow(NamedTuple):
+    """An event to store, with its routes. Travels as a plain tuple in this order (the SQLite engine's wire
+    takes exact built-in types only)."""
+
+    id: str
+    type: str
+    payload: str
+    id_given: bool  # False: the daemon made the id, so it cannot be a duplicate
+    routes: Sequence[Route]
+
+
+def event_rows(events: Sequence[Event], routes: Sequence[Sequence[Route]]) -> list[tuple[Any, ...]]:
+    """Ingest's items, as EventRows."""
+    return [(e.id, e.type, e.payload, e.id_given, r) for e, r in zip(events, routes)]
 
 JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, j.next_at, "
                "j.last_error")  # of `jobs j JOIN events e`

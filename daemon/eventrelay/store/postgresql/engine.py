@@ -23,11 +23,12 @@ from ...jobs import AttemptRecord, Job, JobState
 from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, LastAttempts, OutcomeCounts, Route,
                    StoredEvent, StoreError)
 from ..identity import Identity
+from ..rows import EventRow, event_rows
 from . import schema
 from .connect import (COMMAND_TIMEOUT, CONNECT_TIMEOUT, RECONNECT_MAX, SERVER_SETTINGS, UNAVAILABLE, Transaction,
                       rollback_if_open, split_timeout, store_error, wait_for_database)
 from .reads import Reads
-from .writes import WAKE_ALL, EventRow, Statements, dead_letter_rows, forward_dead, ingest_arguments, \
+from .writes import WAKE_ALL, Statements, dead_letter_rows, forward_dead, ingest_arguments, \
     job_from_row, record_arguments
 
 log = structlog.get_logger(component="store")
@@ -196,8 +197,7 @@ class PostgresStore:
     # -- ingest ---------------------------------------------------------------------------------------------
 
     async def ingest(self, events: Sequence[Event], routes: Sequence[Sequence[Route]]) -> list[Accepted]:
-        rows = [(e.id, e.type, e.payload, e.id_given, r) for e, r in zip(events, routes)]
-        return await self._put(self._ingests, rows)
+        return await self._put(self._ingests, event_rows(events, routes))
 
     async def _commit_ingests(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         await self._commit(batch, self._write_ingests, "events were not stored")

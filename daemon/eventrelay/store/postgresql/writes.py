@@ -11,6 +11,7 @@ from ...events import new_event_id
 from ...jobs import AttemptRecord, Job
 from ..api import DEAD_LETTER_TYPE
 from ..dead_letter import dead_letter_payload
+from ..rows import EventRow
 from .schema import NOW
 
 _NEXT_DUE_WINDOW = 1000  # jobs next_due looks at, at most
@@ -19,7 +20,6 @@ _NEXT_DUE_WINDOW = 1000  # jobs next_due looks at, at most
 _NOTIFY_MAX = 7900
 WAKE_ALL = "*"
 
-EventRow = tuple[str, str, str, bool, Sequence[tuple[str, str | None]]]  # id, type, payload, id given, routes
 
 
 class Statements:

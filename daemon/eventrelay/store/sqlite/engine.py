@@ -29,10 +29,11 @@ from ...jobs import AttemptRecord, Job, JobState
 from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, LastAttempts, OutcomeCounts, Route,
                    StoredEvent, StoreError)
 from ..identity import Identity
+from ..rows import event_rows
 from . import files
 from .reads import Reads
 from .wire import ROW_OPS, Done, FrameReader, Op, Prune, Replay, Reply, Retry, SetDisabled, SetPaused, dumps, \
-    event_rows, outcome_rows
+    outcome_rows
 
 log = structlog.get_logger(component="store")
 

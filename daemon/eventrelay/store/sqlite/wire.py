@@ -22,9 +22,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from ...events import Event
     from ...jobs import AttemptRecord
-    from ..api import Route
 
 _FRAME_LENGTH = struct.Struct("<I")
 
@@ -63,7 +61,7 @@ class FrameReader:
 class Op(IntEnum):
     """What an operation asks of the writer, and what its `items` are."""
 
-    INGEST = 1  # items: a list of EventRow; result: the duplicates, [(index, jobs they got then)]
+    INGEST = 1  # items: a list of store.rows.EventRow; result: the duplicates, [(index, jobs they got then)]
     RECORD = 2  # items: a list of OutcomeRow; result: None
     SET_DISABLED = 3  # items: SetDisabled; result: None
     RETRY = 4  # items: Retry; result: the state the job had, or None
@@ -82,20 +80,6 @@ class Operation(NamedTuple):
     kind: Op
     items: Any
 
-
-class EventRow(NamedTuple):
-    """An event to store, with its routes."""
-
-    id: str
-    type: str
-    payload: str
-    id_given: bool  # False: the daemon made the id, so it cannot be a duplicate
-    routes: Sequence[Route]
-
-
-def event_rows(events: Sequence[Event], routes: Sequence[Sequence[Route]]) -> list[tuple[Any, ...]]:
-    """Ingest's items, as EventRows travel."""
-    return [(e.id, e.type, e.payload, e.id_given, r) for e, r in zip(events, routes)]
 
 
 class OutcomeRow(NamedTuple):
