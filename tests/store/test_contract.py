@@ -4,6 +4,7 @@ it. No SQL and no engine internals here; what only SQLite does is in test_sqlite
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from eventrelay.events import Event, parse_event
 from eventrelay.jobs import AttemptRecord, Job, JobState, Outcome
-from eventrelay.store import DEAD_LETTER_TYPE, LastAttempts, OutcomeCounts, Store, StoreError
+from eventrelay.store import DEAD_LETTER_TYPE, JobSearch, LastAttempts, OutcomeCounts, Store, StoreError
 
 from ..conftest import wait_until
 from .conftest import FAR, R, Stores, ev
@@ -404,3 +405,98 @@ async def test_events_page_newest_first(store: Store) -> None:
     stored = await store.event("evt-1")
     assert (stored.id, stored.type, json.loads(stored.payload)) == ("evt-1", "order.paid", {"data": {"id": "1"}})
     assert await store.event("nope") is None
+
+
+# -- search, the live tail, latency samples ------------------------------------------------------------------
+
+async def all_pages(store: Store, query: JobSearch, limit: int, scan: int = 20_000) -> tuple[list[str], int]:
+    """Every job a search finds, page after page (bounded), as "integration/event id"; and how many pages."""
+    found, pages = [], 0
+    while pages < 100:
+        page = await store.search(query, limit, scan)
+        pages += 1
+        assert len(page.jobs) <= limit
+        found += [f"{j.integration}/{j.event_id}" for j in page.jobs]
+        if page.next is None:
+            return found, pages
+        query = dataclasses.replace(query, before=page.next)
+    raise AssertionError("the search never ended")
+
+
+def by_event(found: list[str] | tuple[list[str], int]) -> list[set[str]]:
+    """Jobs found, newest event first; an event's jobs (one per integration) in any order."""
+    found = found[0] if isinstance(found, tuple) else found
+    groups: list[set[str]] = []
+    for job in found:
+        if groups and next(iter(groups[-1])).split("/")[1] == job.split("/")[1]:
+            groups[-1].add(job)
+        else:
+            groups.append({job})
+    return groups
+
+
+async def test_search_filters_newest_first_and_pages_with_a_cursor(store: Store) -> None:
+    await store.ingest([ev(i, "order.paid") for i in range(6)], [R("a")] * 6)
+    middle = time.time()
+    await asyncio.sleep(0.05)
+    await store.ingest([ev(i, "cart.updated") for i in range(6, 9)], [R("a", "b")] * 3)
+    await finish(store, JobState.DEAD, 2)  # evt-0 and evt-1 on a
+    newest_a = [f"a/evt-{i}" for i in range(8, -1, -1)]
+
+    assert await all_pages(store, JobSearch(integration="a"), 4) == (newest_a, 3)
+    assert by_event(await all_pages(store, JobSearch(), 100)) == by_event(
+        ["a/evt-8", "b/evt-8", "a/evt-7", "b/evt-7", "a/evt-6", "b/evt-6"] + newest_a[3:])
+    assert (await all_pages(store, JobSearch(state=JobState.DEAD), 1)) == (["a/evt-1", "a/evt-0"], 2)
+    assert (await all_pages(store, JobSearch(integration="a", state=JobState.PENDING), 25))[0] == newest_a[:-2]
+    assert (await all_pages(store, JobSearch(integration="b", event_type="order.paid"), 25)) == ([], 1)
+    assert (await all_pages(store, JobSearch(event_type="cart.updated", integration="b"), 2))[0] == [
+        "b/evt-8", "b/evt-7", "b/evt-6"]
+    # A time range: jobs created at or after `since` and before `until`.
+    assert (await all_pages(store, JobSearch(integration="a", until=middle), 25))[0] == newest_a[3:]
+    assert by_event(await all_pages(store, JobSearch(since=middle), 25)) == by_event(
+        ["a/evt-8", "b/evt-8", "a/evt-7", "b/evt-7", "a/evt-6", "b/evt-6"])
+    assert (await all_pages(store, JobSearch(since=middle, until=middle + 3600, state=JobState.DEAD), 25))[0] == []
+    assert (await all_pages(store, JobSearch(until=0.0), 25)) == ([], 1)
+    assert (await all_pages(store, JobSearch(integration="nobody"), 25)) == ([], 1)
+    page = await store.search(JobSearch(integration="a"), 2)
+    assert [j.event_id for j in page.jobs] == ["evt-8", "evt-7"] and page.jobs[0].event_type == "cart.updated"
+
+
+async def test_a_search_page_examines_a_bounded_number_of_jobs_and_goes_on_from_there(store: Store) -> None:
+    await store.ingest([ev(i) for i in range(20)], [R("a")] * 20)
+    await finish(store, JobState.DEAD, 1)  # evt-0: the only dead job, behind 19 pending ones
+    # Examining 5 jobs a page, the search for it walks back page by page, empty ones included (the fifth
+    # page finds that nothing is older).
+    found, pages = await all_pages(store, JobSearch(state=JobState.DEAD), 10, scan=5)
+    assert found == ["a/evt-0"] and pages == 5
+    found, pages = await all_pages(store, JobSearch(integration="a", state=JobState.DEAD), 10, scan=5)
+    assert found == ["a/evt-0"] and pages == 1  # through the index of a's dead jobs: one page
+    found, pages = await all_pages(store, JobSearch(), 3, scan=5)
+    assert len(found) == 20 and pages == 7
+
+
+async def test_the_live_tail_reads_attempts_after_the_last_one_seen_with_their_event(store: Store) -> None:
+    assert await store.attempts_after(None, 10) == []
+    await store.ingest([ev(i, "customer.updated") for i in range(5)], [R("a")] * 5)
+    jobs = await store.claim("a", FAR, limit=5)
+    await store.record([outcome(j, JobState.DELIVERED) for j in jobs[:3]])
+    latest = await store.attempts_after(None, 2)
+    assert [(a.event_id, a.event_type, a.succeeded) for a in latest] == [
+        ("evt-1", "customer.updated", True), ("evt-2", "customer.updated", True)]
+    assert await store.attempts_after(latest[-1].id, 10) == []
+    await store.record([outcome(j, JobState.PENDING, FAR, succeeded=False, status_code=500) for j in jobs[3:]])
+    after = await store.attempts_after(latest[-1].id, 10)
+    assert [(a.event_id, a.succeeded, a.status_code) for a in after] == [("evt-3", False, 500), ("evt-4", False, 500)]
+    assert [a.event_id for a in await store.attempts_after(latest[0].id, 2)] == ["evt-2", "evt-3"]
+
+
+async def test_durations_are_a_bounded_sample_of_the_latest_attempts(store: Store) -> None:
+    now = time.time()
+    await store.ingest([ev(i) for i in range(5)], [R("a")] * 5)
+    jobs = await store.claim("a", FAR, limit=5)
+    await store.record([AttemptRecord(j, Outcome(j.id, duration=0.1 * (i + 1), succeeded=True),
+                                      now - 7200 if i == 0 else now, JobState.DELIVERED, None)
+                        for i, j in enumerate(jobs)])
+    assert sorted(await store.durations("a", now - 3600)) == pytest.approx([0.2, 0.3, 0.4, 0.5])
+    assert sorted(await store.durations("a", now - 3600, limit=2)) == pytest.approx([0.4, 0.5])
+    assert await store.durations("b", 0) == []

@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # the writer process imports this module too, and needs none 
     from ..events import Event
     from ..jobs import AttemptRecord, Job
 
-__all__ = ["DEAD_LETTER_TYPE", "Accepted", "AttemptView", "DaemonView", "JobState", "JobView", "LastAttempts",
-           "OutcomeCounts", "Route", "Store", "StoreError", "StoredEvent", "WATCHED_STATES"]
+__all__ = ["DEAD_LETTER_TYPE", "SEARCH_SCAN", "Accepted", "AttemptView", "DaemonView", "JobSearch", "JobState",
+           "JobView", "LastAttempts", "OutcomeCounts", "Route", "SearchPage", "Store", "StoreError", "StoredEvent",
+           "WATCHED_STATES"]
 
 Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key (or None)
 
@@ -83,6 +84,8 @@ class AttemptView:
     status_code: int | None
     error_detail: str | None
     body: str | None  # the target's answer, truncated
+    event_id: str | None = None  # the job's event: given by `attempts_after` (the live tail), else None
+    event_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,31 @@ class OutcomeCounts:
     delivered: int = 0
     failed: int = 0  # failed attempts whose job is retried
     dead: int = 0  # attempts that left their job dead
+
+
+@dataclass(frozen=True, slots=True)
+class JobSearch:
+    """Which jobs a search lists, newest first. None means any."""
+
+    integration: str | None = None
+    state: JobState | None = None
+    event_type: str | None = None
+    since: float | None = None  # created at or after (unix seconds)
+    until: float | None = None  # created before
+    before: int | None = None  # the page's cursor: only jobs with a smaller id (a previous page's `next`)
+
+
+class SearchPage(NamedTuple):
+    jobs: list[JobView]
+    # The cursor of the next page (JobSearch.before), None when no older job can match. A page may hold
+    # fewer jobs than asked and still have a next one: each page examines a bounded number of jobs.
+    next: int | None
+
+
+# The most jobs one search page examines: a search stays a bounded query whatever the store holds.
+SEARCH_SCAN = 20_000
+# The most attempts `durations` reads: latency percentiles come from a bounded sample.
+DURATIONS_SAMPLE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +274,18 @@ class Store(Protocol):
 
     async def attempts(self, job_id: int) -> list[AttemptView]:
         """Every attempt of one job, oldest first."""
+
+    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
+        """Attempts of any integration logged after the attempt `after` (None: the latest `limit`), oldest
+        first, with their event's id and type: a live tail's lines."""
+
+    async def durations(self, integration: str, since: float, limit: int = DURATIONS_SAMPLE) -> list[float]:
+        """How long (seconds) the integration's latest attempts took, at most `limit`, those started since
+        `since` only: a bounded sample for latency percentiles."""
+
+    async def search(self, query: JobSearch, limit: int, scan: int = SEARCH_SCAN) -> SearchPage:
+        """A page of at most `limit` jobs matching `query`, newest first, with the next page's cursor. Bounded
+        work whatever the store holds: at most `scan` jobs examined, found through indexes."""
 
     async def events(self, limit: int = 25, offset: int = 0) -> tuple[list[StoredEvent], int]:
         """A page of the stored events, newest first, and how many there are in all (those no integration

@@ -32,6 +32,8 @@ def event_rows(events: Sequence[Event], routes: Sequence[Sequence[Route]]) -> li
 JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, j.next_at, "
                "j.last_error")  # of `jobs j JOIN events e`
 ATTEMPT_COLUMNS = "id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, body"
+# An attempt with its event's id and type, of `attempts a JOIN jobs j JOIN events e`: a live tail's line.
+TAIL_COLUMNS = ", ".join(f"a.{c}" for c in ATTEMPT_COLUMNS.split(", ")) + ", e.id, e.type"
 EVENT_COLUMNS = "id, type, payload, accepted_at"  # a StoredEvent's fields, in order
 
 
@@ -44,4 +46,5 @@ def job_view(r: Sequence[Any]) -> JobView:
 
 def attempt_view(r: Sequence[Any]) -> AttemptView:
     return AttemptView(id=r[0], job_id=r[1], integration=r[2], attempt=r[3], succeeded=bool(r[4]), created_at=r[5],
-                       duration=r[6], status_code=r[7], error_detail=r[8], body=r[9])
+                       duration=r[6], status_code=r[7], error_detail=r[8], body=r[9],
+                       event_id=r[10] if len(r) > 10 else None, event_type=r[11] if len(r) > 11 else None)

@@ -20,8 +20,8 @@ from ...aio import Backoff, cancel, wait_event
 from ...config import PostgresConfig
 from ...events import Event
 from ...jobs import AttemptRecord, Job, JobState
-from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, LastAttempts, OutcomeCounts, Route,
-                   StoredEvent, StoreError)
+from ..api import (DURATIONS_SAMPLE, SEARCH_SCAN, WATCHED_STATES, Accepted, AttemptView, DaemonView, JobSearch, JobView,
+                   LastAttempts, OutcomeCounts, Route, SearchPage, StoredEvent, StoreError)
 from ..identity import Identity
 from ..rows import EventRow, event_rows
 from . import schema
@@ -470,6 +470,15 @@ class PostgresStore:
 
     async def attempts(self, job_id: int) -> list[AttemptView]:
         return await self._reads.attempts(job_id)
+
+    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
+        return await self._reads.attempts_after(after, limit)
+
+    async def durations(self, integration: str, since: float, limit: int = DURATIONS_SAMPLE) -> list[float]:
+        return await self._reads.durations(integration, since, limit)
+
+    async def search(self, query: JobSearch, limit: int, scan: int = SEARCH_SCAN) -> SearchPage:
+        return await self._reads.search(query, limit, scan)
 
     async def events(self, limit: int = 25, offset: int = 0) -> tuple[list[StoredEvent], int]:
         return await self._reads.events(limit, offset)

@@ -6,8 +6,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ...jobs import JobState
-from ..api import AttemptView, JobView, LastAttempts, OutcomeCounts, StoredEvent
-from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, attempt_view, job_view
+from .. import search
+from ..api import AttemptView, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent
+from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view, job_view
 
 Fetch = Callable[..., Awaitable[list[Any]]]  # (sql, *args) -> rows, failures already StoreErrors
 
@@ -100,6 +101,66 @@ class Reads:
                                  job_id)
         return [attempt_view(r) for r in rows]
 
+    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
+        joined = (f"SELECT {TAIL_COLUMNS} FROM {self._s}.attempts a JOIN {self._s}.jobs j ON j.id = a.job_id "
+                  f"JOIN {self._s}.events e ON e.seq = j.event_seq ")
+        if after is None:
+            rows = await self._fetch(joined + "ORDER BY a.id DESC LIMIT $1", limit)
+            return [attempt_view(r) for r in reversed(rows)]
+        rows = await self._fetch(joined + "WHERE a.id > $1 ORDER BY a.id LIMIT $2", after, limit)
+        return [attempt_view(r) for r in rows]
+
+    async def durations(self, integration: str, since: float, limit: int) -> list[float]:
+        rows = await self._fetch(
+            f"SELECT duration FROM (SELECT duration, created_at FROM {self._s}.attempts WHERE integration = $1 "
+            "ORDER BY id DESC LIMIT $2) latest WHERE created_at >= $3", integration, limit, since)
+        return [r[0] for r in rows]
+
+    async def search(self, query: JobSearch, limit: int, scan_bound: int) -> SearchPage:
+        before = query.before
+        if query.until is not None:
+            bounds = (await self._fetch(f"SELECT min(id), max(id) FROM {self._s}.jobs"))[0]
+            start = await search.scan_start(query.until, None if bounds[0] is None else tuple(bounds),
+                                            self._created_from)
+            before = start if before is None else min(before, start)
+        args: list[Any] = []
+        scan = self._scan(query, before, scan_bound, args)
+        filters = [(f"e.type = {_arg(args, query.event_type)}", query.event_type),
+                   (f"j.created_at >= {_arg(args, query.since)}", query.since),
+                   (f"j.created_at < {_arg(args, query.until)}", query.until),
+                   (f"j.state = {_arg(args, _state(query))}", query.state)]
+        clauses = " ".join(f"AND {clause}" for clause, value in filters if value is not None)
+        rows = [job_view(r) for r in await self._fetch(
+            f"SELECT {JOB_COLUMNS} FROM ({scan}) s JOIN {self._s}.jobs j ON j.id = s.id "
+            f"JOIN {self._s}.events e ON e.seq = j.event_seq WHERE true {clauses} "
+            f"ORDER BY j.id DESC LIMIT {_arg(args, limit + 1)}", *args)]
+        scanned = None
+        if len(rows) <= limit:
+            args = []
+            scan = self._scan(query, before, scan_bound, args)
+            n, floor, created = (await self._fetch(
+                f"SELECT s.n, s.floor, j.created_at FROM (SELECT count(*) n, min(id) floor FROM ({scan}) ids) s "
+                f"LEFT JOIN {self._s}.jobs j ON j.id = s.floor", *args))[0]
+            scanned = (n, floor, created)
+        return search.page(rows, limit, query, scan_bound, scanned)
+
+    def _scan(self, query: JobSearch, before: int | None, most: int, args: list[Any]) -> str:
+        """The ids a search page examines, as the SQLite engine's `_scan` (the same indexes)."""
+        below = _arg(args, before if before is not None else _NO_CURSOR)
+        bound = _arg(args, most)
+        if query.integration is None:
+            return f"SELECT id FROM {self._s}.jobs WHERE id < {below} ORDER BY id DESC LIMIT {bound}"
+        name = _arg(args, query.integration)
+        states = [query.state] if query.state is not None else list(JobState)
+        ones = [f"(SELECT id FROM {self._s}.jobs WHERE integration = {name} AND state = "
+                f"{_arg(args, JobState(state).value)} AND id < {below} ORDER BY id DESC LIMIT {bound})"
+                for state in states]
+        return f"SELECT id FROM ({' UNION ALL '.join(ones)}) per_state ORDER BY id DESC LIMIT {bound}"
+
+    async def _created_from(self, job_id: int) -> float | None:
+        return await self._scalar(f"SELECT created_at FROM {self._s}.jobs WHERE id >= $1 ORDER BY id LIMIT 1",
+                                  job_id)
+
     async def events(self, limit: int, offset: int) -> tuple[list[StoredEvent], int]:
         rows = await self._fetch(f"SELECT {EVENT_COLUMNS} FROM {self._s}.events ORDER BY seq DESC "
                                  "LIMIT $1 OFFSET $2", limit, offset)
@@ -111,6 +172,21 @@ class Reads:
         return StoredEvent(*rows[0]) if rows else None
 
 
+
+
+_NO_CURSOR = 2**63 - 1  # a search without a cursor starts below the largest id there can be
+
+
+def _arg(args: list[Any], value: Any) -> str:
+    """`value` as the next numbered parameter; a None filter takes no number (its clause is left out)."""
+    if value is None:
+        return "NULL"
+    args.append(value)
+    return f"${len(args)}"
+
+
+def _state(query: JobSearch) -> str | None:
+    return JobState(query.state).value if query.state is not None else None
 
 
 def _where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:

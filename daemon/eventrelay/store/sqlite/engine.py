@@ -26,8 +26,8 @@ import structlog
 
 from ...events import Event
 from ...jobs import AttemptRecord, Job, JobState
-from ..api import (WATCHED_STATES, Accepted, AttemptView, DaemonView, JobView, LastAttempts, OutcomeCounts, Route,
-                   StoredEvent, StoreError)
+from ..api import (DURATIONS_SAMPLE, SEARCH_SCAN, WATCHED_STATES, Accepted, AttemptView, DaemonView, JobSearch, JobView,
+                   LastAttempts, OutcomeCounts, Route, SearchPage, StoredEvent, StoreError)
 from ..identity import Identity
 from ..rows import event_rows
 from . import files
@@ -391,6 +391,15 @@ class SqliteStore:
     async def attempts(self, job_id: int) -> list[AttemptView]:
         rows, _ = await self._reader.logs(None, job_id, limit=1_000_000, offset=0)
         return rows[::-1]
+
+    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
+        return await self._reader.attempts_after(after, limit)
+
+    async def durations(self, integration: str, since: float, limit: int = DURATIONS_SAMPLE) -> list[float]:
+        return await self._reader.durations(integration, since, limit)
+
+    async def search(self, query: JobSearch, limit: int, scan: int = SEARCH_SCAN) -> SearchPage:
+        return await self._reader.search(query, limit, scan)
 
     async def events(self, limit: int = 25, offset: int = 0) -> tuple[list[StoredEvent], int]:
         return await self._reader.events(limit, offset)

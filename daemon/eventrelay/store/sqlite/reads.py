@@ -12,8 +12,10 @@ from typing import Any
 import aiosqlite
 
 from ...jobs import Job, JobState
-from ..api import AttemptView, JobView, LastAttempts, OutcomeCounts, StoredEvent, StoreError
-from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, attempt_view, job_view
+from .. import search
+from ..api import (AttemptView, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent,
+                   StoreError)
+from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view, job_view
 from .errors import read_failure
 
 # The claims' connection runs on the event loop's thread, so how long a busy database may stall it is
@@ -24,6 +26,7 @@ _CLAIMS_BUSY_TIMEOUT_MS = 200
 _HEADS_ONLY = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
                "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
                "AND k.id < j.id)) ")
+_NO_CURSOR = 2**63 - 1  # a search without a cursor starts below the largest id there can be
 
 
 
@@ -184,6 +187,43 @@ class Reads:
         total = await self._scalar(f"SELECT count(*) FROM attempts {clauses}", params)
         return [attempt_view(r) for r in rows], total
 
+    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
+        rows = await self._fetch(
+            f"SELECT {TAIL_COLUMNS} FROM attempts a JOIN jobs j ON j.id = a.job_id "
+            "JOIN events e ON e.seq = j.event_seq "
+            + ("WHERE a.id > ? ORDER BY a.id LIMIT ?" if after is not None else "ORDER BY a.id DESC LIMIT ?"),
+            (after, limit) if after is not None else (limit,))
+        return [attempt_view(r) for r in (rows if after is not None else rows[::-1])]
+
+    async def durations(self, integration: str, since: float, limit: int) -> list[float]:
+        rows = await self._fetch(
+            "SELECT duration FROM (SELECT duration, created_at FROM attempts WHERE integration = ? "
+            "ORDER BY id DESC LIMIT ?) WHERE created_at >= ?", (integration, limit, since))
+        return [r[0] for r in rows]
+
+    async def search(self, query: JobSearch, limit: int, scan_bound: int) -> SearchPage:
+        before = query.before
+        if query.until is not None:
+            bounds = (await self._fetch("SELECT min(id), max(id) FROM jobs"))[0]
+            start = await search.scan_start(query.until, None if bounds[0] is None else bounds, self._created_from)
+            before = start if before is None else min(before, start)
+        scan, scan_params = _scan(query, before, scan_bound)
+        clauses, params = _where(("e.type = ?", query.event_type), ("j.created_at >= ?", query.since),
+                                 ("j.created_at < ?", query.until), ("j.state = ?", _state(query)))
+        rows = [job_view(r) for r in await self._fetch(
+            f"SELECT {JOB_COLUMNS} FROM ({scan}) s JOIN jobs j ON j.id = s.id JOIN events e ON e.seq = j.event_seq "
+            f"{clauses} ORDER BY j.id DESC LIMIT ?", (*scan_params, *params, limit + 1))]
+        scanned = None
+        if len(rows) <= limit:
+            n, floor, created = (await self._fetch(
+                f"SELECT s.n, s.floor, j.created_at FROM (SELECT count(*) n, min(id) floor FROM ({scan})) s "
+                "LEFT JOIN jobs j ON j.id = s.floor", scan_params))[0]
+            scanned = (n, floor, created)
+        return search.page(rows, limit, query, scan_bound, scanned)
+
+    async def _created_from(self, job_id: int) -> float | None:
+        return await self._scalar("SELECT created_at FROM jobs WHERE id >= ? ORDER BY id LIMIT 1", (job_id,))
+
     async def events(self, limit: int, offset: int) -> tuple[list[StoredEvent], int]:
         rows = await self._fetch(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ? OFFSET ?",
                                  (limit, offset))
@@ -195,6 +235,25 @@ class Reads:
         return StoredEvent(*rows[0]) if rows else None
 
 
+
+
+def _scan(query: JobSearch, before: int | None, bound: int) -> tuple[str, list[Any]]:
+    """The ids a search page examines, newest first and at most `bound` of them, through an index: an
+    integration's jobs in a state (jobs_state), an integration's jobs in any state (jobs_state once per
+    state), or else the latest jobs (the primary key), the other filters applied to these."""
+    below = before if before is not None else _NO_CURSOR
+    if query.integration is None:
+        return "SELECT id FROM jobs WHERE id < ? ORDER BY id DESC LIMIT ?", [below, bound]
+    states = [query.state] if query.state is not None else list(JobState)
+    one = "SELECT id FROM (SELECT id FROM jobs WHERE integration = ? AND state = ? AND id < ? ORDER BY id DESC LIMIT ?)"
+    params: list[Any] = []
+    for state in states:
+        params += [query.integration, JobState(state).value, below, bound]
+    return f"SELECT id FROM ({' UNION ALL '.join([one] * len(states))}) ORDER BY id DESC LIMIT ?", [*params, bound]
+
+
+def _state(query: JobSearch) -> str | None:
+    return JobState(query.state).value if query.state is not None else None
 
 
 def _where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:
