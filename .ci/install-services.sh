@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the system packages the tests need on Debian 12: ActiveMQ, RabbitMQ (with Erlang and epmd), a
 # headless JDK (the brokers, and the JMS consumer the tests compile), systemd's tools (the unit file is
-# checked with systemd-analyze) and PostgreSQL's server binaries (the tests initdb clusters of their own).
+# checked with systemd-analyze), PostgreSQL's server binaries (the tests initdb clusters of their own) and
+# Chromium with its WebDriver (the console's browser tests drive Debian's own build: no browser download).
 # Idempotent, and silent when everything is already there.
 #
 # The tests start their own brokers and databases in temp dirs, so apt must NOT start the packages' own
@@ -25,6 +26,8 @@ have_initdb() {  # any version: the tests use the newest /usr/lib/postgresql/<ve
     return 1
 }
 have_initdb || missing="$missing postgresql"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
 
 [ -z "$missing" ] && exit 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -290,3 +291,100 @@ async def test_an_event_with_its_jobs_and_every_attempt(start_daemon, receiver: 
     assert erp["log"][0]["body"] == "bad gateway" and len(crm["log"]) == 1
     status, body = await get(d, "/v1/events/never-sent")
     assert status == 404 and "never-sent" in body["errors"][0]["detail"]
+
+
+async def test_search_pages_jobs_of_every_integration_with_filters(start_daemon, receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=500 if r.json["id"].startswith("bad") else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={**FAST, "breaker": NO_BREAKER,
+                                                                  "retry": {"max_attempts": 1}}),
+                            webhook("crm", receiver.url + "/crm", observes=["customer.updated"])])
+    await d.post([{"id": f"o-{i}", "type": "order.paid", "data": {}} for i in range(5)]
+                 + [{"id": "bad-1", "type": "order.paid", "data": {}},
+                    {"id": "c-1", "type": "customer.updated", "data": {}}])
+    await wait_for(lambda: d.states(), {"delivered": 6, "dead": 1}, timeout=10)
+
+    status, body = await get(d, "/v1/jobs?state=dead")
+    assert status == 200 and [(j["integration"], j["event_id"], j["state"]) for j in body["data"]] == [
+        ("erp", "bad-1", "dead")]
+    assert body["meta"]["next"] is None and body["links"]["next"] is None
+    _, body = await get(d, "/v1/jobs?type=customer.updated")
+    assert [(j["integration"], j["event_id"]) for j in body["data"]] == [("crm", "c-1")]
+    # Pages newest first, the next page's link keeping the filters.
+    seen, path = [], "/v1/jobs?integration=erp&limit=4"
+    for _ in range(5):
+        _, body = await get(d, path)
+        seen += [j["event_id"] for j in body["data"]]
+        if body["links"]["next"] is None:
+            break
+        path = body["links"]["next"]
+        assert "integration=erp" in path and "limit=4" in path
+    assert seen == ["bad-1", "o-4", "o-3", "o-2", "o-1", "o-0"]
+    _, body = await get(d, "/v1/jobs?since=2000-01-01T00:00:00Z&until=2001-01-01T00:00:00Z")
+    assert body["data"] == []
+    for bad, words in [("state=gone", "state must be"), ("limit=0", "limit must be"), ("limit=101", "limit must be"),
+                       ("before=x", "before must be"), ("since=yesterday", "since:")]:
+        status, body = await get(d, f"/v1/jobs?{bad}")
+        assert status == 400 and words in body["errors"][0]["detail"], bad
+
+
+async def test_status_shows_latency_percentiles_of_the_last_hour(start_daemon, receiver: Receiver) -> None:
+    async def slow(r):
+        await asyncio.sleep(0.2 if r.json["id"] == "slow" else 0)
+        return web.Response(status=204)
+
+    receiver.respond = slow
+    d = await start_daemon([webhook("erp", receiver.url), webhook("idle", receiver.url, observes=["x.y"])])
+    await d.post([{"id": f"o-{i}", "type": "order.paid", "data": {}} for i in range(9)])
+    await d.post({"id": "slow", "type": "order.paid", "data": {}})
+    await wait_for(lambda: d.states(), {"delivered": 10}, timeout=10)
+    _, body = await get(d, "/v1/status")
+    erp, idle = body["data"]["integrations"]
+    latency = erp["latency_last_hour"]
+    assert latency["sample"] == 10 and latency["p50"] < 0.1 and 0.2 <= latency["p99"] < 2
+    assert idle["latency_last_hour"] is None
+
+
+async def read_events(response, count: int, timeout: float = 10) -> list[tuple[str, dict]]:
+    """The next `count` Server-Sent Events of a stream, as (id, data)."""
+    events, fields = [], {}
+    async with asyncio.timeout(timeout):
+        while len(events) < count:
+            line = (await response.content.readline()).decode().rstrip("\n")
+            if line == "":
+                if "data" in fields:
+                    assert fields["event"] == "attempt"
+                    events.append((fields["id"], json.loads(fields["data"])))
+                fields = {}
+            elif not line.startswith(":"):
+                key, _, value = line.partition(": ")
+                fields[key] = value
+    return events
+
+
+async def test_the_live_tail_streams_new_attempts_and_resumes_after_the_last_seen(start_daemon,
+                                                                                   receiver: Receiver) -> None:
+    receiver.respond = lambda r: web.Response(status=503 if r.json["id"] == "bad" else 204)
+    d = await start_daemon([webhook("erp", receiver.url, delivery={"retry": {"initial": "1h", "max_interval": "1h"}})])
+    await d.post({"id": "before", "type": "order.paid", "data": {}})
+    await wait_for(lambda: d.states(), {"delivered": 1}, timeout=10)
+    async with d.http.get(d.url + "/v1/tail") as r:
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        [(first_id, first)] = await read_events(r, 1)  # the latest attempts come first
+        assert (first["event_id"], first["integration"], first["succeeded"]) == ("before", "erp", True)
+        await d.post([{"id": "new", "type": "order.paid", "data": {}}, {"id": "bad", "type": "order.paid",
+                                                                      "data": {}}])
+        lines = await read_events(r, 2)
+        assert sorted((e["event_id"], e["succeeded"], e["status_code"]) for _, e in lines) == [
+            ("bad", False, 503), ("new", True, 204)]
+    # A browser reconnecting sends the last id it saw, and gets what followed.
+    async with d.http.get(d.url + "/v1/tail", headers={"Last-Event-ID": first_id}) as r:
+        assert sorted(e["event_id"] for _, e in await read_events(r, 2)) == ["bad", "new"]
+    assert (await get(d, "/v1/tail?after=x"))[0] == 400
+    # An open tail does not hold up the daemon's shutdown (aiohttp would wait for its handler).
+    async with d.http.get(d.url + "/v1/tail") as r:
+        await read_events(r, 1)
+        started = time.monotonic()
+        d.stop.set()
+        await asyncio.wait_for(asyncio.shield(d.task), 10)
+        assert time.monotonic() - started < 5
+        assert await r.content.read() is not None  # the stream ended

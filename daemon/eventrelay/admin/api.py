@@ -6,6 +6,8 @@ Served on the ingest listener, behind the same token. Pages follow the seed syst
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -18,7 +20,7 @@ from ..events import EventError, parse_event
 from ..ingest.http import error_response
 from ..jobs import JobState
 from ..metrics import CONTENT_TYPE
-from ..store import AttemptView, JobView, OutcomeCounts, Store
+from ..store import AttemptView, JobSearch, JobView, OutcomeCounts, Store
 from .view import IntegrationState, ServiceView
 
 MAX_PAGE = 100
@@ -28,6 +30,10 @@ TEST_EVENT_TYPE = "eventrelay.test"  # the type of a test event sent to one inte
 _CHART_HOURS_MAX = 48
 _EVENT_JOBS_MAX = 1000  # an event's jobs shown at most: one per integration observing it
 _EVENT_ATTEMPTS_MAX = 200  # a job's latest attempts shown at most
+_TAIL_FIRST = 20  # attempts a new live tail starts with
+_TAIL_BATCH = 200  # attempts read at a time by a live tail
+_TAIL_POLL = 0.5  # seconds between a live tail's reads of the store
+_TAIL_KEEPALIVE = 15.0
 
 
 def _counts(counts: OutcomeCounts) -> dict[str, int]:
@@ -40,8 +46,13 @@ class AdminApi:
     def __init__(self, view: ServiceView, store: Store):
         self._view = view
         self._store = store
+        self._closed = asyncio.Event()  # the listener is closing: live tails end, so shutdown does not wait
+
+    async def _closing(self, app: web.Application) -> None:
+        self._closed.set()
 
     def add_routes(self, app: web.Application) -> None:
+        app.on_shutdown.append(self._closing)
         r = app.router
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/integrations", self.integrations)
@@ -58,6 +69,8 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/resume", self.resume)
         r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
         r.add_get("/v1/events/{id}", self.event)
+        r.add_get("/v1/jobs", self.search)
+        r.add_get("/v1/tail", self.tail)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
         r.add_post("/v1/reload", self.reload)
@@ -88,6 +101,7 @@ class AdminApi:
                 # The last failure stays shown after a success: what went wrong is what an operator looks for.
                 "last_failure_at": iso_time(last.failure_at) if last.failure_at is not None else None,
                 "last_error": last.failure_error,
+                "latency_last_hour": _latency(await self._store.durations(name, time.time() - 3600)),
                 **_held(state),
             })
         reload = view.last_reload
@@ -171,6 +185,64 @@ class AdminApi:
             shown.append({**(_job(job) or {}), "log": [_log(a) for a in attempts[-_EVENT_ATTEMPTS_MAX:]]})
         return _json({"data": {"id": event.id, "type": event.type, "accepted_at": iso_time(event.accepted_at),
                                "payload": codec.loads(event.payload.encode()), "jobs": shown}})
+
+    async def search(self, request: web.Request) -> web.Response:
+        """Jobs of every integration, newest first, filtered by `integration`, `state`, `type` and a time range
+        (`since`, `until`), a page at a time: `links.next` goes on (a cursor, `before`), null at the end."""
+        q = request.query
+        try:
+            state = q.get("state") or None
+            if state is not None and state not in {s.value for s in JobState}:
+                raise ValueError(f"state must be pending, delivered or dead, not {state!r}")
+            limit = q.get("limit", str(DEFAULT_PAGE))
+            if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+                raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}")
+            before = q.get("before")
+            if before is not None and not before.isdigit():
+                raise ValueError("before must be the `next` cursor of a previous page")
+            query = JobSearch(integration=q.get("integration") or None, state=JobState(state) if state else None,
+                              event_type=q.get("type") or None, since=_time(q.get("since") or None, "since"),
+                              until=_time(q.get("until") or None, "until"),
+                              before=int(before) if before is not None else None)
+        except ValueError as e:
+            return error_response(400, str(e))
+        page = await self._store.search(query, int(limit))
+        following = None
+        if page.next is not None:
+            kept = {k: v for k, v in q.items() if k != "before"}
+            following = f"{request.path}?{urlencode({**kept, 'before': page.next})}"
+        return _json({"data": [_job(j) for j in page.jobs], "meta": {"next": page.next},
+                      "links": {"next": following}})
+
+    async def tail(self, request: web.Request) -> web.StreamResponse:
+        """The attempt log as it grows, as Server-Sent Events (`event: attempt`, the id is the attempt's): the
+        latest few first, or those after `Last-Event-ID` (or `?after=`) when a browser reconnects. Read from the
+        store, so it shows every daemon's deliveries; a comment line every 15 s keeps proxies from closing it."""
+        after_text = request.headers.get("Last-Event-ID") or request.query.get("after")
+        if after_text is not None and not after_text.isdigit():
+            return error_response(400, "after (or Last-Event-ID) must be an attempt id")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        after = int(after_text) if after_text is not None else None
+        first = after is None
+        quiet_since = time.monotonic()
+        while not self._closed.is_set():
+            lines = await self._store.attempts_after(after, _TAIL_FIRST if first else _TAIL_BATCH)
+            first = False
+            if lines:
+                after = lines[-1].id
+                await response.write(b"".join(
+                    b"id: %d\nevent: attempt\ndata: %s\n\n" % (a.id, codec.dumps(_tail_line(a)).encode())
+                    for a in lines))
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > _TAIL_KEEPALIVE:
+                await response.write(b": still here\n\n")
+                quiet_since = time.monotonic()
+            if len(lines) < _TAIL_BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), _TAIL_POLL)
+        return response
 
     def _known(self, name: str) -> bool:
         return self._view.config.integration(name) is not None
@@ -301,6 +373,24 @@ def _held(state: IntegrationState | None) -> dict[str, Any]:
             "paused_until": _iso_or_none(state.paused_until),
             "paused": {"at": iso_time(state.paused_at)} if state.paused_at is not None else None,
             "disabled": {"at": iso_time(disabled[0]), "reason": disabled[1]} if disabled else None}
+
+
+def _latency(durations: list[float]) -> dict[str, Any] | None:
+    """p50 and p99 of a sample of attempts' durations (seconds), and its size; None without any."""
+    if not durations:
+        return None
+    ordered = sorted(durations)
+
+    def rank(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 6)
+
+    return {"p50": rank(0.5), "p99": rank(0.99), "sample": len(ordered)}
+
+
+def _tail_line(a: AttemptView) -> dict[str, Any]:
+    return {"id": str(a.id), "at": iso_time(a.created_at), "integration": a.integration, "job": str(a.job_id),
+            "event_id": a.event_id, "event_type": a.event_type, "attempt": a.attempt, "succeeded": a.succeeded,
+            "status_code": a.status_code, "processing_time": round(a.duration, 6), "error_detail": a.error_detail}
 
 
 def _replay_window(job: JobView | None) -> dict[str, str] | None:
