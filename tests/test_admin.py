@@ -121,6 +121,8 @@ async def test_retry_and_replay(start_daemon, receiver: Receiver) -> None:
     assert since < created < until and until - since <= 0.003
     assert (await post(d, "/v1/integrations/erp/jobs/999/retry"))[0] == 404
 
+    status, body = await post(d, "/v1/integrations/erp/replay", {"state": "dead", "until": "2000-01-01T00:00:00Z"})
+    assert status == 200 and body["data"] == {"queued": 0}  # dead jobs of a time range (the console's filter)
     status, body = await post(d, "/v1/integrations/erp/replay", {"state": "dead"})
     assert status == 200 and body["data"] == {"queued": 2}
     await wait_for(d.states, lambda states: states.get("delivered") == 3)
@@ -131,7 +133,7 @@ async def test_retry_and_replay(start_daemon, receiver: Receiver) -> None:
     assert status == 200 and body["data"] == {"queued": 3}  # delivered ones too
     await wait_until(lambda: len(receiver.requests) == before + 3)
 
-    for bad in ({"state": "delivered"}, {"since": "yesterday"}, {"state": "dead", "limit": 0}, [1],
+    for bad in ({"state": "delivered"}, {}, {"state": "pending", "since": 0}, {"since": "yesterday"}, {"state": "dead", "limit": 0}, [1],
                 {"since": "2026-01-01T00:00:00"}):
         status, body = await post(d, "/v1/integrations/erp/replay", bad)
         assert status == 400, bad

@@ -486,7 +486,8 @@ def test_a_time_without_zone_is_local_time() -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dead", "--until", "1h"], "--until goes with --since, not with --dead"),
+    (["--dead", "--until", "1h"], "--until goes with --since"),
+    ([], "say what to replay: --dead, --since TIME [--until TIME], or both"),
     (["--since", "yesterday"], "--since 'yesterday' is neither a time"),
     (["--since", "1h", "--until", "2h"], "must be before --until"),
 ])
@@ -495,11 +496,13 @@ async def test_replay_usage_errors_exit_2_before_asking_the_server(fake, capsys,
     assert message in capsys.readouterr().err and fake.requests == []
 
 
-@pytest.mark.parametrize("argv", [[], ["--dead", "--since", "1h"]])
-def test_replay_needs_exactly_one_of_dead_and_since(argv, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        parse("replay", "erp", *argv)
-    assert exit_info.value.code == 2
+async def test_replay_dead_of_a_time_range(fake, capsys) -> None:
+    fake.dead = 1
+    assert await run("replay", "erp", "--dead", "--since", "2h", "--until", "1h", "--url", fake.url) == 0
+    assert fake.bodies("/replay") == [{"state": "dead", "since": "2026-11-27T10:00:00.000Z",
+                                       "until": "2026-11-27T11:00:00.000Z",
+                                       "not_requeued_since": "2026-11-27T12:00:00.000Z", "limit": 5000}]
+    assert "re-queued 1 dead job(s) created from 2026-11-27T10:00:00.000Z" in capsys.readouterr().out
 
 
 async def test_replay_failing_midway_says_how_many_were_requeued(fake, capsys) -> None:

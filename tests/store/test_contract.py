@@ -281,7 +281,8 @@ async def test_retry_and_replay(store: Store) -> None:
     assert again.attempt == 2 and again.age_from > again.accepted_at - 1  # a fresh max_age window
     assert (await store.job("a", delivered[0].id)).state is JobState.DELIVERED
 
-    assert await store.replay("a", dead=True) == 1
+    assert await store.replay("a", dead=True, since=FAR) == 0  # dead, but created before that
+    assert await store.replay("a", dead=True, since=0, until=FAR) == 1
     assert await store.replay("a", dead=True) == 0
     # A time range re-queues delivered jobs too; pending ones are left alone.
     assert await store.replay("a", since=0, until=FAR, limit=1) == 1

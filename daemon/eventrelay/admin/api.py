@@ -272,19 +272,17 @@ class AdminApi:
         try:
             body = codec.loads(await request.read() or b"{}")
             if not isinstance(body, dict) or set(body) - {"state", "since", "until", "limit", "not_requeued_since"}:
-                raise ValueError('send {"state": "dead"} or {"since": …, "until": …}, optionally with "limit"')
+                raise ValueError('send {"state": "dead"} or {"since": …, "until": …} (or both), optionally with "limit"')
             limit = body.get("limit", 1_000_000)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 raise ValueError("limit must be a positive whole number")
             fence = _time(body.get("not_requeued_since"), "not_requeued_since")
-            if body.get("state") == "dead" and "since" not in body and "until" not in body:
-                queued = await self._view.replay(name, dead=True, not_requeued_since=fence, limit=limit)
-            elif "state" not in body and ("since" in body or "until" in body):
-                since, until = _time(body.get("since"), "since"), _time(body.get("until"), "until")
-                queued = await self._view.replay(name, since=since, until=until, not_requeued_since=fence,
-                                                 limit=limit)
-            else:
-                raise ValueError('send {"state": "dead"} or {"since": …, "until": …}')
+            dead = body.get("state") == "dead"
+            if not dead and ("state" in body or ("since" not in body and "until" not in body)):
+                raise ValueError('send {"state": "dead"} or {"since": …, "until": …} (or both)')
+            since, until = _time(body.get("since"), "since"), _time(body.get("until"), "until")
+            queued = await self._view.replay(name, dead=dead, since=since, until=until, not_requeued_since=fence,
+                                             limit=limit)
         except ValueError as e:
             return error_response(400, str(e))
         return _json({"data": {"queued": queued}, "meta": self._sending(name)})

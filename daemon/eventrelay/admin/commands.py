@@ -279,12 +279,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_selector(args: argparse.Namespace, now: datetime) -> tuple[dict[str, Any], str]:
-    if args.dead:
-        if args.until is not None:
-            raise UsageError("--until goes with --since, not with --dead")
-        return {"state": "dead", "not_requeued_since": _iso(now)}, "dead job(s)"
     if args.since is None:
-        raise UsageError("say what to replay: --dead, or --since TIME [--until TIME]")
+        if args.until is not None:
+            raise UsageError("--until goes with --since")
+        if not args.dead:
+            raise UsageError("say what to replay: --dead, --since TIME [--until TIME], or both")
+        return {"state": "dead", "not_requeued_since": _iso(now)}, "dead job(s)"
     since = parse_time_arg(args.since, now, "--since")
     # `until` is fixed when the command starts: events arriving while it loops are not swept into the replay.
     until = parse_time_arg(args.until, now, "--until") if args.until is not None else now
@@ -292,8 +292,9 @@ def _replay_selector(args: argparse.Namespace, now: datetime) -> tuple[dict[str,
         raise UsageError(f"--since ({_iso(since)}) must be before --until ({_iso(until)})")
     # not_requeued_since: the batches of this command skip what its earlier batches re-queued, so the loop ends
     # even while deliveries keep up with it.
-    return ({"since": _iso(since), "until": _iso(until), "not_requeued_since": _iso(now)},
-            f"job(s) created from {_iso(since)} to {_iso(until)}")
+    selector = {"since": _iso(since), "until": _iso(until), "not_requeued_since": _iso(now)}
+    what = f"job(s) created from {_iso(since)} to {_iso(until)}"
+    return ({**selector, "state": "dead"}, f"dead {what}") if args.dead else (selector, what)
 
 
 async def _replay(client: Client, args: argparse.Namespace, selector: dict[str, Any], described: str,
@@ -445,13 +446,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         command.set_defaults(func=func)
 
     replay = subparsers.add_parser(
-        "replay", parents=[common], help="re-queue an integration's dead jobs, or its jobs of a time range",
+        "replay", parents=[common], help="re-queue an integration's dead jobs, its jobs of a time range, or its dead jobs of one",
         epilog="TIME is ISO 8601 (2026-11-27T14:00:00Z; without a zone, local time) or a duration meaning that "
                "long ago (30m, 2h, 7d). Jobs already pending are left alone.")
     replay.add_argument("integration", help="its name, as in the config")
-    which = replay.add_mutually_exclusive_group(required=True)
-    which.add_argument("--dead", action="store_true", help="re-queue every dead job")
-    which.add_argument("--since", metavar="TIME", help="re-queue jobs created at or after TIME")
+    replay.add_argument("--dead", action="store_true", help="re-queue dead jobs (all, or those of --since/--until)")
+    replay.add_argument("--since", metavar="TIME", help="re-queue jobs created at or after TIME")
     replay.add_argument("--until", metavar="TIME", help="...and before TIME (default: now)")
     replay.add_argument("--batch", type=_positive_int, default=REPLAY_BATCH,
                         help=f"jobs re-queued per request (default {REPLAY_BATCH})")

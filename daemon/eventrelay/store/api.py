@@ -303,8 +303,8 @@ class Store(Protocol):
     async def replay(self, integration: str, *, dead: bool = False, since: float | None = None,
                      until: float | None = None, not_requeued_since: float | None = None,
                      limit: int = 10_000) -> int:
-        """Re-queue up to `limit` jobs, due now: the dead ones (`dead`), or those created in [since, until)
-        whatever their state. Jobs already pending are left alone (they are on their way). Each replayed job
+        """Re-queue up to `limit` jobs created in [since, until) (by default: ever), due now: the dead ones
+        (`dead`), or else the delivered and the dead. Jobs already pending are left alone (on their way). Each replayed job
         gets a fresh max_age window. `not_requeued_since` skips jobs re-queued since then, so a replay done
         in batches ends. Returns how many were re-queued."""
 

@@ -403,11 +403,9 @@ class PostgresStore:
         fence = not_requeued_since if not_requeued_since is not None else 1e18
         now = time.time()
         async with self._write("cannot replay jobs") as db:
-            if dead:
-                status = await db.execute(self._sql.replay_dead, integration, now, fence, limit)
-            else:
-                status = await db.execute(self._sql.replay_range, integration, now, fence, limit,
-                                          since if since is not None else 0.0, until if until is not None else 1e18)
+            status = await db.execute(self._sql.replay_dead if dead else self._sql.replay_range, integration, now,
+                                      fence, limit, since if since is not None else 0.0,
+                                      until if until is not None else 1e18)
             count = int(status.split()[-1])
             if count:
                 await db.execute("SELECT pg_notify($1, $2)", self._sql.channel, integration)

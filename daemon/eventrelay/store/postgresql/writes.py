@@ -144,6 +144,7 @@ class Statements:
         skip = "AND (requeued_at IS NULL OR requeued_at < $3)"
         self.replay_dead = f"""
             {requeue} WHERE id IN (SELECT id FROM {s}.jobs WHERE integration = $1 AND state = 'dead' {skip}
+                                     AND created_at >= $5 AND created_at < $6
                                    LIMIT $4 FOR UPDATE SKIP LOCKED)"""
         self.replay_range = f"""
             {requeue} WHERE id IN (SELECT id FROM {s}.jobs WHERE integration = $1 AND created_at >= $5

@@ -269,14 +269,11 @@ class Writer:
     def _replay(self, now: float, args: Replay) -> AdminResult:
         skip = "AND (requeued_at IS NULL OR requeued_at < ?)"
         fence = [args.not_requeued_since if args.not_requeued_since is not None else 1e18]
-        if args.dead:
-            select = f"SELECT id FROM jobs WHERE integration = ? AND state = 'dead' {skip} LIMIT ?"
-            params = [args.integration, *fence]
-        else:
-            select = ("SELECT id FROM jobs WHERE integration = ? AND created_at >= ? AND created_at < ? "
-                      f"AND state <> 'pending' {skip} LIMIT ?")
-            params = [args.integration, args.since if args.since is not None else 0.0,
-                      args.until if args.until is not None else 1e18, *fence]
+        state = "state = 'dead'" if args.dead else "state <> 'pending'"
+        select = (f"SELECT id FROM jobs WHERE integration = ? AND {state} AND created_at >= ? AND created_at < ? "
+                  f"{skip} LIMIT ?")
+        params = [args.integration, args.since if args.since is not None else 0.0,
+                  args.until if args.until is not None else 1e18, *fence]
         cursor = self._db.execute(
             f"UPDATE jobs SET state = 'pending', next_at = ?, requeued_at = ?, updated_at = ? "
             f"WHERE id IN ({select})", (now, now, now, *params, args.limit))
