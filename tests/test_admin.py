@@ -390,3 +390,23 @@ async def test_the_live_tail_streams_new_attempts_and_resumes_after_the_last_see
         await asyncio.wait_for(asyncio.shield(d.task), 10)
         assert time.monotonic() - started < 5
         assert await r.content.read() is not None  # the stream ended
+
+
+async def test_the_attempt_log_of_every_integration_pages_back_with_each_event(start_daemon,
+                                                                              receiver: Receiver) -> None:
+    d = await start_daemon([webhook("erp", receiver.url), webhook("crm", receiver.url + "/crm")])
+    for i in range(3):  # one request each: attempts logged in this order
+        await d.post({"id": f"o-{i}", "type": "order.paid", "data": {}})
+        await wait_for(lambda: d.states(), {"delivered": 2 * (i + 1)}, timeout=10)
+    seen, path = [], "/v1/attempts?integration=erp&limit=2"
+    for _ in range(4):
+        status, body = await get(d, path)
+        assert status == 200
+        seen += [(a["event_id"], a["integration"], a["status_code"]) for a in body["data"]]
+        if body["links"]["next"] is None:
+            break
+        path = body["links"]["next"]
+    assert seen == [("o-2", "erp", 204), ("o-1", "erp", 204), ("o-0", "erp", 204)]
+    _, body = await get(d, "/v1/attempts")
+    assert len(body["data"]) == 6 and body["data"][0]["event_type"] == "order.paid"
+    assert (await get(d, "/v1/attempts?before=x"))[0] == 400 and (await get(d, "/v1/attempts?limit=0"))[0] == 400

@@ -476,19 +476,26 @@ async def test_a_search_page_examines_a_bounded_number_of_jobs_and_goes_on_from_
     assert len(found) == 20 and pages == 7
 
 
-async def test_the_live_tail_reads_attempts_after_the_last_one_seen_with_their_event(store: Store) -> None:
-    assert await store.attempts_after(None, 10) == []
-    await store.ingest([ev(i, "customer.updated") for i in range(5)], [R("a")] * 5)
+async def test_the_attempt_log_pages_back_and_the_live_tail_reads_on_with_each_event(store: Store) -> None:
+    assert await store.attempts_before(None, None, 10) == []
+    await store.ingest([ev(i, "customer.updated") for i in range(5)], [R("a")] * 5 + [R("b")])
+    await store.ingest([ev("b0")], [R("b")])
     jobs = await store.claim("a", FAR, limit=5)
     await store.record([outcome(j, JobState.DELIVERED) for j in jobs[:3]])
-    latest = await store.attempts_after(None, 2)
-    assert [(a.event_id, a.event_type, a.succeeded) for a in latest] == [
-        ("evt-1", "customer.updated", True), ("evt-2", "customer.updated", True)]
-    assert await store.attempts_after(latest[-1].id, 10) == []
+    await store.record([outcome(j, JobState.DELIVERED) for j in await store.claim("b", FAR, limit=1)])
+    latest = await store.attempts_before(None, None, 2)
+    assert [(a.integration, a.event_id, a.event_type) for a in latest] == [
+        ("b", "evt-b0", "order.paid"), ("a", "evt-2", "customer.updated")]
+    older = await store.attempts_before(None, latest[-1].id, 10)
+    assert [a.event_id for a in older] == ["evt-1", "evt-0"]
+    assert [a.event_id for a in await store.attempts_before("a", None, 10)] == ["evt-2", "evt-1", "evt-0"]
+    assert await store.attempts_before("c", None, 10) == []
+    # The tail: what was logged after the last line seen, oldest first.
+    assert await store.attempts_after(latest[0].id, 10) == []
     await store.record([outcome(j, JobState.PENDING, FAR, succeeded=False, status_code=500) for j in jobs[3:]])
-    after = await store.attempts_after(latest[-1].id, 10)
+    after = await store.attempts_after(latest[0].id, 10)
     assert [(a.event_id, a.succeeded, a.status_code) for a in after] == [("evt-3", False, 500), ("evt-4", False, 500)]
-    assert [a.event_id for a in await store.attempts_after(latest[0].id, 2)] == ["evt-2", "evt-3"]
+    assert [a.event_id for a in await store.attempts_after(latest[1].id, 2)] == ["evt-b0", "evt-3"]
 
 
 async def test_durations_are_a_bounded_sample_of_the_latest_attempts(store: Store) -> None:

@@ -71,6 +71,7 @@ class AdminApi:
         r.add_get("/v1/events/{id}", self.event)
         r.add_get("/v1/jobs", self.search)
         r.add_get("/v1/tail", self.tail)
+        r.add_get("/v1/attempts", self.attempt_log)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
         r.add_post("/v1/reload", self.reload)
@@ -207,12 +208,23 @@ class AdminApi:
         except ValueError as e:
             return error_response(400, str(e))
         page = await self._store.search(query, int(limit))
-        following = None
-        if page.next is not None:
-            kept = {k: v for k, v in q.items() if k != "before"}
-            following = f"{request.path}?{urlencode({**kept, 'before': page.next})}"
         return _json({"data": [_job(j) for j in page.jobs], "meta": {"next": page.next},
-                      "links": {"next": following}})
+                      "links": {"next": _next_link(request, page.next)}})
+
+    async def attempt_log(self, request: web.Request) -> web.Response:
+        """The attempt log newest first, of one `integration` or all, with each attempt's event, a page at a
+        time: `links.next` goes on (a cursor, `before`), null at the end."""
+        q = request.query
+        limit, before = q.get("limit", str(DEFAULT_PAGE)), q.get("before")
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+            return error_response(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
+        if before is not None and not before.isdigit():
+            return error_response(400, "before must be the `next` cursor of a previous page")
+        lines = await self._store.attempts_before(q.get("integration") or None,
+                                                  int(before) if before is not None else None, int(limit))
+        following = lines[-1].id if len(lines) == int(limit) else None
+        return _json({"data": [_tail_line(a) for a in lines], "meta": {"next": following},
+                      "links": {"next": _next_link(request, following)}})
 
     async def tail(self, request: web.Request) -> web.StreamResponse:
         """The attempt log as it grows, as Server-Sent Events (`event: attempt`, the id is the attempt's): the
@@ -224,17 +236,18 @@ class AdminApi:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        after = int(after_text) if after_text is not None else None
-        first = after is None
+        if after_text is not None:
+            after = int(after_text)
+        else:
+            latest = await self._store.attempts_before(None, None, _TAIL_FIRST)
+            after = latest[-1].id if latest else 0
+            await response.write(_sse(latest[::-1]))
         quiet_since = time.monotonic()
         while not self._closed.is_set():
-            lines = await self._store.attempts_after(after, _TAIL_FIRST if first else _TAIL_BATCH)
-            first = False
+            lines = await self._store.attempts_after(after, _TAIL_BATCH)
             if lines:
                 after = lines[-1].id
-                await response.write(b"".join(
-                    b"id: %d\nevent: attempt\ndata: %s\n\n" % (a.id, codec.dumps(_tail_line(a)).encode())
-                    for a in lines))
+                await response.write(_sse(lines))
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > _TAIL_KEEPALIVE:
                 await response.write(b": still here\n\n")
@@ -272,7 +285,7 @@ class AdminApi:
         try:
             body = codec.loads(await request.read() or b"{}")
             if not isinstance(body, dict) or set(body) - {"state", "since", "until", "limit", "not_requeued_since"}:
-                raise ValueError('send {"state": "dead"} or {"since": …, "until": …} (or both), optionally with "limit"')
+                raise ValueError('send {"state": "dead"} or {"since": …, "until": …} (or both), and "limit" if need be')
             limit = body.get("limit", 1_000_000)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 raise ValueError("limit must be a positive whole number")
@@ -373,6 +386,14 @@ def _held(state: IntegrationState | None) -> dict[str, Any]:
             "disabled": {"at": iso_time(disabled[0]), "reason": disabled[1]} if disabled else None}
 
 
+def _next_link(request: web.Request, cursor: int | None) -> str | None:
+    """The link to the page after this one (its `before` cursor, the other parameters kept); None at the end."""
+    if cursor is None:
+        return None
+    kept = {k: v for k, v in request.query.items() if k != "before"}
+    return f"{request.path}?{urlencode({**kept, 'before': cursor})}"
+
+
 def _latency(durations: list[float]) -> dict[str, Any] | None:
     """p50 and p99 of a sample of attempts' durations (seconds), and its size; None without any."""
     if not durations:
@@ -383,6 +404,11 @@ def _latency(durations: list[float]) -> dict[str, Any] | None:
         return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 6)
 
     return {"p50": rank(0.5), "p99": rank(0.99), "sample": len(ordered)}
+
+
+def _sse(attempts: list[AttemptView]) -> bytes:
+    return b"".join(b"id: %d\nevent: attempt\ndata: %s\n\n" % (a.id, codec.dumps(_tail_line(a)).encode())
+                    for a in attempts)
 
 
 def _tail_line(a: AttemptView) -> dict[str, Any]:

@@ -446,7 +446,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         command.set_defaults(func=func)
 
     replay = subparsers.add_parser(
-        "replay", parents=[common], help="re-queue an integration's dead jobs, its jobs of a time range, or its dead jobs of one",
+        "replay", parents=[common],
+        help="re-queue an integration's dead jobs, its jobs of a time range, or its dead jobs of one",
         epilog="TIME is ISO 8601 (2026-11-27T14:00:00Z; without a zone, local time) or a duration meaning that "
                "long ago (30m, 2h, 7d). Jobs already pending are left alone.")
     replay.add_argument("integration", help="its name, as in the config")

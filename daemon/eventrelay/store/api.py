@@ -84,7 +84,7 @@ class AttemptView:
     status_code: int | None
     error_detail: str | None
     body: str | None  # the target's answer, truncated
-    event_id: str | None = None  # the job's event: given by `attempts_after` (the live tail), else None
+    event_id: str | None = None  # the job's event: given by `attempts_after` and `attempts_before`, else None
     event_type: str | None = None
 
 
@@ -275,9 +275,13 @@ class Store(Protocol):
     async def attempts(self, job_id: int) -> list[AttemptView]:
         """Every attempt of one job, oldest first."""
 
-    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
-        """Attempts of any integration logged after the attempt `after` (None: the latest `limit`), oldest
-        first, with their event's id and type: a live tail's lines."""
+    async def attempts_after(self, after: int, limit: int) -> list[AttemptView]:
+        """Attempts of any integration logged after the attempt `after`, oldest first, at most `limit`, with
+        their event's id and type: a live tail's next lines."""
+
+    async def attempts_before(self, integration: str | None, before: int | None, limit: int) -> list[AttemptView]:
+        """A page of the attempt log (of one integration, or all) newest first, before the attempt `before`
+        (None: the latest), with each event's id and type; through an index, whatever the log holds."""
 
     async def durations(self, integration: str, since: float, limit: int = DURATIONS_SAMPLE) -> list[float]:
         """How long (seconds) the integration's latest attempts took, at most `limit`, those started since
@@ -304,8 +308,8 @@ class Store(Protocol):
                      until: float | None = None, not_requeued_since: float | None = None,
                      limit: int = 10_000) -> int:
         """Re-queue up to `limit` jobs created in [since, until) (by default: ever), due now: the dead ones
-        (`dead`), or else the delivered and the dead. Jobs already pending are left alone (on their way). Each replayed job
-        gets a fresh max_age window. `not_requeued_since` skips jobs re-queued since then, so a replay done
+        (`dead`), or else the delivered and the dead. Jobs already pending are left alone (on their way). Each
+        replayed job gets a fresh max_age window. `not_requeued_since` skips jobs re-queued since then, so a replay done
         in batches ends. Returns how many were re-queued."""
 
     async def prune(self, delivered_before: float, dead_before: float, batch: int = 1000) -> int:

@@ -469,8 +469,11 @@ class PostgresStore:
     async def attempts(self, job_id: int) -> list[AttemptView]:
         return await self._reads.attempts(job_id)
 
-    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
+    async def attempts_after(self, after: int, limit: int) -> list[AttemptView]:
         return await self._reads.attempts_after(after, limit)
+
+    async def attempts_before(self, integration: str | None, before: int | None, limit: int) -> list[AttemptView]:
+        return await self._reads.attempts_before(integration, before, limit)
 
     async def durations(self, integration: str, since: float, limit: int = DURATIONS_SAMPLE) -> list[float]:
         return await self._reads.durations(integration, since, limit)

@@ -101,14 +101,19 @@ class Reads:
                                  job_id)
         return [attempt_view(r) for r in rows]
 
-    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
-        joined = (f"SELECT {TAIL_COLUMNS} FROM {self._s}.attempts a JOIN {self._s}.jobs j ON j.id = a.job_id "
-                  f"JOIN {self._s}.events e ON e.seq = j.event_seq ")
-        if after is None:
-            rows = await self._fetch(joined + "ORDER BY a.id DESC LIMIT $1", limit)
-            return [attempt_view(r) for r in reversed(rows)]
-        rows = await self._fetch(joined + "WHERE a.id > $1 ORDER BY a.id LIMIT $2", after, limit)
+    async def attempts_after(self, after: int, limit: int) -> list[AttemptView]:
+        rows = await self._fetch(f"{self._tail()} WHERE a.id > $1 ORDER BY a.id LIMIT $2", after, limit)
         return [attempt_view(r) for r in rows]
+
+    async def attempts_before(self, integration: str | None, before: int | None, limit: int) -> list[AttemptView]:
+        clauses, args = _where(("a.integration = $", integration), ("a.id < $", before))
+        rows = await self._fetch(f"{self._tail()} {clauses} ORDER BY a.id DESC LIMIT ${len(args) + 1}",
+                                 *args, limit)
+        return [attempt_view(r) for r in rows]
+
+    def _tail(self) -> str:
+        return (f"SELECT {TAIL_COLUMNS} FROM {self._s}.attempts a JOIN {self._s}.jobs j ON j.id = a.job_id "
+                f"JOIN {self._s}.events e ON e.seq = j.event_seq")
 
     async def durations(self, integration: str, since: float, limit: int) -> list[float]:
         rows = await self._fetch(

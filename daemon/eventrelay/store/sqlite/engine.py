@@ -392,8 +392,11 @@ class SqliteStore:
         rows, _ = await self._reader.logs(None, job_id, limit=1_000_000, offset=0)
         return rows[::-1]
 
-    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
+    async def attempts_after(self, after: int, limit: int) -> list[AttemptView]:
         return await self._reader.attempts_after(after, limit)
+
+    async def attempts_before(self, integration: str | None, before: int | None, limit: int) -> list[AttemptView]:
+        return await self._reader.attempts_before(integration, before, limit)
 
     async def durations(self, integration: str, since: float, limit: int = DURATIONS_SAMPLE) -> list[float]:
         return await self._reader.durations(integration, since, limit)

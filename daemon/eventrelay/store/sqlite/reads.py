@@ -26,6 +26,8 @@ _CLAIMS_BUSY_TIMEOUT_MS = 200
 _HEADS_ONLY = ("AND (j.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs k WHERE "
                "k.integration = j.integration AND k.ordering_key = j.ordering_key AND k.state = 'pending' "
                "AND k.id < j.id)) ")
+_TAIL = (f"SELECT {TAIL_COLUMNS} FROM attempts a JOIN jobs j ON j.id = a.job_id "
+         "JOIN events e ON e.seq = j.event_seq")
 _NO_CURSOR = 2**63 - 1  # a search without a cursor starts below the largest id there can be
 
 
@@ -187,13 +189,14 @@ class Reads:
         total = await self._scalar(f"SELECT count(*) FROM attempts {clauses}", params)
         return [attempt_view(r) for r in rows], total
 
-    async def attempts_after(self, after: int | None, limit: int) -> list[AttemptView]:
-        rows = await self._fetch(
-            f"SELECT {TAIL_COLUMNS} FROM attempts a JOIN jobs j ON j.id = a.job_id "
-            "JOIN events e ON e.seq = j.event_seq "
-            + ("WHERE a.id > ? ORDER BY a.id LIMIT ?" if after is not None else "ORDER BY a.id DESC LIMIT ?"),
-            (after, limit) if after is not None else (limit,))
-        return [attempt_view(r) for r in (rows if after is not None else rows[::-1])]
+    async def attempts_after(self, after: int, limit: int) -> list[AttemptView]:
+        rows = await self._fetch(f"{_TAIL} WHERE a.id > ? ORDER BY a.id LIMIT ?", (after, limit))
+        return [attempt_view(r) for r in rows]
+
+    async def attempts_before(self, integration: str | None, before: int | None, limit: int) -> list[AttemptView]:
+        clauses, params = _where(("a.integration = ?", integration), ("a.id < ?", before))
+        rows = await self._fetch(f"{_TAIL} {clauses} ORDER BY a.id DESC LIMIT ?", (*params, limit))
+        return [attempt_view(r) for r in rows]
 
     async def durations(self, integration: str, since: float, limit: int) -> list[float]:
         rows = await self._fetch(
