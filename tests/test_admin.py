@@ -367,15 +367,18 @@ async def test_the_live_tail_streams_new_attempts_and_resumes_after_the_last_see
                                                                                    receiver: Receiver) -> None:
     receiver.respond = lambda r: web.Response(status=503 if r.json["id"] == "bad" else 204)
     d = await start_daemon([webhook("erp", receiver.url, delivery={"retry": {"initial": "1h", "max_interval": "1h"}})])
-    await d.post({"id": "before", "type": "order.paid", "data": {}})
+    await d.post({"id": "earlier", "type": "order.paid", "data": {}})
     await wait_for(lambda: d.states(), {"delivered": 1}, timeout=10)
+    await d.post({"id": "before", "type": "order.paid", "data": {}})
+    await wait_for(lambda: d.states(), {"delivered": 2}, timeout=10)
     async with d.http.get(d.url + "/v1/tail") as r:
         assert r.status == 200 and r.content_type == "text/event-stream"
-        [(first_id, first)] = await read_events(r, 1)  # the latest attempts come first
+        (_, earlier), (first_id, first) = await read_events(r, 2)  # the latest attempts come first, oldest first
         assert (first["event_id"], first["integration"], first["succeeded"]) == ("before", "erp", True)
+        assert earlier["event_id"] == "earlier"
         await d.post([{"id": "new", "type": "order.paid", "data": {}}, {"id": "bad", "type": "order.paid",
                                                                       "data": {}}])
-        lines = await read_events(r, 2)
+        lines = await read_events(r, 2)  # and then what is new, each once
         assert sorted((e["event_id"], e["succeeded"], e["status_code"]) for _, e in lines) == [
             ("bad", False, 503), ("new", True, 204)]
     # A browser reconnecting sends the last id it saw, and gets what followed.

@@ -17,7 +17,7 @@ from aiohttp import web
 from .. import __version__, codec
 from ..clock import iso_time, parse_time
 from ..events import EventError, parse_event
-from ..ingest.http import error_response
+from ..ingest.errors import error_response
 from ..jobs import JobState
 from ..metrics import CONTENT_TYPE
 from ..store import AttemptView, JobSearch, JobView, OutcomeCounts, Store
@@ -239,8 +239,8 @@ class AdminApi:
         if after_text is not None:
             after = int(after_text)
         else:
-            latest = await self._store.attempts_before(None, None, _TAIL_FIRST)
-            after = latest[-1].id if latest else 0
+            latest = await self._store.attempts_before(None, None, _TAIL_FIRST)  # newest first
+            after = latest[0].id if latest else 0
             await response.write(_sse(latest[::-1]))
         quiet_since = time.monotonic()
         while not self._closed.is_set():
