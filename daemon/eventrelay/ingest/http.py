@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import Any, cast
 
 import structlog
@@ -14,27 +12,20 @@ from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .. import aio, codec
+from ..access import Access
 from ..config import ListenConfig
 from ..events import EventError, parse_event
 from ..store import StoreError
 from ..text import one_line, shorten
 from . import Ingestor
+from .errors import error_response
 
 MAX_EVENTS_PER_REQUEST = 1000
+CONSOLE_PREFIX = "/ui"  # the console's pages and assets: it checks access itself
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/favicon.ico"})  # answered to anyone: probes, and an icon
 _MAX_ERRORS_SHOWN = 20
 
 log = structlog.get_logger(component="ingest.http")
-
-
-def error_response(status: int, detail: str | list[str], headers: dict[str, str] | None = None,
-                   meta: dict[str, Any] | None = None) -> web.Response:
-    """JSON:API-style errors, as the seed system answers them; `meta` for what a client can act on."""
-    details = [detail] if isinstance(detail, str) else detail
-    title = HTTPStatus(status).phrase
-    document: dict[str, Any] = {"errors": [{"status": str(status), "title": title, "detail": d} for d in details]}
-    if meta is not None:
-        document["meta"] = meta
-    return web.json_response(document, status=status, headers=headers)
 
 
 class ConnectionCap:
@@ -357,11 +348,12 @@ class HttpIngest:
     def __init__(self, ingestor: Ingestor, listen: ListenConfig, ready: Callable[[], Awaitable[bool]]):
         self._ingestor = ingestor
         self._ready = ready
+        self.access = Access(listen.token)  # the admin API and the console answer to it too
         self.update(listen)
 
     def update(self, listen: ListenConfig) -> None:
         """Apply a reloaded listen section without rebinding the socket."""
-        self._token = listen.token.encode() if listen.token else None
+        self.access.update(listen.token)
         self._max_body_size = listen.max_body_size
         self._max_depth = listen.max_depth
 
@@ -394,16 +386,6 @@ class HttpIngest:
 
         server.request_handler = handle
 
-    def _denied(self, request: web.BaseRequest) -> web.Response | None:
-        """The 401 answer to a request without the bearer token (when one is configured), else None."""
-        if self._token is None:
-            return None
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
-            return None
-        return error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                              headers={"WWW-Authenticate": 'Bearer realm="eventrelay"'})
-
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
@@ -411,9 +393,11 @@ class HttpIngest:
 
         One middleware, not two: each costs a wrapper per request.
         """
-        # Everything but the probes needs the token: the admin API, /metrics, and events (post_events checks it
-        # too, as serve_events_first brings it most requests without this middleware).
-        if request.path not in ("/healthz", "/readyz") and (denied := self._denied(request)) is not None:
+        # Everything but the probes and the console needs the token: the admin API, /metrics, and events
+        # (post_events checks it too, as serve_events_first brings it most requests without this middleware).
+        # The console answers for its own pages: its login form is shown without one.
+        if (request.path not in _OPEN_PATHS and not request.path.startswith(CONSOLE_PREFIX)
+                and (denied := self.access.denied(request)) is not None):
             return denied
         try:
             return await handler(request)
@@ -433,7 +417,7 @@ class HttpIngest:
         Reached without the middleware (serve_events_first), so it checks the token itself and answers every
         error as a response rather than raising aiohttp's HTTP exceptions.
         """
-        if (denied := self._denied(request)) is not None:
+        if (denied := self.access.denied(request)) is not None:
             return denied
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
             return error_response(415, f"Content-Type must be application/json, got {request.content_type!r}")

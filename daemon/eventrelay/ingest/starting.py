@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .http import error_response
+from .errors import error_response
 
 
 class StartingListener:
