@@ -20,6 +20,7 @@ from .admin.api import AdminApi
 from .admin.view import IntegrationState
 from .aio import wait_event
 from .config import Config, Integration
+from .console import Console
 from .delivery import targets
 from .delivery.dispatcher import Dispatcher
 from .delivery.policy import CircuitBreaker
@@ -313,8 +314,14 @@ class Service:
             await self._socket.start()
         self._http = HttpIngest(self._ingestor, listen, self.is_ready)
         # aiohttp's keep-alive timeout also closes a connection that never sends a request.
-        self._http_runner = web.AppRunner(self._http.app(AdminApi(self, self.store).add_routes), access_log=None,
-                                          shutdown_timeout=_INGEST_DRAIN, keepalive_timeout=listen.idle_timeout)
+        admin, console = AdminApi(self, self.store), Console(self._http.access)
+
+        def routes(app: web.Application) -> None:
+            admin.add_routes(app)
+            console.add_routes(app)
+
+        self._http_runner = web.AppRunner(self._http.app(routes), access_log=None, shutdown_timeout=_INGEST_DRAIN,
+                                          keepalive_timeout=listen.idle_timeout)
         await self._http_runner.setup()
         assert self._http_runner.server is not None
         self._http.serve_events_first(self._http_runner.server)
