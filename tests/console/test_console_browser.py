@@ -54,6 +54,7 @@ def row_state(b: Browser, name: str) -> str:
     return b.wait_for(f'tr[data-integration="{name}"] td.state').text
 
 
+@pytest.mark.engines("sqlite", "postgresql")  # the console reads through the storage API: either engine
 async def test_an_operator_finds_a_failed_delivery_retries_it_pauses_and_watches_the_live_tail(
         start_daemon, receiver: Receiver, browser: Browser) -> None:  # noqa: F811
     crm_down = {"down": True}

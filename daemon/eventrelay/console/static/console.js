@@ -151,6 +151,12 @@ function health(row) {
   return ['ok', 'healthy'];
 }
 
+// Until when a hold the target asked for (or the breaker's cool-down) lasts, when one does.
+function heldUntil(row) {
+  const until = row.circuit_open_until || row.paused_until;
+  return until ? el('div', { class: 'muted' }, `until ${localTime(new Date(until))}`) : null;
+}
+
 // Deliveries per bucket of minutes (green) and failures (red), stacked: `minutes` as the chart API gives them.
 function chart(minutes, { width = 240, height = 36, bars = 72 } = {}) {
   const per = Math.max(1, Math.ceil(minutes.length / bars));
@@ -230,7 +236,8 @@ function integrationRow(row, configured, minutes) {
     el('td', {}, row.integration_type),
     el('td', { class: 'target' }, target(configured && configured.configuration)),
     el('td', { class: 'state' }, badge(word, kind === 'healthy' ? 'ok' : kind),
-      row.circuit === 'half_open' ? badge('circuit half open', 'held') : null),
+      row.circuit === 'half_open' ? badge('circuit half open', 'held') : null,
+      heldUntil(row)),
     el('td', { class: 'num pending' }, num(row.pending)),
     el('td', { class: 'num dead' }, num(row.dead)),
     el('td', { class: 'num' }, num(row.delivered_last_hour)),
