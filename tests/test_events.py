@@ -75,3 +75,26 @@ def test_a_type_that_is_not_a_string_is_refused_even_after_valid_types(etype: ob
     parse_event({"type": "order.paid", "data": {}})  # remembered as valid
     with pytest.raises(EventError, match="type: .* is not an event key"):
         parse_event({"type": etype, "data": {}})
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_producers_trace_context_is_kept_and_checked() -> None:
+    event = parse_event({"type": "order.paid", "data": {}, "traceparent": TRACEPARENT, "tracestate": "shop=7"})
+    assert (event.traceparent, event.tracestate) == (TRACEPARENT, "shop=7")
+    assert "trace" not in event.payload  # it travels beside the payload, not in it
+    later = parse_event({"type": "order.paid", "data": {}, "traceparent": "01-" + TRACEPARENT[3:] + "-more"})
+    assert later.traceparent.endswith("-more")  # a later version may add fields
+    for bad, message in [
+        ({"traceparent": TRACEPARENT.upper()}, "traceparent: must be a W3C traceparent"),
+        ({"traceparent": "00-" + "0" * 32 + TRACEPARENT[35:]}, "traceparent: the trace id and the parent id"),
+        ({"traceparent": "ff" + TRACEPARENT[2:]}, "traceparent: version ff"),
+        ({"traceparent": TRACEPARENT + "-x"}, "traceparent: version 00"),
+        ({"traceparent": 7}, "traceparent: must be a string"),
+        ({"tracestate": "shop=7"}, "tracestate: goes with a traceparent"),
+        ({"traceparent": TRACEPARENT, "tracestate": "x" * 513}, "tracestate: must be printable ASCII"),
+    ]:
+        with pytest.raises(EventError) as info:
+            parse_event({"type": "order.paid", "data": {}, **bad})
+        assert str(info.value).startswith(message), bad

@@ -120,6 +120,7 @@ async def snapshot(store: Store, integrations: list[str]) -> dict[str, Any]:
         "event": [await store.event(e.id) for e in events],
         "jobs of an event": [await store.jobs(event_id=e.id, limit=ALL) for e in events],
         "disabled": await store.disabled(),
+        "paused": await store.paused(),
         "outcomes": await store.outcomes_since(0),
         "counts": await store.job_counts(tuple(JobState)),
         "oldest pending": await store.oldest_pending(),
@@ -137,7 +138,9 @@ async def snapshot(store: Store, integrations: list[str]) -> dict[str, Any]:
 # -- the copy ------------------------------------------------------------------------------------------------
 
 def events(numbers: range) -> list[dict[str, Any]]:
-    return [{"id": f"evt-{n}", "type": "order.paid", "data": {"id": f"o{n}", "customer": f"c{n % 3}", "n": n}}
+    """Events, every fifth with a producer's trace context (it moves with the store)."""
+    return [{"id": f"evt-{n}", "type": "order.paid", "data": {"id": f"o{n}", "customer": f"c{n % 3}", "n": n},
+             **({"traceparent": f"00-{n + 1:032x}-{n + 1:016x}-01", "tracestate": "shop=1"} if n % 5 == 0 else {})}
             for n in numbers]
 
 
@@ -177,11 +180,13 @@ async def test_a_copied_store_reads_the_same_and_a_daemon_on_postgresql_carries_
                    all(j.attempts == 2 for j in jobs), timeout=15)
     await wait_for(lambda: d.jobs("erp", JobState.PENDING),
                    lambda jobs: sum(j.attempts >= 1 for j in jobs) == 3)  # the three failing heads
+    await d.store.set_paused("gone", True)  # an operator's pause moves too
     await d.shutdown()
 
     async with stored(sqlite_path) as single:
         before = await snapshot(single, names)
-    assert before["disabled"].keys() == {"gone"}
+    assert before["disabled"].keys() == {"gone"} and before["paused"].keys() == {"gone"}
+    assert sum(j.traceparent is not None for j in before["erp: due"]) > 0
     assert before["outcomes"]["crm"].dead == 20
 
     done = await migrate_in_thread("--from", f"sqlite:{sqlite_path}", "--to", postgres_dsn)

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from . import codec
 from .text import quoted
+from .tracecontext import traceparent_problem, tracestate_problem
 
 # resource.action, lower case; resources such as `account-member` or `stock-transaction` carry dashes.
 EVENT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
@@ -23,7 +24,7 @@ MAX_ID_LENGTH = 128
 # UUIDv7 layout: 48 bits of milliseconds, version nibble 7 at bits 76-79, variant 0b10 at bits 62-63.
 _VERSION_VARIANT = 0x7 << 76 | 0x2 << 62
 _KEEP = (1 << 128) - 1 ^ (0xF << 76 | 0x3 << 62)
-EVENT_FIELDS = frozenset({"id", "type", "data", "included"})
+EVENT_FIELDS = frozenset({"id", "type", "data", "included", "traceparent", "tracestate"})
 
 
 class EventError(ValueError):
@@ -41,6 +42,8 @@ class Event(NamedTuple):
     included: dict[str, Any] | None
     id_given: bool  # False when the daemon made the id: such an event can never be a duplicate
     payload: str  # {"data": …, "included": …} as stored and sent: encoded once, here
+    traceparent: str | None = None  # the producer's W3C trace context, passed on to targets
+    tracestate: str | None = None
 
 
 def parse_event(obj: Any, max_depth: int | None = None, outer_levels: int = 0) -> Event:
@@ -53,7 +56,7 @@ def parse_event(obj: Any, max_depth: int | None = None, outer_levels: int = 0) -
         raise EventError(f"must be a JSON object, got {_json_kind(obj)}")
     if not EVENT_FIELDS.issuperset(obj):
         unknown = sorted(set(obj) - EVENT_FIELDS)
-        raise EventError(f"{unknown[0]}: unknown field (allowed: id, type, data, included)")
+        raise EventError(f"{unknown[0]}: unknown field (allowed: id, type, data, included, traceparent, tracestate)")
     etype = obj.get("type")
     if etype is None:
         raise EventError("type: required (an event key such as order.paid)")
@@ -68,16 +71,28 @@ def parse_event(obj: Any, max_depth: int | None = None, outer_levels: int = 0) -
     if included is not None and not isinstance(included, dict):
         raise EventError(f"included: must be a JSON object, got {_json_kind(included)}")
     payload = _payload(data, included, max_depth, outer_levels)
+    traceparent, tracestate = obj.get("traceparent"), obj.get("tracestate")
+    if traceparent is not None or tracestate is not None:
+        _check_trace(traceparent, tracestate)
     eid = obj.get("id")
     if eid is None:
-        return Event(new_event_id(), etype, data, included, False, payload)
+        return Event(new_event_id(), etype, data, included, False, payload, traceparent, tracestate)
     if not isinstance(eid, str):
         raise EventError(f"id: must be a string, got {_json_kind(eid)}")
     if not 1 <= len(eid) <= MAX_ID_LENGTH:
         raise EventError(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(eid)}")
     if not _EVENT_ID.fullmatch(eid):
         raise EventError("id: must be printable ASCII without leading or trailing spaces (it is sent in headers)")
-    return Event(eid, etype, data, included, True, payload)
+    return Event(eid, etype, data, included, True, payload, traceparent, tracestate)
+
+
+def _check_trace(traceparent: Any, tracestate: Any) -> None:
+    if traceparent is None:
+        raise EventError("tracestate: goes with a traceparent")
+    if problem := traceparent_problem(traceparent):
+        raise EventError(f"traceparent: {problem}")
+    if tracestate is not None and (problem := tracestate_problem(tracestate)):
+        raise EventError(f"tracestate: {problem}")
 
 
 def _payload(data: dict[str, Any], included: dict[str, Any] | None, max_depth: int | None,

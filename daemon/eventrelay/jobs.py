@@ -28,6 +28,10 @@ class Job:
     payload: str  # JSON text of {"data": ..., "included": ...}, spliced into bodies without re-encoding
     accepted_at: float  # unix seconds
     age_from: float = 0.0  # max_age counts from here: acceptance, or the last replay of the job
+    # The W3C trace context sent to the target: the producer's as stored, or this attempt's span's when
+    # tracing is on (the dispatcher sets it before the attempt).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
     def __post_init__(self) -> None:
         if not self.age_from:

@@ -508,3 +508,14 @@ async def test_durations_are_a_bounded_sample_of_the_latest_attempts(store: Stor
     assert sorted(await store.durations("a", now - 3600)) == pytest.approx([0.2, 0.3, 0.4, 0.5])
     assert sorted(await store.durations("a", now - 3600, limit=2)) == pytest.approx([0.4, 0.5])
     assert await store.durations("b", 0) == []
+
+
+async def test_the_producers_trace_context_comes_back_with_each_claimed_job(store: Store) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced = parse_event({"id": "t1", "type": "order.paid", "data": {}, "traceparent": traceparent,
+                          "tracestate": "shop=7,rojo=00f067aa0ba902b7"})
+    await store.ingest([traced, ev(2)], [R("a", "b"), R("a")])
+    jobs = await store.claim("a", FAR, limit=10)
+    assert [(j.event_id, j.traceparent, j.tracestate) for j in jobs] == [
+        ("t1", traceparent, "shop=7,rojo=00f067aa0ba902b7"), ("evt-2", None, None)]
+    assert [j.traceparent for j in await store.claim("b", FAR, limit=10)] == [traceparent]

@@ -231,6 +231,9 @@ def test_the_wire_to_the_writer_keeps_every_value_and_frames_split_anywhere() ->
     assert FrameReader().feed(two[:-1]) == [values[0]]  # an unfinished frame waits for its end
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 def test_records_cross_as_plain_tuples_and_get_their_names_back() -> None:
     # marshal refuses NamedTuples and enum members: the wire carries plain tuples and ints, in the order of
     # the NamedTuples that name them.
@@ -238,10 +241,10 @@ def test_records_cross_as_plain_tuples_and_get_their_names_back() -> None:
         marshal.dumps(Replay("a", True, None, None, None, 10))
     with pytest.raises(ValueError):
         marshal.dumps(Op.RETRY)
-    event = parse_event({"id": "e1", "type": "order.paid", "data": {}})
+    event = parse_event({"id": "e1", "type": "order.paid", "data": {}, "traceparent": TRACEPARENT})
     (row,) = event_rows([event], [[("a", "k")]])
     assert type(row) is tuple and EventRow._make(row) == EventRow("e1", "order.paid", event.payload, True,
-                                                                   [("a", "k")])
+                                                                   [("a", "k")], TRACEPARENT, None)
     job = Job(7, "a", 2, "e1", "order.paid", event.payload, 1.0)
     record = AttemptRecord(job, Outcome(7, False, 0.5, 503, "busy", "later"), 3.0, JobState.DEAD, None, "dlq")
     (row,) = wire.outcome_rows([record])

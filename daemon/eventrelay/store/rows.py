@@ -23,11 +23,13 @@ class EventRow(NamedTuple):
     payload: str
     id_given: bool  # False: the daemon made the id, so it cannot be a duplicate
     routes: Sequence[Route]
+    traceparent: str | None
+    tracestate: str | None
 
 
 def event_rows(events: Sequence[Event], routes: Sequence[Sequence[Route]]) -> list[tuple[Any, ...]]:
     """Ingest's items, as EventRows."""
-    return [(e.id, e.type, e.payload, e.id_given, r) for e, r in zip(events, routes)]
+    return [(e.id, e.type, e.payload, e.id_given, r, e.traceparent, e.tracestate) for e, r in zip(events, routes)]
 
 JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.created_at, j.updated_at, j.next_at, "
                "j.last_error")  # of `jobs j JOIN events e`

@@ -219,7 +219,7 @@ class PostgresStore:
         answers, woken, taken = [], set(), set()
         for rows in operations:
             accepted = []
-            for event_id, _, _, given, routes in rows:
+            for event_id, _, _, given, routes, _, _ in rows:
                 if given and (event_id not in inserted or event_id in taken):
                     accepted.append(Accepted(event_id, known.get(event_id, len(first[event_id][4])), True))
                     continue

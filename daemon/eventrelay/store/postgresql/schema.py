@@ -101,6 +101,10 @@ MIGRATIONS: tuple[str, ...] = (
     -- An operator paused the integration: it keeps its jobs and sends nothing until resumed.
     ALTER TABLE {s}.integration_state ADD COLUMN paused_at double precision;
     """,
+    """
+    -- The producer's W3C trace context, passed on to targets.
+    ALTER TABLE {s}.events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
+    """,
 )
 
 

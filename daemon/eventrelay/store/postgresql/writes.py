@@ -33,8 +33,10 @@ class Statements:
         # as their events came, not by event id: job ids order a key's jobs.
         self.ingest = f"""
             WITH new AS (
-                INSERT INTO {s}.events (id, type, payload, accepted_at)
-                SELECT id, type, payload, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS e (id, type, payload)
+                INSERT INTO {s}.events (id, type, payload, accepted_at, traceparent, tracestate)
+                SELECT id, type, payload, $4, traceparent, tracestate
+                FROM unnest($1::text[], $2::text[], $3::text[], $8::text[], $9::text[])
+                     AS e (id, type, payload, traceparent, tracestate)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING seq, id),
             queued AS (
@@ -67,7 +69,7 @@ class Statements:
             UPDATE {s}.jobs j SET claimed_by = $3, lease_until = {NOW} + $6
             FROM chosen, {s}.events e WHERE j.id = chosen.id AND e.seq = j.event_seq
             RETURNING j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at,
-                      coalesce(j.requeued_at, e.accepted_at), j.next_at"""
+                      coalesce(j.requeued_at, e.accepted_at), j.next_at, e.traceparent, e.tracestate"""
         # The earliest a job of the integration may be claimed by this daemon: when it falls due, or when
         # another daemon's lease on it runs out. Among the first jobs by due time only, so the cost stays
         # bounded whatever the backlog: past them, the others are busy, and the lease or a wake-up comes first.
@@ -205,15 +207,18 @@ class Statements:
 def ingest_arguments(rows: Sequence[EventRow], now: float) -> tuple[Any, ...]:
     """The arrays `Statements.ingest` takes, for events already free of repeats."""
     ids, types, payloads, route_events, route_names, route_keys = [], [], [], [], [], []
-    for event_id, event_type, payload, _, routes in rows:
+    traceparents, tracestates = [], []
+    for event_id, event_type, payload, _, routes, traceparent, tracestate in rows:
         ids.append(event_id)
         types.append(event_type)
         payloads.append(payload)
+        traceparents.append(traceparent)
+        tracestates.append(tracestate)
         for name, key in routes:
             route_events.append(event_id)
             route_names.append(name)
             route_keys.append(key)
-    return ids, types, payloads, now, route_events, route_names, route_keys
+    return ids, types, payloads, now, route_events, route_names, route_keys, traceparents, tracestates
 
 
 def record_arguments(records: Sequence[AttemptRecord], now: float, me: str) -> tuple[Any, ...]:
@@ -241,4 +246,4 @@ async def forward_dead(db: Any, sql: Statements, record: AttemptRecord, now: flo
 
 def job_from_row(integration: str, r: Any) -> Job:
     return Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3], payload=r[4],
-               accepted_at=r[5], age_from=r[6])
+               accepted_at=r[5], age_from=r[6], traceparent=r[8], tracestate=r[9])

@@ -18,12 +18,12 @@ from .errors import Failed, damaged, looks_damaged
 # with the columns both engines have. The PostgreSQL engine's lease columns are not here: no daemon holds a
 # job of a stopped store.
 TABLES: dict[str, tuple[str, ...]] = {
-    "events": ("seq", "id", "type", "payload", "accepted_at"),
+    "events": ("seq", "id", "type", "payload", "accepted_at", "traceparent", "tracestate"),
     "jobs": ("id", "event_seq", "integration", "state", "attempts", "next_at", "created_at", "updated_at",
              "last_error", "requeued_at", "ordering_key"),
     "attempts": ("id", "job_id", "integration", "attempt", "succeeded", "created_at", "duration", "status_code",
                  "error_detail", "body"),
-    "integration_state": ("name", "disabled_at", "disabled_reason"),
+    "integration_state": ("name", "disabled_at", "disabled_reason", "paused_at"),
     "outcome_minutes": ("integration", "minute", "delivered", "failed", "dead"),
 }
 _ORDER = {"events": "seq", "jobs": "id", "attempts": "id", "integration_state": "name",

@@ -73,7 +73,8 @@ class Reads:
         chosen = _padded(only) if only is not None else []
         heads_only = _HEADS_ONLY if ordered else ""
         rows = self._read_claims(
-            "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at, coalesce(j.requeued_at, e.accepted_at) "
+            "SELECT j.id, j.attempts, e.id, e.type, e.payload, e.accepted_at, coalesce(j.requeued_at, e.accepted_at), "
+            "e.traceparent, e.tracestate "
             "FROM jobs j "
             "JOIN events e ON e.seq = j.event_seq "
             "WHERE j.integration = ? AND j.state = 'pending' AND j.next_at <= ? "
@@ -81,7 +82,7 @@ class Reads:
             "ORDER BY j.next_at, j.id LIMIT ?",
             (integration, now, *excluded, *chosen, limit))
         return [Job(id=r[0], integration=integration, attempt=r[1] + 1, event_id=r[2], event_type=r[3],
-                    payload=r[4], accepted_at=r[5], age_from=r[6]) for r in rows]
+                    payload=r[4], accepted_at=r[5], age_from=r[6], traceparent=r[7], tracestate=r[8]) for r in rows]
 
     def next_due(self, integration: str, exclude: Iterable[int], ordered: bool = False) -> float | None:
         """Store.next_due; on the event loop's thread, as `claim`: a walk down the `jobs_due` index."""

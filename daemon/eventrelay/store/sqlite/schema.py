@@ -120,6 +120,23 @@ MIGRATIONS: tuple[str, ...] = (
     -- An operator paused the integration: it keeps its jobs and sends nothing until resumed.
     ALTER TABLE integration_state ADD COLUMN paused_at REAL;
     """,
+    """
+    -- The producer's W3C trace context, passed on to targets; ingest's view carries it.
+    ALTER TABLE events ADD COLUMN traceparent TEXT;
+    ALTER TABLE events ADD COLUMN tracestate TEXT;
+    DROP TRIGGER ingest_insert;
+    DROP VIEW ingest;
+    CREATE VIEW ingest (seq, id, type, payload, accepted_at, first_job, routes, traceparent, tracestate) AS
+        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
+    CREATE TRIGGER ingest_insert INSTEAD OF INSERT ON ingest BEGIN
+        INSERT INTO events (seq, id, type, payload, accepted_at, traceparent, tracestate)
+            VALUES (NEW.seq, NEW.id, NEW.type, NEW.payload, NEW.accepted_at, NEW.traceparent, NEW.tracestate);
+        INSERT INTO jobs (id, event_seq, integration, next_at, created_at, updated_at, ordering_key)
+            SELECT NEW.first_job + r.key, NEW.seq, json_extract(r.value, '$[0]'), NEW.accepted_at,
+                   NEW.accepted_at, NEW.accepted_at, json_extract(r.value, '$[1]')
+            FROM json_each(NEW.routes) r;
+    END;
+    """,
 )
 
 
@@ -139,7 +156,8 @@ class Insert:
         return self._head + ",".join([self._group] * rows)
 
 
-INGEST = Insert("ingest", ("seq", "id", "type", "payload", "accepted_at", "first_job", "routes"))
+INGEST = Insert("ingest", ("seq", "id", "type", "payload", "accepted_at", "first_job", "routes", "traceparent",
+                           "tracestate"))
 OUTCOME = Insert("outcome", (*OUTCOME_VIEW_COLUMNS, "updated_at"))
 
 

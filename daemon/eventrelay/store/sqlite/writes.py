@@ -106,7 +106,7 @@ class Writer:
         try:
             # A read outside the transaction is safe: this connection is the database's only writer.
             known = self._known_events(event_id for op in batch if op.kind is Op.INGEST
-                                       for event_id, _, _, id_given, _ in op.items if id_given)
+                                       for event_id, _, _, id_given, *_ in op.items if id_given)
             for i, op in enumerate(batch):
                 if op.kind is Op.INGEST:
                     results[i] = self._plan_ingest(op.items, now, known, rows, woken)
@@ -169,12 +169,12 @@ class Writer:
         only the duplicates, as (index, jobs they got then): every other event got one job per route, which
         the daemon knows without being told (engine._accepted)."""
         duplicates = []
-        for i, (event_id, event_type, payload, _, routes) in enumerate(events):  # EventRow
+        for i, (event_id, event_type, payload, _, routes, traceparent, tracestate) in enumerate(events):  # EventRow
             if event_id in known:
                 duplicates.append((i, known[event_id]))
                 continue
             rows.append((self._next_event_seq, event_id, event_type, payload, now, self._next_job_id,
-                         codec.dumps(routes) if routes else "[]"))
+                         codec.dumps(routes) if routes else "[]", traceparent, tracestate))
             self._next_event_seq += 1
             self._next_job_id += len(routes)
             woken.update(name for name, _ in routes)
