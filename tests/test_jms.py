@@ -88,7 +88,9 @@ async def test_jms_sees_type_as_jmstype_and_id_as_a_property(start_daemon, activ
     dest = queue()
     types = ["order.paid", "order.created", "customer.updated", "order.paid"] * 4
     d = await start_daemon([stomp_integration("crm", activemq, dest)], delivery=FAST)
-    await d.post([{"id": f"t{i}", "type": t, "data": {"i": i}} for i, t in enumerate(types)])
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await d.post([{"id": f"t{i}", "type": t, "data": {"i": i}} for i, t in enumerate(types)],
+                 headers={"traceparent": traceparent})
     await wait_for(d.states, {"delivered": 16}, timeout=30)
     paid = {f"t{i}" for i, t in enumerate(types) if t == "order.paid"}
 
@@ -98,6 +100,8 @@ async def test_jms_sees_type_as_jmstype_and_id_as_a_property(start_daemon, activ
     for m in selected:
         assert m["jms_type"] == "order.paid" and json.loads(m["text"])["id"] == m["id"]
         assert m["properties"]["id"] == f"String:{m['id']}"  # getStringProperty("id")
+        # The producer's trace context, as a string property a JMS tracing library reads (tracing is off).
+        assert m["properties"]["traceparent"] == f"String:{traceparent}"
         assert "type" not in m["properties"], m["properties"]  # the STOMP header became JMSType, not a property
 
     # The others were left on the queue for consumers without that selector.

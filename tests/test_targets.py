@@ -23,7 +23,7 @@ import yaml
 from eventrelay import config as cfg
 from eventrelay.config_yaml import Reader, default
 from eventrelay.delivery import targets
-from eventrelay.delivery.targets import SenderContext, TargetType
+from eventrelay.delivery.targets import SenderContext, SpanShape, TargetType
 from eventrelay.jobs import Job, Outcome
 from eventrelay.units import host_port, positive_duration, string
 
@@ -80,7 +80,12 @@ class LineSender:
             self._streams[1].close()
 
 
-LINE = TargetType(name="line", config_class=LineConfig, parse=parse_line, sender=LineSender,
+def line_spans(integration: cfg.Integration) -> SpanShape:
+    address = integration.configuration.address
+    return SpanShape("send line", "producer", {"messaging.system": "line", "server.address": address[0]})
+
+
+LINE = TargetType(name="line", config_class=LineConfig, parse=parse_line, sender=LineSender, span_shape=line_spans,
                   secret_fields=("token",), uses_event_source=True)
 
 

@@ -22,12 +22,13 @@ from .delivery import targets
 from .events import Observes, is_observe_pattern
 from .text import quoted
 from .units import (
-    boolean, choice, duration_range, file_mode, fraction, header_value, host_port, int_range, nonempty_string,
-    parse_duration, parse_rate, parse_size, positive_duration, string, template, uri_reference,
+    boolean, choice, duration_range, file_mode, fraction, header_value, host_port, http_url, int_range,
+    nonempty_string, parse_duration, parse_rate, parse_size, positive_duration, ratio, string, template,
+    uri_reference,
 )
 
 __all__ = ["BreakerConfig", "Config", "ConfigError", "DeliveryConfig", "Integration", "ListenConfig", "LogConfig",
-           "PostgresConfig", "RetryConfig", "StorageConfig", "load", "mask", "mask_url", "parse"]
+           "PostgresConfig", "RetryConfig", "StorageConfig", "TracingConfig", "load", "mask", "mask_url", "parse"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_DATABASE = "./var/eventrelay.db"  # relative to the config file's folder
@@ -168,6 +169,18 @@ class LogConfig:
     format: str = "auto"  # auto: pretty on a TTY, JSON lines otherwise
 
 
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry traces (tracing.py). What is not set here comes from the standard OTEL_* variables."""
+
+    enabled: bool = False
+    endpoint: str | None = None  # the OTLP/HTTP traces URL; None: OTEL_EXPORTER_OTLP_* or localhost:4318
+    sampling_ratio: float | None = None  # of new traces (parent-based); None: OTEL_TRACES_SAMPLER, else all
+    service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "eventrelay"
+    headers: tuple[tuple[str, str], ...] = ()  # sent to the collector, e.g. an API key (shown masked)
+    timeout: float = 10.0  # seconds an export may take
+
+
 def _default_event_source() -> str:
     return f"eventrelay://{socket.gethostname()}"
 
@@ -180,6 +193,7 @@ class Config:
     integrations: tuple[Integration, ...]
     shutdown_grace: float = 10.0
     log: LogConfig = LogConfig()
+    tracing: TracingConfig = TracingConfig()
     event_source: str = field(default_factory=_default_event_source)  # CloudEvents `source` of queue messages
     store_id: str | None = None  # Elastic Path's `storeid` on queue messages, when set
     source: Path | None = None  # the file this was read from
@@ -251,19 +265,20 @@ class _Parser(Reader):
 
     def config(self, raw: Any) -> Config | None:
         top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log",
-                                     "event_source", "store_id"))
+                                     "tracing", "event_source", "store_id"))
         if raw is not None and not isinstance(raw, dict):
             return None
         listen = self.listen(top.get("listen"))
         storage = self.storage(top.get("storage"))
         grace = self.value(top, "shutdown_grace", "", parse_duration, default(Config, "shutdown_grace"))
         log = self.log(top.get("log"))
+        tracing = self.tracing(top.get("tracing"))
         delivery = self.delivery(top.get("delivery"), "delivery", DeliveryConfig())
         integrations = self.integrations(top.get("integrations"), delivery)
         event_source = self.value(top, "event_source", "", uri_reference, default(Config, "event_source"))
         store_id = self.value(top, "store_id", "", header_value, default(Config, "store_id"), nullable=True)
         return Config(listen=listen, storage=storage, delivery=delivery, integrations=integrations,
-                      shutdown_grace=grace, log=log, event_source=event_source, store_id=store_id)
+                      shutdown_grace=grace, log=log, tracing=tracing, event_source=event_source, store_id=store_id)
 
     def listen(self, raw: Any) -> ListenConfig:
         s = self.section(raw, "listen", ("http", "socket", "socket_mode", "token", "max_body_size", "max_depth",
@@ -327,6 +342,18 @@ class _Parser(Reader):
             level=self.value(s, "level", "log", choice("debug", "info", "warning", "error"), d.level),
             format=self.value(s, "format", "log", choice("auto", "json", "console"), d.format),
         )
+
+    def tracing(self, raw: Any) -> TracingConfig:
+        s = self.section(raw, "tracing", ("enabled", "endpoint", "sampling_ratio", "service_name", "headers",
+                                          "timeout"))
+        d = TracingConfig()
+        return TracingConfig(
+            enabled=self.value(s, "enabled", "tracing", boolean, d.enabled),
+            endpoint=self.value(s, "endpoint", "tracing", http_url, d.endpoint, nullable=True),
+            sampling_ratio=self.value(s, "sampling_ratio", "tracing", ratio, d.sampling_ratio, nullable=True),
+            service_name=self.value(s, "service_name", "tracing", nonempty_string, d.service_name, nullable=True),
+            headers=self.value(s, "headers", "tracing", _header_pairs, d.headers),
+            timeout=self.value(s, "timeout", "tracing", duration_range(0.1, 300.0), d.timeout))
 
     def delivery(self, raw: Any, path: str, base: DeliveryConfig) -> DeliveryConfig:
         """A delivery section over `base`: the top level's over the defaults, an integration's over the top's."""
@@ -434,6 +461,18 @@ class _Parser(Reader):
 
 
 _SQLITE_KEYS = ("path", "synchronous", "file_mode")
+
+
+def _header_pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """A mapping of HTTP header names to values (strings)."""
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping of header names to values")
+    pairs = []
+    for name, text in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValueError(f"{quoted(name)} is not an HTTP header name")
+        pairs.append((name, header_value(text)))
+    return tuple(pairs)
 _POSTGRES_KEYS = ("dsn", "schema", "pool", "lease")
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 

@@ -66,7 +66,8 @@ class CloudEvent:
     def _head(self, job: Job) -> str:
         return (f'{{"specversion":"1.0","id":{dumps(job.event_id)},"type":{dumps(job.event_type)},'
                 f'"source":{self._source},"datacontenttype":"application/json",'
-                f'"integrationid":"{self._integration_id}",{self._store}"time":"{iso_time(job.accepted_at)}",')
+                f'"integrationid":"{self._integration_id}",{self._store}"time":"{iso_time(job.accepted_at)}",'
+                f'{_trace_extension(job)}')
 
     def encode(self, job: Job) -> bytes:
         # The stored payload is {"data": …, "included": …}: its members become the event's, without re-encoding.
@@ -77,6 +78,15 @@ class CloudEvent:
         data = json.loads(job.payload)["data"]
         return (self._head(job) + f'"data":{dumps(data)},"included":{{"meta":{{"includes_elided":true}}}}}}'
                 ).encode()
+
+
+def _trace_extension(job: Job) -> str:
+    """CloudEvents' distributed tracing extension: the trace context as attributes of the event itself, so
+    it survives whatever carries the message."""
+    if job.traceparent is None:
+        return ""
+    state = f'"tracestate":{dumps(job.tracestate)},' if job.tracestate else ""
+    return f'"traceparent":{dumps(job.traceparent)},{state}'
 
 
 def event_fields(job: Job) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class Outcome:
     retry_after: float | None = None  # seconds the target asked us to wait (Retry-After)
     slow_down: bool = False  # the target is overloaded (429, 502, 504): the whole integration backs off
     gone: bool = False  # the target says it is gone for good (410): the integration is disabled
+    message_id: str | None = None  # the id the target gave the message (SQS's MessageId), for traces
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -35,6 +35,9 @@ from .notify import Notifier, watchdog_loop
 from .runtime import RuntimeFile
 from .events import Event
 from .store import Accepted, Store, StoreError, open_store
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = structlog.get_logger(component="service")
 
@@ -82,6 +85,7 @@ class Service:
         self._reload_requested = asyncio.Event()
         self._ready = False
         self._runtime: RuntimeFile | None = None  # how `eventrelay` commands find this daemon
+        self._tracing: Tracing | None = None  # OpenTelemetry, when the config turns it on
 
     def request_reload(self) -> None:
         """SIGHUP: reload soon, in the service's own task. Requests arriving during a reload coalesce."""
@@ -94,6 +98,10 @@ class Service:
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         config = self.config
+        if config.tracing.enabled:
+            from .tracing import Tracing  # imported only when on: OpenTelemetry costs nothing otherwise
+
+            self._tracing = Tracing(config.tracing)
         self.store = store = await self._open_store(config)
         store.announce(__version__, config.fingerprint())
         store.on_jobs_added = self._wake
@@ -137,6 +145,8 @@ class Service:
                 self._runtime.remove()
             await self._stop_listening()
             await store.close()
+            if self._tracing is not None:
+                await self._tracing.shutdown()
         log.info("stopped")
 
     async def _open_store(self, config: Config) -> Store:
@@ -171,9 +181,12 @@ class Service:
     def _start_dispatcher(self, integration: Integration) -> None:
         assert self._tasks is not None and self.store is not None
         context = targets.SenderContext(USER_AGENT, self.config.event_source, self.config.store_id)
-        sender = targets.get(integration.integration_type).sender(integration, context)
+        target = targets.get(integration.integration_type)
+        sender = target.sender(integration, context)
+        spans = (self._tracing.attempts(integration.name, target.span_shape(integration))
+                 if self._tracing is not None else None)
         dispatcher = Dispatcher(integration, self.store, sender, self.metrics, self._disabled.get(integration.name),
-                                self._paused.get(integration.name))
+                                self._paused.get(integration.name), spans)
         self.dispatchers[dispatcher.name] = dispatcher
         self._dispatcher_tasks[dispatcher.name] = self._tasks.create_task(
             dispatcher.run(), name=f"dispatcher:{dispatcher.name}")
@@ -312,7 +325,7 @@ class Service:
         if listen.socket is not None:
             self._socket = SocketIngest(self._ingestor, listen)
             await self._socket.start()
-        self._http = HttpIngest(self._ingestor, listen, self.is_ready)
+        self._http = HttpIngest(self._ingestor, listen, self.is_ready, self._tracing)
         # aiohttp's keep-alive timeout also closes a connection that never sends a request.
         admin, console = AdminApi(self, self.store), Console(self._http.access)
 
@@ -427,6 +440,9 @@ class Service:
                         "synchronous, file_mode, dsn, schema, pool, lease)")
             new = replace(new, storage=replace(n, path=o.path, backend=o.backend, postgresql=o.postgresql,
                                                synchronous=o.synchronous, file_mode=o.file_mode))
+        if new.tracing != old.tracing:
+            log.warning("tracing settings take effect at the next restart")
+            new = replace(new, tracing=old.tracing)
         if new.listen.idle_timeout != old.listen.idle_timeout:
             # Like storage: the running value stays the one in force (and the one the status shows).
             log.warning("listen.idle_timeout takes effect at the next restart")

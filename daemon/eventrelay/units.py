@@ -104,6 +104,13 @@ def fraction(value: Any) -> float:
     return float(value)
 
 
+def ratio(value: Any) -> float:
+    """A share from 0 (none) to 1 (all)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{value!r} must be a number from 0 to 1 (e.g. 0.1 for one in ten)")
+    return float(value)
+
+
 def choice(*choices: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in choices:

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -20,6 +20,9 @@ from ..store import Store, StoreError
 from .gate import NO_CHANGES, Gate
 from .policy import CircuitBreaker, RetryPolicy, SharedBucket
 from .targets import Sender
+
+if TYPE_CHECKING:
+    from ..tracing import AttemptSpans
 
 _IDLE_RECHECK = 30.0  # seconds; a safety net, since the writer wakes us for new jobs and we know retry times
 _STORE_ERROR_PAUSE = 1.0
@@ -49,8 +52,10 @@ class Dispatcher:
     """
 
     def __init__(self, integration: Integration, store: Store, sender: Sender, metrics: Metrics | None = None,
-                 disabled: tuple[float, str] | None = None, paused_at: float | None = None):
+                 disabled: tuple[float, str] | None = None, paused_at: float | None = None,
+                 spans: AttemptSpans | None = None):
         self.integration = integration
+        self._spans = spans  # OpenTelemetry spans of the attempts, when tracing is on
         self.name = integration.name
         self._store = store
         self._sender = sender
@@ -268,6 +273,7 @@ class Dispatcher:
     async def _attempt(self, jobs: list[Job]) -> list[AttemptRecord]:
         """One attempt at a chunk: send, decide each job's fate, react as an integration; the records."""
         started_at = time.time()
+        spans = self._spans.start(jobs) if self._spans is not None else None
         try:
             try:
                 outcomes = await self._sender.deliver(jobs)
@@ -284,6 +290,8 @@ class Dispatcher:
             by_id = {o.job_id: o for o in outcomes}
             records = [self._policy.decide(job, by_id.get(job.id) or _missing(job), started_at, now)
                        for job in jobs]
+            if spans is not None:
+                self._spans.end(spans, records)
             # Before anything else starts: a 410, a slow-down or an opened circuit holds back what comes next.
             await self._react(records, now)
         except BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from aiohttp import web
@@ -17,8 +17,12 @@ from ..config import ListenConfig
 from ..events import EventError, parse_event
 from ..store import StoreError
 from ..text import one_line, shorten
+from ..tracecontext import from_headers
 from . import Ingestor
 from .errors import error_response
+
+if TYPE_CHECKING:
+    from ..tracing import IngestSpan, Tracing
 
 MAX_EVENTS_PER_REQUEST = 1000
 CONSOLE_PREFIX = "/ui"  # the console's pages and assets: it checks access itself
@@ -345,9 +349,11 @@ def _unreadable(e: _UnreadableBody) -> web.Response:
 
 
 class HttpIngest:
-    def __init__(self, ingestor: Ingestor, listen: ListenConfig, ready: Callable[[], Awaitable[bool]]):
+    def __init__(self, ingestor: Ingestor, listen: ListenConfig, ready: Callable[[], Awaitable[bool]],
+                 tracing: Tracing | None = None):
         self._ingestor = ingestor
         self._ready = ready
+        self._tracing = tracing
         self.access = Access(listen.token)  # the admin API and the console answer to it too
         self.update(listen)
 
@@ -417,6 +423,17 @@ class HttpIngest:
         Reached without the middleware (serve_events_first), so it checks the token itself and answers every
         error as a response rather than raising aiohttp's HTTP exceptions.
         """
+        if self._tracing is None:
+            # The producer's trace context (W3C headers) is stored with the events that carry none of their own.
+            headers = request.headers
+            return await self._answer(request, from_headers(headers.get("traceparent"), headers.get("tracestate")))
+        with self._tracing.ingest(request) as span:
+            response = await self._answer(request, span.context, span)
+            span.answered(response.status)
+            return response
+
+    async def _answer(self, request: web.Request, context: tuple[str, str | None] | None,
+                      span: IngestSpan | None = None) -> web.Response:
         if (denied := self.access.denied(request)) is not None:
             return denied
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
@@ -450,6 +467,11 @@ class HttpIngest:
             if len(errors) > len(shown):
                 shown.append(f"... and {len(errors) - len(shown)} more invalid events")
             return error_response(400, shown)
+        if context is not None:
+            events = [e if e.traceparent else e._replace(traceparent=context[0], tracestate=context[1])
+                      for e in events]
+        if span is not None:
+            span.events = len(events)
         try:
             accepted = await self._ingestor.accept(events, "http")
         except StoreError as e:

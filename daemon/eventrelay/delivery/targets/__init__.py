@@ -7,7 +7,7 @@ base.TargetType) and one line here. config.py and service.py ask this registry a
 from __future__ import annotations
 
 from . import sqs, stomp, webhook
-from .base import Sender, SenderContext, TargetType
+from .base import Sender, SenderContext, SpanShape, TargetType
 
 REGISTRY: dict[str, TargetType] = {}
 
@@ -33,4 +33,4 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-__all__ = ["REGISTRY", "Sender", "SenderContext", "TargetType", "get", "names", "register"]
+__all__ = ["REGISTRY", "Sender", "SenderContext", "SpanShape", "TargetType", "get", "names", "register"]

@@ -55,6 +55,16 @@ class SenderContext:
 
 
 @dataclass(frozen=True, slots=True)
+class SpanShape:
+    """How a target's delivery attempts look in a trace, after OpenTelemetry's semantic conventions."""
+
+    name: str  # e.g. "POST", "send orders"
+    kind: str  # "client" (a request that is answered) or "producer" (a message handed to a broker)
+    attributes: Mapping[str, str | int]  # the same for every attempt (no secrets: URLs masked)
+    status_attribute: str | None = None  # where an attempt's status code goes (http.response.status_code)
+
+
+@dataclass(frozen=True, slots=True)
 class TargetType:
     """One kind of target, as `integration_type` names it in the YAML.
 
@@ -62,12 +72,14 @@ class TargetType:
     `config_class`, or reports every problem through `reader.error` and returns None. `sender(integration,
     context)` makes the integration's sender; it is called only when a dispatcher starts, so a target's
     client library is imported there, not when the module is (a daemon without such targets never loads it).
+    `span_shape(integration)` says how its attempts show in a trace.
     """
 
     name: str
     config_class: type
     parse: Callable[[Reader, Any, str], Any]
     sender: Callable[[Integration, SenderContext], Sender]
+    span_shape: Callable[[Integration], SpanShape]  # its attempts' spans, when tracing is on
     # Fields shown masked (`****PSYQ`; each item of a tuple), and URLs whose credentials are masked.
     secret_fields: tuple[str, ...] = ()
     url_fields: tuple[str, ...] = ()

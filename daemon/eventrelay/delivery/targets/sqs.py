@@ -19,7 +19,7 @@ from ...config_yaml import Reader, default
 from ...formats import CloudEvent, event_fields, render_template
 from ...jobs import Job, Outcome
 from ...units import http_url, parse_size, string, template
-from .base import SenderContext, TargetType
+from .base import SenderContext, SpanShape, TargetType
 
 if TYPE_CHECKING:
     from .base import Integration
@@ -80,8 +80,16 @@ def make_sender(integration: Integration, context: SenderContext) -> SqsSender:
     return SqsSender(integration, context.event_source, context.store_id)
 
 
+def span_shape(integration: Any) -> SpanShape:
+    """Messaging producer spans: the queue's name is the last part of its URL."""
+    queue = integration.configuration.url.rstrip("/").rsplit("/", 1)[-1]
+    return SpanShape(f"send {queue}", "producer", {
+        "messaging.system": "aws_sqs", "messaging.destination.name": queue, "messaging.operation.type": "send",
+        "messaging.operation.name": "SendMessageBatch", "cloud.region": integration.configuration.region})
+
+
 TARGET = TargetType(
-    name="aws_sqs", config_class=SqsConfig, parse=parse, sender=make_sender,
+    name="aws_sqs", config_class=SqsConfig, parse=parse, sender=make_sender, span_shape=span_shape,
     secret_fields=("aws_secret_access_key",), url_fields=("url", "endpoint_url"), uses_event_source=True,
 )
 
@@ -150,6 +158,10 @@ class SqsSender:
                       "id": {"DataType": "String", "StringValue": job.event_id}}
         if self._store_id:
             attributes["storeid"] = {"DataType": "String", "StringValue": self._store_id}
+        if job.traceparent is not None:  # as OpenTelemetry's SQS instrumentations read it
+            attributes["traceparent"] = {"DataType": "String", "StringValue": job.traceparent}
+            if job.tracestate:
+                attributes["tracestate"] = {"DataType": "String", "StringValue": job.tracestate}
         attributes_size = sum(len(k) + len("String") + len(v["StringValue"].encode()) for k, v in attributes.items())
         body = self._cloudevent.encode(job)
         if len(body) + attributes_size > self._max_bytes:
@@ -177,7 +189,8 @@ class SqsSender:
             return [Outcome(job.id, False, duration, status_code=status, error=error) for job, _ in batch]
         duration = time.monotonic() - started
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        outcomes = [Outcome(int(ok["Id"]), True, duration, status_code=status, body=ok.get("MessageId"))
+        outcomes = [Outcome(int(ok["Id"]), True, duration, status_code=status, body=ok.get("MessageId"),
+                            message_id=ok.get("MessageId"))
                     for ok in response.get("Successful", [])]
         for failed in response.get("Failed", []):
             # SenderFault: the entry itself is wrong (an invalid attribute, …): sending it again cannot help.

@@ -29,7 +29,7 @@ from ...formats import CloudEvent
 from ...jobs import Job, Outcome
 from ...text import first_line, shorten
 from ...units import positive_duration, string
-from .base import SenderContext, TargetType
+from .base import SenderContext, SpanShape, TargetType
 
 if TYPE_CHECKING:
     import stompman
@@ -112,8 +112,18 @@ def make_sender(integration: Integration, context: SenderContext) -> StompSender
     return StompSender(integration, context.event_source, context.store_id)
 
 
+def span_shape(integration: Any) -> SpanShape:
+    """Messaging producer spans; the broker is the first address (the one normally used)."""
+    conf = integration.configuration
+    first = conf.addresses[0]
+    return SpanShape(f"send {conf.destination}", "producer", {
+        "messaging.system": "stomp", "messaging.destination.name": conf.destination,
+        "messaging.operation.type": "send", "messaging.operation.name": "SEND",
+        "server.address": first.host, "server.port": first.port})
+
+
 TARGET = TargetType(
-    name="stomp", config_class=StompConfig, parse=parse, sender=make_sender,
+    name="stomp", config_class=StompConfig, parse=parse, sender=make_sender, span_shape=span_shape,
     secret_fields=("password",), uses_event_source=True,
 )
 
@@ -160,6 +170,10 @@ class StompSender:
     async def _send(self, job: Job) -> Outcome:
         started = time.monotonic()
         headers = {"persistent": "true", "type": job.event_type, "id": job.event_id, **self._store_headers}
+        if job.traceparent is not None:  # a JMS consumer reads these as string properties
+            headers["traceparent"] = job.traceparent
+            if job.tracestate:
+                headers["tracestate"] = job.tracestate
         try:
             async with asyncio.timeout(self._timeout):
                 # The library's receipt timeout does not cover waiting for a reconnection: this one does.
@@ -177,7 +191,8 @@ class StompSender:
         except self._connection_lost as e:
             return Outcome(job.id, False, time.monotonic() - started,
                            error=f"connection to the broker lost before the receipt: {type(e).__name__}")
-        return Outcome(job.id, True, time.monotonic() - started)
+        # The broker's own message-id is given to consumers only; the message's `id` header is the event's.
+        return Outcome(job.id, True, time.monotonic() - started, message_id=job.event_id)
 
     async def _connected_client(self) -> stompman.Client:
         while True:

@@ -22,7 +22,7 @@ from ...jobs import Job, Outcome
 from ...text import first_line
 from ...units import boolean, http_url, string
 from ..deadlines import Deadlines
-from .base import SenderContext, TargetType
+from .base import SenderContext, SpanShape, TargetType
 
 if TYPE_CHECKING:
     from .base import Integration
@@ -73,8 +73,19 @@ def make_sender(integration: Integration, context: SenderContext) -> WebhookSend
     return WebhookSender(integration, context.user_agent)
 
 
+def span_shape(integration: Any) -> SpanShape:
+    """HTTP client spans: `url.full` without credentials, and every query value redacted (webhook URLs carry
+    tokens there)."""
+    url = URL(integration.configuration.url)
+    shown = url.with_user(None).with_query({key: "REDACTED" for key in url.query}) if url.query else \
+        url.with_user(None)
+    return SpanShape("POST", "client", {"http.request.method": "POST", "url.full": str(shown),
+                                        "server.address": url.host or "", "server.port": url.port or 0},
+                     status_attribute="http.response.status_code")
+
+
 TARGET = TargetType(
-    name="webhook", config_class=WebhookConfig, parse=parse, sender=make_sender,
+    name="webhook", config_class=WebhookConfig, parse=parse, sender=make_sender, span_shape=span_shape,
     secret_fields=("secret_key", "signing_secrets"), url_fields=("url",),
     shown_as={"signing_secrets": "signing_secret"},
 )
@@ -127,6 +138,10 @@ class WebhookSender:
     async def _post(self, job: Job) -> Outcome:
         assert self._session is not None, "start() first"
         headers = {"X-MOLTIN-INTEGRATION-TRIGGER": job.event_type}
+        if job.traceparent is not None:  # the receiver's OpenTelemetry SDK continues the trace from these
+            headers["traceparent"] = job.traceparent
+            if job.tracestate:
+                headers["tracestate"] = job.tracestate
         body = self._envelope.encode(job)
         if self._signing_keys:
             headers.update(self._signature(job.event_id, body))
