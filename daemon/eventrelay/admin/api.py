@@ -1,4 +1,6 @@
-"""The admin API: status, integrations, Elastic-Path-style jobs and logs, retry, replay, /metrics.
+"""The admin API: status, integrations, Elastic-Path-style jobs and logs, retry, replay, /metrics, and
+/openapi.json, the listener's OpenAPI description (openapi.yaml beside this file; tests/test_openapi.py keeps it
+true).
 
 Served on the ingest listener, behind the same token. Pages follow the seed system's API:
 `page[limit]` (at most 100) and `page[offset]`, with `meta.page`, `meta.results` and `links`.
@@ -8,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
+from importlib.resources import files
 from typing import Any
 from urllib.parse import urlencode
 
+import yaml
 from aiohttp import web
 
 from .. import __version__, codec
@@ -34,6 +39,8 @@ _TAIL_FIRST = 20  # attempts a new live tail starts with
 _TAIL_BATCH = 200  # attempts read at a time by a live tail
 _TAIL_POLL = 0.5  # seconds between a live tail's reads of the store
 _TAIL_KEEPALIVE = 15.0
+_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")  # unix seconds written out
+_MAX_INTEGER = 2**63 - 1  # ids, offsets and limits past this are refused: the databases' integers stop there
 
 
 def _counts(counts: OutcomeCounts) -> dict[str, int]:
@@ -47,6 +54,7 @@ class AdminApi:
         self._view = view
         self._store = store
         self._closed = asyncio.Event()  # the listener is closing: live tails end, so shutdown does not wait
+        self._openapi: bytes | None = None  # GET /openapi.json's answer, made at the first request
 
     async def _closing(self, app: web.Application) -> None:
         self._closed.set()
@@ -76,6 +84,7 @@ class AdminApi:
         r.add_get("/v1/jobs/orphaned", self.orphaned)
         r.add_post("/v1/reload", self.reload)
         r.add_get("/metrics", self.metrics)
+        r.add_get("/openapi.json", self.openapi)  # ingest/http.py serves it without the token
 
     # -- status and integrations ---------------------------------------------------------------------------
 
@@ -196,10 +205,10 @@ class AdminApi:
             if state is not None and state not in {s.value for s in JobState}:
                 raise ValueError(f"state must be pending, delivered or dead, not {state!r}")
             limit = q.get("limit", str(DEFAULT_PAGE))
-            if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+            if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
                 raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}")
             before = q.get("before")
-            if before is not None and not before.isdigit():
+            if before is not None and not _whole(before):
                 raise ValueError("before must be the `next` cursor of a previous page")
             query = JobSearch(integration=q.get("integration") or None, state=JobState(state) if state else None,
                               event_type=q.get("type") or None, since=_time(q.get("since") or None, "since"),
@@ -216,9 +225,9 @@ class AdminApi:
         time: `links.next` goes on (a cursor, `before`), null at the end."""
         q = request.query
         limit, before = q.get("limit", str(DEFAULT_PAGE)), q.get("before")
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+        if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
             return error_response(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
-        if before is not None and not before.isdigit():
+        if before is not None and not _whole(before):
             return error_response(400, "before must be the `next` cursor of a previous page")
         lines = await self._store.attempts_before(q.get("integration") or None,
                                                   int(before) if before is not None else None, int(limit))
@@ -231,7 +240,7 @@ class AdminApi:
         latest few first, or those after `Last-Event-ID` (or `?after=`) when a browser reconnects. Read from the
         store, so it shows every daemon's deliveries; a comment line every 15 s keeps proxies from closing it."""
         after_text = request.headers.get("Last-Event-ID") or request.query.get("after")
-        if after_text is not None and not after_text.isdigit():
+        if after_text is not None and not _whole(after_text):
             return error_response(400, "after (or Last-Event-ID) must be an attempt id")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})
@@ -287,7 +296,7 @@ class AdminApi:
             if not isinstance(body, dict) or set(body) - {"state", "since", "until", "limit", "not_requeued_since"}:
                 raise ValueError('send {"state": "dead"} or {"since": …, "until": …} (or both), and "limit" if need be')
             limit = body.get("limit", 1_000_000)
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= _MAX_INTEGER:
                 raise ValueError("limit must be a positive whole number")
             fence = _time(body.get("not_requeued_since"), "not_requeued_since")
             dead = body.get("state") == "dead"
@@ -323,7 +332,7 @@ class AdminApi:
         if not self._known(name):
             return _unknown(name)
         text = request.query.get("hours", "6")
-        if not text.isdigit() or not 1 <= int(text) <= _CHART_HOURS_MAX:
+        if not _whole(text) or not 1 <= int(text) <= _CHART_HOURS_MAX:
             return error_response(400, f"hours must be a whole number from 1 to {_CHART_HOURS_MAX}")
         first = (int(time.time()) // 60 - int(text) * 60 + 1) * 60
         counted = dict(await self._store.outcomes_by_minute(name, first))
@@ -372,6 +381,20 @@ class AdminApi:
     async def metrics(self, request: web.Request) -> web.Response:
         await self._view.refresh_gauges()
         return web.Response(body=self._view.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI description of the listener, as JSON. Parsed off the event loop, once."""
+        if self._openapi is None:
+            self._openapi = await asyncio.to_thread(lambda: codec.dumps(openapi_document()).encode())
+        return web.Response(body=self._openapi, content_type="application/json")
+
+
+def openapi_document() -> dict[str, Any]:
+    """openapi.yaml (beside this file, part of the package), its `info.version` the daemon's."""
+    text = (files(__package__) / "openapi.yaml").read_text("utf-8")
+    document: dict[str, Any] = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+    document["info"]["version"] = __version__
+    return document
 
 
 def _held(state: IntegrationState | None) -> dict[str, Any]:
@@ -438,13 +461,20 @@ def _unknown(name: str) -> web.Response:
 
 
 def _int(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    return int(text) if _whole(text) else None
+
+
+def _whole(text: str) -> bool:
+    """ASCII digits (str.isdigit alone takes '²', which int() refuses) of a number a database integer holds."""
+    return text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= _MAX_INTEGER
 
 
 def _time(value: Any, field: str) -> float | None:
     """Unix seconds or ISO 8601 with a zone (a trailing Z allowed); None when absent."""
     if value is None:
         return None
+    if isinstance(value, str) and _SECONDS.fullmatch(value):
+        value = float(value)  # unix seconds, as a query string carries them
     try:
         return parse_time(value)
     except ValueError as e:
@@ -453,9 +483,9 @@ def _time(value: Any, field: str) -> float | None:
 
 def _page(request: web.Request) -> tuple[int, int] | web.Response:
     limit, offset = request.query.get("page[limit]", str(DEFAULT_PAGE)), request.query.get("page[offset]", "0")
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+    if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
         return error_response(400, f"page[limit] must be a whole number from 1 to {MAX_PAGE}")
-    if not offset.isdigit():
+    if not _whole(offset):
         return error_response(400, "page[offset] must be a whole number, 0 or more")
     return int(limit), int(offset)
 

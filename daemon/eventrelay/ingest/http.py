@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 MAX_EVENTS_PER_REQUEST = 1000
 CONSOLE_PREFIX = "/ui"  # the console's pages and assets: it checks access itself
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/favicon.ico"})  # answered to anyone: probes, and an icon
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/favicon.ico", "/openapi.json"})  # to anyone: no data in them
 _MAX_ERRORS_SHOWN = 20
 
 log = structlog.get_logger(component="ingest.http")
