@@ -335,7 +335,7 @@ async def test_status_shows_latency_percentiles_of_the_last_hour(start_daemon, r
         return web.Response(status=204)
 
     receiver.respond = slow
-    d = await start_daemon([webhook("erp", receiver.url), webhook("idle", receiver.url, observes=["x.y"])])
+    d = await start_daemon([webhook("erp", receiver.url), webhook("idle", receiver.url, observes=["order.refunded"])])
     await d.post([{"id": f"o-{i}", "type": "order.paid", "data": {}} for i in range(9)])
     await d.post({"id": "slow", "type": "order.paid", "data": {}})
     await wait_for(lambda: d.states(), {"delivered": 10}, timeout=10)

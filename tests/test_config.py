@@ -293,3 +293,44 @@ def test_elastic_path_options() -> None:
     assert config.integrations[0].configuration.send_resources is True
     assert errors_of(MINIMAL + "store_id: 'has spaces'\n") == [
         "store_id: 'has spaces' must be 1-256 printable ASCII characters without spaces"]
+
+
+FILTERED = """
+integrations:
+  - name: erp
+    integration_type: webhook
+    observes: [order.paid]
+    filter: {filter}
+    configuration: {{url: "http://127.0.0.1:9/x"}}
+"""
+
+
+def test_a_filter_is_compiled_and_shown_and_its_errors_name_the_path() -> None:
+    config = cfg.parse(FILTERED.format(filter='{"data.total": {"$gte": 100}, "$not": {"data.test": true}}'),
+                       environ={})
+    (erp,) = config.integrations
+    assert erp.public()["filter"] == {"data.total": {"$gte": 100}, "$not": {"data.test": True}}
+    assert erp.accepts({"type": "order.paid", "data": {"total": 120}, "included": None}) is True
+    assert erp.accepts({"type": "order.paid", "data": {"total": 120, "test": True}, "included": None}) is False
+    assert errors_of(FILTERED.format(filter='{"data.total": {"$gte": [1]}}')) == [
+        "integrations[0].filter.data.total.$gte: $gte compares with a number or a string, not a list"]
+    assert errors_of(FILTERED.format(filter='{"$or": [{"total": 1}]}')) == [
+        "integrations[0].filter.$or[0].total: a path starts with type, data or included, not 'total'"]
+
+
+def test_an_observes_entry_that_matches_no_known_type_is_an_error_with_a_suggestion() -> None:
+    text = FILTERED.replace("    filter: {filter}\n", "").replace("[order.paid]", "{observes}")
+    assert errors_of(text.format(observes="[order.payed, ordr.*, loyalty-points.created]")) == [
+        "integrations[0].observes[0]: 'order.payed' matches no known event type (did you mean order.paid?); "
+        "a type of your own goes under event_types: at the top of the file",
+        "integrations[0].observes[1]: 'ordr.*' matches no known event type (did you mean order.*?); "
+        "a type of your own goes under event_types: at the top of the file",
+        "integrations[0].observes[2]: 'loyalty-points.created' matches no known event type; "
+        "a type of your own goes under event_types: at the top of the file"]
+    # Declared types, Elastic Path's families and the catch-all are fine.
+    config = cfg.parse("event_types: [loyalty-points.created]\n" + text.format(
+        observes='[loyalty-points.created, "loyalty-points.*", subscription-plan.updated, "account-member.*", "*"]'),
+        environ={})
+    assert config.event_types == ("loyalty-points.created",)
+    assert errors_of("event_types: [Loyalty.Points]\n" + text.format(observes="[order.paid]")) == [
+        "event_types[0]: 'Loyalty.Points' is not an event key (resource.action, lower case)"]

@@ -217,7 +217,7 @@ async def test_dead_jobs_go_to_the_dead_letter_integration(start_daemon, receive
     d = await start_daemon([
         webhook("erp", receiver.url + "/erp", delivery={
             "dead_letter": "ops", "retry": {"initial": "50ms", "max_interval": "50ms", "max_attempts": 2}}),
-        webhook("ops", receiver.url + "/ops", ["nothing.observed"]),
+        webhook("ops", receiver.url + "/ops", ["eventrelay.dead_letter"]),  # its only events
     ])
     await d.post({"id": "lost-order", "type": "order.paid", "data": {"id": "o9"}, "included": {"items": []}})
     await wait_until(lambda: any(r.path == "/hook/ops" for r in receiver.requests))

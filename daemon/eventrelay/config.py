@@ -15,14 +15,17 @@ import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .config_yaml import ConfigError, Reader, default, expand_env, load_yaml, read_text
 from .delivery import targets
-from .events import Observes, is_observe_pattern
+from .catalogue import Catalogue
+from .events import EVENT_KEY, Observes, is_observe_pattern
+from .filters import FilterError, Test, compile_filter
+from .masking import mask, mask_url
 from .text import quoted
 from .units import (
-    boolean, choice, duration_range, file_mode, fraction, header_value, host_port, http_url, int_range,
+    boolean, choice, duration_range, file_mode, fraction, header_pairs, header_value, host_port, http_url, int_range,
     nonempty_string, parse_duration, parse_rate, parse_size, positive_duration, ratio, string, template,
     uri_reference,
 )
@@ -75,10 +78,14 @@ class Integration:
     delivery: DeliveryConfig
     description: str = ""
     enabled: bool = True
+    # The `filter` as written (filters.py; not hashed: it holds mappings); None: every event of the observed types.
+    filter: Any = field(default=None, hash=False)
     matcher: Observes = field(init=False, compare=False, repr=False)
+    accepts: Test | None = field(init=False, compare=False, repr=False)  # the filter, compiled
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "matcher", Observes.compile(list(self.observes)))
+        object.__setattr__(self, "accepts", compile_filter(self.filter) if self.filter is not None else None)
 
     def public(self) -> dict[str, Any]:
         """The integration as the daemon shows it: secrets masked to their last four characters."""
@@ -86,15 +93,19 @@ class Integration:
         conf: dict[str, Any] = {}
         renamed: dict[str, Any] = {}
         for f in fields(target.config_class):
+            if f.name in target.shown_fields:
+                continue
             value = _shown(getattr(self.configuration, f.name), f.name in target.secret_fields,
                            f.name in target.url_fields)
             if f.name not in target.shown_as:
                 conf[f.name] = value
             elif value:
                 renamed[target.shown_as[f.name]] = value
+        if target.shown is not None:  # fields the target type shows its own way (headers, auth)
+            renamed.update(target.shown(self.configuration))
         return {"name": self.name, "description": self.description, "enabled": self.enabled,
                 "integration_type": self.integration_type, "observes": list(self.observes),
-                "configuration": conf | renamed}
+                "filter": self.filter, "configuration": conf | renamed}
 
 
 def _shown(value: Any, secret: bool, url: bool) -> Any:
@@ -194,6 +205,7 @@ class Config:
     shutdown_grace: float = 10.0
     log: LogConfig = LogConfig()
     tracing: TracingConfig = TracingConfig()
+    event_types: tuple[str, ...] = ()  # declared beside Elastic Path's (catalogue.py)
     event_source: str = field(default_factory=_default_event_source)  # CloudEvents `source` of queue messages
     store_id: str | None = None  # Elastic Path's `storeid` on queue messages, when set
     source: Path | None = None  # the file this was read from
@@ -201,36 +213,15 @@ class Config:
     def integration(self, name: str) -> Integration | None:
         return next((i for i in self.integrations if i.name == name), None)
 
+    @property
+    def catalogue(self) -> Catalogue:
+        return Catalogue(self.event_types)
+
     def fingerprint(self) -> str:
         """A short hash of what daemons sharing a store must agree on (integrations, delivery, the queue
         messages' store id), for status to flag a daemon that runs another configuration."""
         shared = repr((self.delivery, self.integrations, self.store_id))
         return hashlib.sha256(shared.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-
-
-def mask(secret: str) -> str:
-    """`****PSYQ`, as the seed system shows secrets; short secrets are masked whole."""
-    return "****" + secret[-4:] if len(secret) > 8 else "****"
-
-
-# Query parameters whose values are credentials in the URLs people paste (?token=…, ?sig=…, ?api_key=…).
-_SECRET_PARAM = re.compile(r"token|key|secret|sig|pass|auth|code|credential|session", re.IGNORECASE)
-
-
-def mask_url(url: str) -> str:
-    """A URL as the daemon shows it: the password of its userinfo and credential-like query values masked."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}:{mask(parts.password)}@{host}"
-    query = "&".join(_mask_param(p) for p in parts.query.split("&")) if parts.query else ""
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _mask_param(param: str) -> str:
-    name, sep, value = param.partition("=")
-    return f"{name}={mask(value)}" if sep and value and _SECRET_PARAM.search(name) else param
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -265,7 +256,7 @@ class _Parser(Reader):
 
     def config(self, raw: Any) -> Config | None:
         top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log",
-                                     "tracing", "event_source", "store_id"))
+                                     "tracing", "event_source", "store_id", "event_types"))
         if raw is not None and not isinstance(raw, dict):
             return None
         listen = self.listen(top.get("listen"))
@@ -274,11 +265,13 @@ class _Parser(Reader):
         log = self.log(top.get("log"))
         tracing = self.tracing(top.get("tracing"))
         delivery = self.delivery(top.get("delivery"), "delivery", DeliveryConfig())
-        integrations = self.integrations(top.get("integrations"), delivery)
+        event_types = self.event_types(top.get("event_types"))
+        integrations = self.integrations(top.get("integrations"), delivery, Catalogue(event_types))
         event_source = self.value(top, "event_source", "", uri_reference, default(Config, "event_source"))
         store_id = self.value(top, "store_id", "", header_value, default(Config, "store_id"), nullable=True)
         return Config(listen=listen, storage=storage, delivery=delivery, integrations=integrations,
-                      shutdown_grace=grace, log=log, tracing=tracing, event_source=event_source, store_id=store_id)
+                      shutdown_grace=grace, log=log, tracing=tracing, event_source=event_source, store_id=store_id,
+                      event_types=event_types)
 
     def listen(self, raw: Any) -> ListenConfig:
         s = self.section(raw, "listen", ("http", "socket", "socket_mode", "token", "max_body_size", "max_depth",
@@ -352,7 +345,7 @@ class _Parser(Reader):
             endpoint=self.value(s, "endpoint", "tracing", http_url, d.endpoint, nullable=True),
             sampling_ratio=self.value(s, "sampling_ratio", "tracing", ratio, d.sampling_ratio, nullable=True),
             service_name=self.value(s, "service_name", "tracing", nonempty_string, d.service_name, nullable=True),
-            headers=self.value(s, "headers", "tracing", _header_pairs, d.headers),
+            headers=self.value(s, "headers", "tracing", header_pairs, d.headers),
             timeout=self.value(s, "timeout", "tracing", duration_range(0.1, 300.0), d.timeout))
 
     def delivery(self, raw: Any, path: str, base: DeliveryConfig) -> DeliveryConfig:
@@ -398,7 +391,18 @@ class _Parser(Reader):
             max_cooldown=self.value(b, "max_cooldown", path, positive_duration, base.max_cooldown),
         )
 
-    def integrations(self, raw: Any, delivery: DeliveryConfig) -> tuple[Integration, ...]:
+    def event_types(self, raw: Any) -> tuple[str, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.error("event_types", "must be a list of event keys, e.g. [loyalty-points.created]")
+            return ()
+        for i, key in enumerate(raw):
+            if not isinstance(key, str) or not EVENT_KEY.fullmatch(key):
+                self.error(f"event_types[{i}]", f"{key!r} is not an event key (resource.action, lower case)")
+        return tuple(k for k in raw if isinstance(k, str))
+
+    def integrations(self, raw: Any, delivery: DeliveryConfig, catalogue: Catalogue) -> tuple[Integration, ...]:
         if raw is None:
             return ()
         if not isinstance(raw, list):
@@ -407,7 +411,7 @@ class _Parser(Reader):
         result: list[Integration] = []
         seen: dict[str, int] = {}
         for i, item in enumerate(raw):
-            integration = self.integration(item, f"integrations[{i}]", delivery)
+            integration = self.integration(item, f"integrations[{i}]", delivery, catalogue)
             if integration is None:
                 continue
             if integration.name in seen:
@@ -422,11 +426,12 @@ class _Parser(Reader):
                            f"{target!r} must name another integration of this file")
         return tuple(result)
 
-    def integration(self, raw: Any, path: str, delivery: DeliveryConfig) -> Integration | None:
+    def integration(self, raw: Any, path: str, delivery: DeliveryConfig, catalogue: Catalogue
+                    ) -> Integration | None:
         if not isinstance(raw, dict):
             self.error(path, "must be a mapping with name, integration_type, observes and configuration")
             return None
-        s = self.section(raw, path, ("name", "description", "enabled", "integration_type", "observes",
+        s = self.section(raw, path, ("name", "description", "enabled", "integration_type", "observes", "filter",
                                      "configuration", "delivery"))
         errors_before = len(self.errors)
         name = s.get("name")
@@ -439,7 +444,13 @@ class _Parser(Reader):
         if target is None:
             self.error(f"{path}.integration_type",
                        "required" if itype is None else f"{itype!r} is not one of {', '.join(targets.names())}")
-        observes = self.observes(s.get("observes"), f"{path}.observes")
+        observes = self.observes(s.get("observes"), f"{path}.observes", catalogue)
+        spec = s.get("filter")
+        if spec is not None:
+            try:
+                compile_filter(spec)
+            except FilterError as e:
+                self.error(f"{path}.filter" + (f".{e.path}" if e.path else ""), e.message)
         configuration = target.parse(self, s.get("configuration"), f"{path}.configuration") if target else None
         own_delivery = self.delivery(s.get("delivery"), f"{path}.delivery", delivery)
         description = self.value(s, "description", path, string, default(Integration, "description"))
@@ -447,9 +458,9 @@ class _Parser(Reader):
         if len(self.errors) > errors_before or configuration is None:
             return None
         return Integration(name=name, integration_type=itype, observes=observes, configuration=configuration,
-                           delivery=own_delivery, description=description, enabled=enabled)
+                           delivery=own_delivery, description=description, enabled=enabled, filter=spec)
 
-    def observes(self, raw: Any, path: str) -> tuple[str, ...]:
+    def observes(self, raw: Any, path: str, catalogue: Catalogue) -> tuple[str, ...]:
         if not isinstance(raw, list) or not raw:
             self.error(path, "required: a non-empty list of event keys, e.g. [order.paid, \"customer.*\"]")
             return ()
@@ -457,22 +468,17 @@ class _Parser(Reader):
             if not isinstance(pattern, str) or not is_observe_pattern(pattern):
                 self.error(f"{path}[{i}]", f"{pattern!r} is not an event key (order.paid), a wildcard "
                                            "(order.*) or *")
+            elif not catalogue.matches_any(pattern):
+                # A typo would match nothing, forever: say so now, with the closest known type.
+                suggestion = catalogue.suggest(pattern)
+                self.error(f"{path}[{i}]", f"{pattern!r} matches no known event type"
+                           + (f" (did you mean {suggestion}?)" if suggestion else "")
+                           + "; a type of your own goes under event_types: at the top of the file")
         return tuple(p for p in raw if isinstance(p, str))
 
 
 _SQLITE_KEYS = ("path", "synchronous", "file_mode")
 
-
-def _header_pairs(value: Any) -> tuple[tuple[str, str], ...]:
-    """A mapping of HTTP header names to values (strings)."""
-    if not isinstance(value, dict):
-        raise ValueError("must be a mapping of header names to values")
-    pairs = []
-    for name, text in value.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-            raise ValueError(f"{quoted(name)} is not an HTTP header name")
-        pairs.append((name, header_value(text)))
-    return tuple(pairs)
 _POSTGRES_KEYS = ("dsn", "schema", "pool", "lease")
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 

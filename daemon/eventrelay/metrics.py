@@ -60,16 +60,16 @@ class _DeliveryCollector:
         yield duration
 
 
-class _AcceptedCollector:
-    """eventrelay_events_accepted from plain counts, which ingest adds to for every request without the lock a
-    prometheus_client Counter takes for each."""
+class _EventCounts:
+    """A counter of events by type and listener from plain counts, which ingest adds to for every request
+    without the lock a prometheus_client Counter takes for each."""
 
-    def __init__(self, counts: dict[tuple[str, str], int]):
+    def __init__(self, name: str, documentation: str, counts: dict[tuple[str, str], int]):
+        self._name, self._documentation = name, documentation
         self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily("eventrelay_events_accepted", "Events accepted (stored and acknowledged)",
-                                     labels=["type", "listener"])
+        family = CounterMetricFamily(self._name, self._documentation, labels=["type", "listener"])
         for (event_type, listener), n in self._counts.items():
             family.add_metric([event_type, listener], n)
         yield family
@@ -80,7 +80,11 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         # (event type, listener) -> events accepted; added to on the event loop's thread, which renders /metrics
         self.events_accepted: dict[tuple[str, str], int] = {}
-        r.register(_AcceptedCollector(self.events_accepted))
+        r.register(_EventCounts("eventrelay_events_accepted", "Events accepted (stored and acknowledged)",
+                                self.events_accepted))
+        self.events_unrouted: dict[tuple[str, str], int] = {}  # of those, the ones no integration took
+        r.register(_EventCounts("eventrelay_events_unrouted", "Events accepted that no integration observes (or "
+                                "whose filters all refused them)", self.events_unrouted))
         self.connections_refused = Counter("eventrelay_connections_refused", "Connections turned away at "
                                            "listen.max_connections", ["listener"], registry=r)
         # By integration; kept across reloads, so the counters only ever grow.

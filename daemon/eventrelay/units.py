@@ -144,6 +144,24 @@ def header_value(value: Any) -> str:
     return text
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token
+
+
+def header_pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """A mapping of HTTP header names to values (strings)."""
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping of header names to values")
+    pairs = []
+    for name, text in value.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not an HTTP header name")
+        try:
+            pairs.append((name, header_value(text)))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return tuple(pairs)
+
+
 def file_mode(value: Any) -> int:
     # YAML reads 0660 as the decimal number 660 and 0o660 as a string; accept the forms people write.
     text = str(value)

@@ -20,6 +20,7 @@ import yaml
 from aiohttp import web
 
 from .. import __version__, codec
+from ..catalogue import ELASTIC_PATH
 from ..clock import iso_time, parse_time
 from ..events import EventError, parse_event
 from ..ingest.errors import error_response
@@ -78,6 +79,7 @@ class AdminApi:
         r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
         r.add_get("/v1/events/{id}", self.event)
         r.add_get("/v1/jobs", self.search)
+        r.add_get("/v1/event-types", self.event_types)
         r.add_get("/v1/tail", self.tail)
         r.add_get("/v1/attempts", self.attempt_log)
         r.add_get("/v1/logs", self.all_logs)
@@ -195,6 +197,16 @@ class AdminApi:
             shown.append({**(_job(job) or {}), "log": [_log(a) for a in attempts[-_EVENT_ATTEMPTS_MAX:]]})
         return _json({"data": {"id": event.id, "type": event.type, "accepted_at": iso_time(event.accepted_at),
                                "payload": codec.loads(event.payload.encode()), "jobs": shown}})
+
+    async def event_types(self, request: web.Request) -> web.Response:
+        """The event catalogue (Elastic Path's types, eventrelay's own and the config's `event_types`), each with
+        the integrations that observe it, enabled or not; alphabetical."""
+        config = self._view.config
+        catalogue = config.catalogue
+        return _json({"data": [
+            {"type": key, "source": _source(key),
+             "observed_by": [i.name for i in config.integrations if i.matcher.matches(key)]}
+            for key in sorted(catalogue.keys)]})
 
     async def search(self, request: web.Request) -> web.Response:
         """Jobs of every integration, newest first, filtered by `integration`, `state`, `type` and a time range
@@ -407,6 +419,12 @@ def _held(state: IntegrationState | None) -> dict[str, Any]:
             "paused_until": _iso_or_none(state.paused_until),
             "paused": {"at": iso_time(state.paused_at)} if state.paused_at is not None else None,
             "disabled": {"at": iso_time(disabled[0]), "reason": disabled[1]} if disabled else None}
+
+
+def _source(event_type: str) -> str:
+    if event_type.startswith("eventrelay."):
+        return "eventrelay"
+    return "elastic-path" if event_type in ELASTIC_PATH else "config"
 
 
 def _next_link(request: web.Request, cursor: int | None) -> str | None:

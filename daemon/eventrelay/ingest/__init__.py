@@ -22,10 +22,17 @@ class Router:
         # Integrations with per-resource ordering: the template of each job's ordering key.
         self._ordering = {i.name: i.delivery.ordering_key for i in self._integrations
                           if i.delivery.ordering == "per_resource"}
+        # Integrations with a filter on the events' content, evaluated for each event of a type they observe.
+        self._filters = {i.name: i.accepts for i in self._integrations if i.accepts is not None}
 
     def routes(self, event: Event) -> list[Route]:
-        """(integration, ordering key) for every integration that observes the event."""
+        """(integration, ordering key) for every integration that observes the event and whose filter, if it
+        has one, accepts it."""
         names = self.route(event.type)
+        if self._filters and names:
+            content = {"type": event.type, "data": event.data, "included": event.included}
+            filters = self._filters
+            names = tuple(n for n in names if n not in filters or filters[n](content))
         if not self._ordering:
             return [(name, None) for name in names]
         fields = {"id": event.id, "type": event.type, "data": event.data, "included": event.included}
@@ -50,6 +57,7 @@ class Ingestor:
         self.store = store
         self.router = router  # replaced whole by a reload
         self._accepted = metrics.events_accepted if metrics else None
+        self._unrouted = metrics.events_unrouted if metrics else None
         self._refused = metrics.connections_refused if metrics else None
 
     def refused_connection(self, listener: str) -> None:
@@ -59,11 +67,14 @@ class Ingestor:
 
     async def accept(self, events: Sequence[Event], listener: str) -> list[Accepted]:
         router = self.router  # one routing table for the whole request, even if a reload swaps it meanwhile
-        accepted = await self.store.ingest(events, [router.routes(e) for e in events])
-        counts = self._accepted
-        if counts is not None:
-            for event, result in zip(events, accepted):
+        routes = [router.routes(e) for e in events]
+        accepted = await self.store.ingest(events, routes)
+        counts, unrouted = self._accepted, self._unrouted
+        if counts is not None and unrouted is not None:
+            for event, result, routed in zip(events, accepted, routes):
                 if not result.duplicate:
                     key = (event.type, listener)
                     counts[key] = counts.get(key, 0) + 1
+                    if not routed:  # stored, and no integration wants it: a producer ahead of the config?
+                        unrouted[key] = unrouted.get(key, 0) + 1
         return accepted

@@ -85,6 +85,10 @@ class TargetType:
     url_fields: tuple[str, ...] = ()
     # Fields the YAML names differently, shown under the YAML's name, and only when set.
     shown_as: Mapping[str, str] = field(default_factory=dict)
+    # Fields the type shows in a form of its own (secrets inside them masked): `shown(config)` gives what
+    # stands in their place, {key: shown value}.
+    shown_fields: tuple[str, ...] = ()
+    shown: Callable[[Any], dict[str, Any]] | None = None
     # Its messages carry the context's event_source and store_id: a reload that changes either restarts
     # its dispatchers, so the messages sent afterwards carry the new values.
     uses_event_source: bool = False
