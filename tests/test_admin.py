@@ -54,7 +54,8 @@ async def test_status_and_integrations(start_daemon, receiver: Receiver) -> None
 
     status, body = await get(d, "/v1/integrations/erp")
     assert status == 200 and body["data"]["configuration"] == {"url": receiver.url, "secret_key": "****PSYQ",
-                                                               "send_resources": True}
+                                                               "send_resources": True, "headers": {}, "auth": None,
+                                                               "tls": None}
     status, body = await get(d, "/v1/integrations")
     assert [i["name"] for i in body["data"]] == ["erp", "off"] and "s3cret" not in str(body)
     status, body = await get(d, "/v1/integrations/nope")

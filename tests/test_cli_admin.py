@@ -932,7 +932,7 @@ async def test_a_token_the_broken_file_no_longer_gives_is_named_in_the_401_hint(
     assert await run("status") == 1
     err = capsys.readouterr().err
     assert "missing or wrong bearer token" in err
-    assert f"listen.token could not be read from {(tmp_path / 'config.yaml').resolve()}" in err
+    assert f"the admin token could not be read from {(tmp_path / 'config.yaml').resolve()}" in err
     assert await run("status", "--token", "t0ken") == 0
 
 

@@ -9,9 +9,11 @@ written once, on the dataclass fields.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import socket
+import ssl
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,8 +32,9 @@ from .units import (
     uri_reference,
 )
 
-__all__ = ["BreakerConfig", "Config", "ConfigError", "DeliveryConfig", "Integration", "ListenConfig", "LogConfig",
-           "PostgresConfig", "RetryConfig", "StorageConfig", "TracingConfig", "load", "mask", "mask_url", "parse"]
+__all__ = ["AuthConfig", "BreakerConfig", "Config", "ConfigError", "DeliveryConfig", "Integration", "ListenConfig",
+           "ListenTls", "LogConfig", "PostgresConfig", "RetryConfig", "StorageConfig", "TracingConfig", "load", "mask",
+           "mask_url", "parse"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_DATABASE = "./var/eventrelay.db"  # relative to the config file's folder
@@ -122,11 +125,30 @@ def _shown(value: Any, secret: bool, url: bool) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenTls:
+    """HTTPS for the listener: its certificate, and optionally a CA whose client certificates it requires."""
+
+    cert_file: Path
+    key_file: Path | None = None  # None: the key is in cert_file
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Who may do what on the HTTP listener (access.py). listen.token counts as an admin token."""
+
+    ingest_tokens: tuple[str, ...] = ()  # may send events, nothing else
+    admin_tokens: tuple[str, ...] = ()  # everything: events, the admin API, the console, /metrics
+    allow_unauthenticated: bool = False  # a listener beyond loopback without any token, on purpose
+
+
+@dataclass(frozen=True, slots=True)
 class ListenConfig:
     http: tuple[str, int] | None = ("127.0.0.1", 8787)
     socket: Path | None = None
     socket_mode: int = 0o660
     token: str | None = None
+    tls: ListenTls | None = None
     max_body_size: int = 1024 * 1024  # HTTP body, and socket line
     max_depth: int = 64  # JSON nesting
     max_connections: int = 1024  # open connections, on each listener
@@ -204,6 +226,7 @@ class Config:
     integrations: tuple[Integration, ...]
     shutdown_grace: float = 10.0
     log: LogConfig = LogConfig()
+    auth: AuthConfig = AuthConfig()
     tracing: TracingConfig = TracingConfig()
     event_types: tuple[str, ...] = ()  # declared beside Elastic Path's (catalogue.py)
     event_source: str = field(default_factory=_default_event_source)  # CloudEvents `source` of queue messages
@@ -216,6 +239,11 @@ class Config:
     @property
     def catalogue(self) -> Catalogue:
         return Catalogue(self.event_types)
+
+    @property
+    def admin_tokens(self) -> tuple[str, ...]:
+        """auth.admin_tokens, and listen.token (the short form of one admin token)."""
+        return self.auth.admin_tokens + ((self.listen.token,) if self.listen.token else ())
 
     def fingerprint(self) -> str:
         """A short hash of what daemons sharing a store must agree on (integrations, delivery, the queue
@@ -256,7 +284,7 @@ class _Parser(Reader):
 
     def config(self, raw: Any) -> Config | None:
         top = self.section(raw, "", ("listen", "storage", "delivery", "integrations", "shutdown_grace", "log",
-                                     "tracing", "event_source", "store_id", "event_types"))
+                                     "auth", "tracing", "event_source", "store_id", "event_types"))
         if raw is not None and not isinstance(raw, dict):
             return None
         listen = self.listen(top.get("listen"))
@@ -264,26 +292,30 @@ class _Parser(Reader):
         grace = self.value(top, "shutdown_grace", "", parse_duration, default(Config, "shutdown_grace"))
         log = self.log(top.get("log"))
         tracing = self.tracing(top.get("tracing"))
+        auth = self.auth(top.get("auth"), listen)
         delivery = self.delivery(top.get("delivery"), "delivery", DeliveryConfig())
         event_types = self.event_types(top.get("event_types"))
         integrations = self.integrations(top.get("integrations"), delivery, Catalogue(event_types))
         event_source = self.value(top, "event_source", "", uri_reference, default(Config, "event_source"))
         store_id = self.value(top, "store_id", "", header_value, default(Config, "store_id"), nullable=True)
         return Config(listen=listen, storage=storage, delivery=delivery, integrations=integrations,
-                      shutdown_grace=grace, log=log, tracing=tracing, event_source=event_source, store_id=store_id,
-                      event_types=event_types)
+                      shutdown_grace=grace, log=log, auth=auth, tracing=tracing, event_source=event_source,
+                      store_id=store_id, event_types=event_types)
 
     def listen(self, raw: Any) -> ListenConfig:
         s = self.section(raw, "listen", ("http", "socket", "socket_mode", "token", "max_body_size", "max_depth",
-                                         "max_connections", "idle_timeout", "request_timeout"))
+                                         "max_connections", "idle_timeout", "request_timeout", "tls"))
         d = ListenConfig()
         http = self.value(s, "http", "listen", host_port, d.http, nullable=True)
         sock = self.value(s, "socket", "listen", self.path, d.socket, nullable=True)
         token = self.value(s, "token", "listen", nonempty_string, d.token, nullable=True)
         if http is None and sock is None:
             self.error("listen", "both http and socket are disabled: producers could not reach the daemon")
+        tls = self.listen_tls(s.get("tls")) if s.get("tls") is not None else None
+        if tls is not None and http is None:
+            self.error("listen.tls", "goes with listen.http (it is for the HTTP listener)")
         return ListenConfig(
-            http=http, socket=sock, token=token,
+            http=http, socket=sock, token=token, tls=tls,
             socket_mode=self.value(s, "socket_mode", "listen", file_mode, d.socket_mode),
             max_body_size=self.value(s, "max_body_size", "listen", parse_size, d.max_body_size),
             max_depth=self.value(s, "max_depth", "listen", int_range(2, 10_000), d.max_depth),
@@ -335,6 +367,41 @@ class _Parser(Reader):
             level=self.value(s, "level", "log", choice("debug", "info", "warning", "error"), d.level),
             format=self.value(s, "format", "log", choice("auto", "json", "console"), d.format),
         )
+
+    def listen_tls(self, raw: Any) -> ListenTls | None:
+        s = self.section(raw, "listen.tls", ("cert_file", "key_file", "client_ca_file"))
+        cert = self.value(s, "cert_file", "listen.tls", self.existing_file, None)
+        if "cert_file" not in s:
+            self.error("listen.tls.cert_file", "required: the listener's certificate (PEM)")
+        tls = ListenTls(cert_file=cert, key_file=self.value(s, "key_file", "listen.tls", self.existing_file, None),
+                        client_ca_file=self.value(s, "client_ca_file", "listen.tls", self.existing_file, None)) \
+            if cert is not None else None
+        if tls is not None:
+            try:
+                server_context(tls)  # a certificate that does not match its key: say it now, not at the bind
+            except (ssl.SSLError, OSError) as e:
+                self.error("listen.tls", f"cannot be used: {e.strerror or e}")
+                return None
+        return tls
+
+    def auth(self, raw: Any, listen: ListenConfig) -> AuthConfig:
+        s = self.section(raw, "auth", ("ingest_tokens", "admin_tokens", "allow_unauthenticated"))
+        d = AuthConfig()
+        auth = AuthConfig(ingest_tokens=self.value(s, "ingest_tokens", "auth", _tokens, d.ingest_tokens),
+                          admin_tokens=self.value(s, "admin_tokens", "auth", _tokens, d.admin_tokens),
+                          allow_unauthenticated=self.value(s, "allow_unauthenticated", "auth", boolean,
+                                                           d.allow_unauthenticated))
+        every = auth.ingest_tokens + auth.admin_tokens + ((listen.token,) if listen.token else ())
+        if len(set(every)) < len(every):
+            self.error("auth", "a token is listed twice (or is both an ingest and an admin token): each token "
+                               "has one scope")
+        if listen.http is not None and not every and not auth.allow_unauthenticated and \
+                not is_loopback(listen.http[0]):
+            # Anyone who can reach that address could read payloads and replay: refuse unless said on purpose.
+            self.error("listen.http", f"{listen.http[0]} is reachable beyond this host and no token is set: set "
+                                      "auth.admin_tokens (and auth.ingest_tokens for producers), or "
+                                      "auth.allow_unauthenticated: true if that is really meant")
+        return auth
 
     def tracing(self, raw: Any) -> TracingConfig:
         s = self.section(raw, "tracing", ("enabled", "endpoint", "sampling_ratio", "service_name", "headers",
@@ -478,6 +545,38 @@ class _Parser(Reader):
 
 
 _SQLITE_KEYS = ("path", "synchronous", "file_mode")
+_MIN_TOKEN = 16  # characters: a token shorter than this can be guessed
+
+
+def _tokens(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValueError("must be a list of tokens (strings)")
+    tokens = tuple(t for t in value if t)  # an unset ${VAR} leaves an empty entry: not a token
+    for token in tokens:
+        if len(token) < _MIN_TOKEN or not token.isprintable() or token != token.strip():
+            raise ValueError(f"each token must be at least {_MIN_TOKEN} printable characters, without surrounding "
+                             "spaces (e.g. `openssl rand -hex 24`)")
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    """An address only this host can reach: 127.0.0.0/8, ::1 or localhost (not 0.0.0.0, which is every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def server_context(tls: ListenTls) -> ssl.SSLContext:
+    """The listener's TLS context; with client_ca_file, it requires a client certificate that CA signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    if tls.client_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(tls.client_ca_file))
+    return context
 
 _POSTGRES_KEYS = ("dsn", "schema", "pool", "lease")
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")

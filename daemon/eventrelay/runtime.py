@@ -325,7 +325,8 @@ class RuntimeFile:
     def _record(self, service: Running) -> Record:
         http = service.http_address
         socket = service.config.listen.socket
-        return Record(pid=os.getpid(), config=str(self._config), url=_callable_url(http),
+        return Record(pid=os.getpid(), config=str(self._config),
+                      url=_callable_url(http, service.config.listen.tls is not None),
                       http=_address(http), socket=os.path.abspath(socket) if socket else None, version=__version__,
                       started_at=iso_time(service.started_at), proc_start=proc_start(os.getpid()))
 
@@ -354,10 +355,11 @@ def _address(address: tuple[str, int] | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _callable_url(address: tuple[str, int] | None) -> str | None:
+def _callable_url(address: tuple[str, int] | None, tls: bool = False) -> str | None:
     if address is None:
         return None
     host, port = address
     # A wildcard is where the daemon listens, not an address to call: its loopback is.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

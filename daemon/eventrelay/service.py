@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from . import log as log_setup
 from .admin.api import AdminApi
 from .admin.view import IntegrationState
 from .aio import wait_event
-from .config import Config, Integration
+from .config import Config, Integration, is_loopback, server_context
 from .console import Console
 from .delivery import targets
 from .delivery.dispatcher import Dispatcher
@@ -86,6 +87,7 @@ class Service:
         self._ready = False
         self._runtime: RuntimeFile | None = None  # how `eventrelay` commands find this daemon
         self._tracing: Tracing | None = None  # OpenTelemetry, when the config turns it on
+        self._tls_context: ssl.SSLContext | None = None  # the HTTP listener's, while it serves HTTPS
 
     def request_reload(self) -> None:
         """SIGHUP: reload soon, in the service's own task. Requests arriving during a reload coalesce."""
@@ -325,7 +327,7 @@ class Service:
         if listen.socket is not None:
             self._socket = SocketIngest(self._ingestor, listen)
             await self._socket.start()
-        self._http = HttpIngest(self._ingestor, listen, self.is_ready, self._tracing)
+        self._http = HttpIngest(self._ingestor, config, self.is_ready, self._tracing)
         # aiohttp's keep-alive timeout also closes a connection that never sends a request.
         admin, console = AdminApi(self, self.store), Console(self._http.access)
 
@@ -344,12 +346,19 @@ class Service:
         self._http_cap.start()
         if listen.http is not None:
             await self._bind_http(listen.http)
+            if listen.tls is None and not is_loopback(listen.http[0]):
+                log.warning("the HTTP listener takes plain http:// beyond this host: tokens and events cross the "
+                            "network readable; set listen.tls (or put a TLS proxy in front)",
+                            http=_fmt_addr(listen.http))
 
     async def _bind_http(self, address: tuple[str, int]) -> None:
         # aiohttp's Server is the protocol factory, as its low-level server docs show; a site would not let
         # the connection cap stand in front of it.
         assert self._http_cap is not None
-        server = await asyncio.get_running_loop().create_server(self._http_cap, *address, backlog=128)
+        tls = self.config.listen.tls
+        self._tls_context = server_context(tls) if tls is not None else None
+        server = await asyncio.get_running_loop().create_server(self._http_cap, *address, backlog=128,
+                                                                ssl=self._tls_context)
         old, self._http_server = self._http_server, server
         if old is not None:
             old.close()  # stops accepting there; requests already inside are answered
@@ -480,18 +489,28 @@ class Service:
     async def _apply_listen(self, old: Config, new: Config, changes: list[str]) -> None:
         o, n = old.listen, new.listen
         assert self._http is not None and self._ingestor is not None
-        self._http.update(n)
+        self._http.update(new)
         if self._http_cap is not None:
             self._http_cap.limit = n.max_connections
             self._http_cap.request_timeout = n.request_timeout
-        if n.http != o.http:
+        rebind = n.http is not None and (n.tls is None) != (o.tls is None) or (
+            n.tls is not None and o.tls is not None and n.tls.client_ca_file != o.tls.client_ca_file)
+        if n.tls is not None and self._tls_context is not None and not rebind and n.http == o.http:
+            # Certificates renewed in place (certbot, say) are read again; new handshakes use them.
+            try:
+                self._tls_context.load_cert_chain(str(n.tls.cert_file), str(n.tls.key_file) if n.tls.key_file else None)
+                changes.append("listener certificate read again")
+            except (ssl.SSLError, OSError) as e:
+                log.error("cannot read the listener's certificate again; the one loaded before stays in use",
+                          error=str(e))
+        if n.http != o.http or rebind:
             if n.http is None:
                 if self._http_server is not None:
                     self._http_server.close()
                 self._http_server, self.http_address = None, None
             else:
                 await self._bind_http(n.http)
-            changes.append(f"http listener {_fmt_addr(n.http) or 'off'}")
+            changes.append(f"http listener {_fmt_addr(n.http) or 'off'}{' (TLS)' if n.tls else ''}")
         if n.socket != o.socket:
             # Bind the new socket before closing the old one: producers always have somewhere to send.
             fresh = None

@@ -71,7 +71,7 @@ async def test_without_a_session_only_the_login_form_and_the_assets_are_shown(d)
 
 async def test_a_wrong_token_is_refused_and_a_good_one_starts_a_session(d) -> None:
     answer = await login(d, "guess")
-    assert answer.status == 401 and "not the one in the daemon" in await answer.text()
+    assert answer.status == 401 and "not an admin token of the daemon" in await answer.text()
     assert "Set-Cookie" not in answer.headers
     answer = await login(d)
     assert answer.status == 303
@@ -114,8 +114,9 @@ async def test_state_changes_need_the_csrf_token_and_the_same_origin(d) -> None:
 async def test_sessions_end_on_logout_on_forgery_and_when_the_token_changes(d) -> None:
     cookie, _ = await session_of(d)
     value = cookie["Cookie"].split("=", 1)[1]
-    expires, nonce, signature = value.split(".")
-    for forged in (f"{int(expires) + 3600}.{nonce}.{signature}", f"{expires}.{nonce}x.{signature}", "1.2.3", "x"):
+    expires, nonce, token, signature = value.split(".")
+    for forged in (f"{int(expires) + 3600}.{nonce}.{token}.{signature}", f"{expires}.{nonce}x.{token}.{signature}",
+                   f"{expires}.{nonce}.000000000000.{signature}", "1.2.3.4", "x"):
         async with d.http.get(d.url + "/v1/status", headers={"Cookie": f"eventrelay_session={forged}"}) as r:
             assert r.status == 401, forged
     async with d.http.post(d.url + "/ui/logout", headers=cookie, allow_redirects=False) as r:

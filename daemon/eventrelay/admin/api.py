@@ -130,6 +130,9 @@ class AdminApi:
                            "at": iso_time(reload.at), "ok": reload.ok, "errors": list(reload.errors)}},
             "integrations": rows,
             "daemons": daemons,
+            # How many tokens of each scope, never the tokens; and whether the listener speaks TLS.
+            "access": {"ingest_tokens": len(view.config.auth.ingest_tokens),
+                       "admin_tokens": len(view.config.admin_tokens), "tls": view.config.listen.tls is not None},
         }})
 
     async def integrations(self, request: web.Request) -> web.Response:

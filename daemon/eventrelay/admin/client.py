@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ EXIT_INTERRUPTED = 130
 
 DEFAULT_CONFIG = "/etc/eventrelay/config.yaml"
 CONFIG_ENV = "EVENTRELAY_CONFIG"
+CLIENT_CERT_ENV, CLIENT_KEY_ENV = "EVENTRELAY_CLIENT_CERT", "EVENTRELAY_CLIENT_KEY"
 # A token on the command line is visible to every local user in `ps`; the environment is not.
 TOKEN_ENV = "EVENTRELAY_TOKEN"
 
@@ -78,8 +80,9 @@ class Target:
     url: str  # base URL without a trailing slash, e.g. http://127.0.0.1:8787
     token: str | None
     config: str | None = field(default=None, compare=False)  # the daemon's config file, when known
-    # Why listen.token could not be read from that file: said if the daemon then wants a token.
+    # Why the admin token could not be read from that file: said if the daemon then wants a token.
     token_problem: str | None = field(default=None, compare=False)
+    tls: config_module.ListenTls | None = field(default=None, compare=False)  # the listener's, when it has TLS
 
 
 def target_from(config_path: str | None, url: str | None, token: str | None) -> Target:
@@ -116,15 +119,17 @@ def _target_of(daemon: runtime.Record, token: str | None) -> Target:
     if daemon.url is None:
         raise UsageError(f"the daemon of {daemon.config} (pid {daemon.pid}) serves no HTTP, and the admin API "
                          "with it: set listen.http (e.g. 127.0.0.1:8787) and reload or restart it")
-    problem = None
-    if token is None:
-        # The file the daemon runs on, which may have been edited since: only `listen` matters, so a broken
-        # integration (the reason a reload failed, say) does not stop the command.
-        try:
-            token = _listen_section(daemon.config).token
-        except config_module.ConfigError as e:
-            problem = f"listen.token could not be read from {e.source}: {'; '.join(e.errors)}"
-    return Target(daemon.url, token or None, daemon.config, problem)
+    problem, tls = None, None
+    # The file the daemon runs on, which may have been edited since: only `listen` and `auth` matter, so a broken
+    # integration (the reason a reload failed, say) does not stop the command.
+    try:
+        sections = _access_sections(daemon.config)
+        tls = sections.listen.tls
+        if token is None:
+            token = _admin_token(sections)
+    except config_module.ConfigError as e:
+        problem = f"the admin token could not be read from {e.source}: {'; '.join(e.errors)}"
+    return Target(daemon.url, token or None, daemon.config, problem, tls)
 
 
 def _target_from_config(config_path: str | None, url: str | None, token: str | None,
@@ -134,7 +139,8 @@ def _target_from_config(config_path: str | None, url: str | None, token: str | N
     path = config_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     tried = f"\n{lookup.tried()}" if lookup is not None else ""
     try:
-        listen = _listen_section(path)
+        sections = _access_sections(path)
+        listen = sections.listen
     except config_module.ConfigError as e:
         if url is not None and not explicit:
             # --url alone: the file was only consulted for a token, and this host may not have one.
@@ -144,9 +150,9 @@ def _target_from_config(config_path: str | None, url: str | None, token: str | N
                          f"start it with `eventrelay run --config FILE`; if it runs, give its file with --config "
                          f"(or ${CONFIG_ENV}), or its address with --url") from None
     if token is None:
-        token = listen.token
+        token = _admin_token(sections)
     if url is not None:
-        return Target(_normalise_url(url), token or None, path)
+        return Target(_normalise_url(url), token or None, path, tls=listen.tls)
     if listen.http is None:
         raise UsageError(f"{path}: listen.http is null, so the daemon serves no HTTP and the admin API with it; "
                          "set listen.http (e.g. 127.0.0.1:8787) and restart it")
@@ -156,22 +162,33 @@ def _target_from_config(config_path: str | None, url: str | None, token: str | N
                          f"it took{tried}\npass --url with the port the daemon logged when it became ready")
     # A daemon listening on every address is reached on loopback: the wildcard is not an address to call.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return Target(f"http://{_bracket(host)}:{port}", token or None, path)
+    scheme = "https" if listen.tls is not None else "http"
+    return Target(f"{scheme}://{_bracket(host)}:{port}", token or None, path, tls=listen.tls)
+
+
+def _admin_token(config: config_module.Config) -> str | None:
+    tokens = config.admin_tokens
+    return tokens[0] if tokens else None
 
 
 def _listen_section(path: str) -> config_module.ListenConfig:
+    return _access_sections(path).listen
+
+
+def _access_sections(path: str) -> config_module.Config:
+    """The config at `path`, for its `listen` and `auth` sections (the address, the TLS and an admin token)."""
     try:
-        return config_module.load(path).listen
+        return config_module.load(path)
     except config_module.ConfigError as e:
         full_error = e
     # The daemon runs with secrets from its unit's EnvironmentFile, which an operator's shell lacks: an
-    # integration's ${AWS_SECRET} must not stop `eventrelay status`. Only `listen` matters here, so judge
-    # that section alone (with the same validation and ${VAR} expansion) before giving up.
+    # integration's ${AWS_SECRET} must not stop `eventrelay status`. Only `listen` and `auth` matter here, so
+    # judge those sections alone (with the same validation and ${VAR} expansion) before giving up.
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
-        listen = raw.get("listen") if isinstance(raw, dict) else None
-        return config_module.parse(yaml.safe_dump({"listen": listen}), source=Path(path)).listen
+        kept = {k: raw.get(k) for k in ("listen", "auth")} if isinstance(raw, dict) else {}
+        return config_module.parse(yaml.safe_dump(kept), source=Path(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise full_error from None
     except config_module.ConfigError as e:
@@ -194,6 +211,22 @@ def _bracket(host: str) -> str:
 
 # -- the HTTP client ---------------------------------------------------------------------------------------------
 
+def _tls_context(target: Target) -> ssl.SSLContext:
+    """For a daemon with listen.tls: its own certificate is what is trusted (the command reads the same file),
+    so a private CA or a self-signed certificate needs nothing more, and the name in it need not be the
+    loopback address called. A listener that requires client certificates gets the one in
+    $EVENTRELAY_CLIENT_CERT (and $EVENTRELAY_CLIENT_KEY)."""
+    if target.tls is None:
+        return ssl.create_default_context()  # --url https://…: the system's CAs
+    context = ssl.create_default_context(cafile=str(target.tls.cert_file))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the daemon's certificate itself is the anchor
+    context.check_hostname = False
+    cert = os.environ.get(CLIENT_CERT_ENV)
+    if cert:
+        context.load_cert_chain(cert, os.environ.get(CLIENT_KEY_ENV) or None)
+    return context
+
+
 class Client:
     """The daemon's admin API, one session for a command: `data` documents back, failures as AdminErrors."""
 
@@ -206,7 +239,8 @@ class Client:
         if self.target.token:
             headers["Authorization"] = f"Bearer {self.target.token}"
         # trust_env stays off: the daemon is local, and an HTTP proxy from the environment must not see the token.
-        self._session = aiohttp.ClientSession(timeout=_TIMEOUT, headers=headers)
+        connector = aiohttp.TCPConnector(ssl=_tls_context(self.target)) if self.target.url.startswith("https") else None
+        self._session = aiohttp.ClientSession(timeout=_TIMEOUT, headers=headers, connector=connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

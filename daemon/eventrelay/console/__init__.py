@@ -62,11 +62,12 @@ class Console:
             return _to_console()
         form = await request.post()
         given = form.get("token")
-        if not isinstance(given, str) or not self._access.token_ok(given.strip()):
+        token = self._access.admin_token(given.strip()) if isinstance(given, str) else None
+        if token is None:
             await asyncio.sleep(_WRONG_TOKEN_DELAY)
-            return self._login_page("That token is not the one in the daemon's configuration (listen.token).",
-                                    status=401)
-        cookie, _ = self._access.start_session()
+            return self._login_page("That is not an admin token of the daemon's configuration (auth.admin_tokens "
+                                    "or listen.token).", status=401)
+        cookie, _ = self._access.start_session(token)
         response = _to_console()
         response.set_cookie(SESSION_COOKIE, cookie, max_age=int(SESSION_TTL), path="/", httponly=True,
                             samesite="Strict", secure=secure_request(request))

@@ -12,8 +12,8 @@ from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .. import aio, codec
-from ..access import Access
-from ..config import ListenConfig
+from ..access import INGEST, Access
+from ..config import Config
 from ..events import EventError, parse_event
 from ..store import StoreError
 from ..text import one_line, shorten
@@ -349,17 +349,18 @@ def _unreadable(e: _UnreadableBody) -> web.Response:
 
 
 class HttpIngest:
-    def __init__(self, ingestor: Ingestor, listen: ListenConfig, ready: Callable[[], Awaitable[bool]],
+    def __init__(self, ingestor: Ingestor, config: Config, ready: Callable[[], Awaitable[bool]],
                  tracing: Tracing | None = None):
         self._ingestor = ingestor
         self._ready = ready
         self._tracing = tracing
-        self.access = Access(listen.token)  # the admin API and the console answer to it too
-        self.update(listen)
+        self.access = Access()  # the admin API and the console answer to it too
+        self.update(config)
 
-    def update(self, listen: ListenConfig) -> None:
-        """Apply a reloaded listen section without rebinding the socket."""
-        self.access.update(listen.token)
+    def update(self, config: Config) -> None:
+        """Apply a reloaded configuration (listen and auth) without rebinding the socket."""
+        listen = config.listen
+        self.access.update(config.auth.ingest_tokens, config.admin_tokens)
         self._max_body_size = listen.max_body_size
         self._max_depth = listen.max_depth
 
@@ -434,7 +435,7 @@ class HttpIngest:
 
     async def _answer(self, request: web.Request, context: tuple[str, str | None] | None,
                       span: IngestSpan | None = None) -> web.Response:
-        if (denied := self.access.denied(request)) is not None:
+        if (denied := self.access.denied(request, INGEST)) is not None:
             return denied
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
             return error_response(415, f"Content-Type must be application/json, got {request.content_type!r}")
