@@ -192,8 +192,8 @@ async def test_a_copied_store_reads_the_same_and_a_daemon_on_postgresql_carries_
     done = await migrate_in_thread("--from", f"sqlite:{sqlite_path}", "--to", postgres_dsn)
     assert done.returncode == 0, done.stderr
     assert_no_password(done, postgres_dsn)
-    copied = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in done.stdout.splitlines()[2:8]}
-    assert copied.keys() == {"events", "jobs", "attempts", "integration_state", "outcome_minutes", "total"}
+    copied = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in done.stdout.splitlines()[2:9]}
+    assert copied.keys() == {"events", "jobs", "attempts", "integration_state", "outcome_minutes", "audit", "total"}
     assert (copied["events"], copied["jobs"], copied["attempts"], copied["integration_state"]) == (
         30, 90, before["logs"][1], 1)
     assert copied["total"] == sum(n for table, n in copied.items() if table != "total")
@@ -287,9 +287,9 @@ async def test_no_daemon_can_start_on_the_file_during_the_copy(tmp_path: Path, p
     await fill(path)
     progress = _TriesToStartADaemon(path)
     copied = await migrate_store(path, postgres(postgres_dsn).postgresql, progress)
-    assert progress.lock_free == [False] * 5
+    assert progress.lock_free == [False] * 6  # after each table
     assert [(c.table, c.rows) for c in copied] == [("events", 3), ("jobs", 3), ("attempts", 0),
-                                                   ("integration_state", 0), ("outcome_minutes", 0)]
+                                                   ("integration_state", 0), ("outcome_minutes", 0), ("audit", 0)]
     store = await opened(open_stores, StorageConfig(path))  # free again once done
     assert await store.job_counts() == {("erp", JobState.PENDING): 3}
 

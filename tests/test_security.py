@@ -202,3 +202,39 @@ async def test_the_cli_reaches_a_tls_listener_with_the_admin_token_of_its_config
     assert done.returncode == 0, done.stderr
     assert "erp" in done.stdout
     assert d.service.http_address is not None
+
+
+async def test_every_operator_action_is_in_the_audit_log_with_who_did_it(start_daemon, receiver: Receiver) -> None:
+    from eventrelay.access import fingerprint
+
+    d = await start_daemon([webhook("erp", receiver.url)], auth={"ingest_tokens": [SHOP], "admin_tokens": [OPS]})
+    ops = {"Authorization": f"Bearer {OPS}"}
+    async with d.http.post(d.url + "/v1/events", json={"id": "o-1", "type": "order.paid", "data": {}},
+                           headers={"Authorization": f"Bearer {SHOP}"}) as r:
+        assert r.status == 202
+    job = (await d.jobs("erp"))[0].id
+    actions = [("pause", "/v1/integrations/erp/pause", None), ("resume", "/v1/integrations/erp/resume", None),
+               ("enable", "/v1/integrations/erp/enable", None),
+               ("close-circuit", "/v1/integrations/erp/close-circuit", None),
+               ("test", "/v1/integrations/erp/test", {}), ("retry", f"/v1/integrations/erp/jobs/{job}/retry", None),
+               ("replay", "/v1/integrations/erp/replay", {"state": "dead"}), ("reload", "/v1/reload", None)]
+    for _, path, body in actions:
+        async with d.http.post(d.url + path, json=body, headers=ops) as r:
+            assert r.status in (200, 202, 409), path  # retry of a delivered job is a 409: not done, not logged
+    async with d.http.post(d.url + "/v1/integrations/erp/pause", headers={"Authorization": f"Bearer {SHOP}"}) as r:
+        assert r.status == 403  # refused: nothing happened, nothing is logged
+    async with d.http.get(d.url + "/v1/audit?limit=100", headers=ops) as r:
+        entries = (await r.json())["data"]
+    done = [a for a, path, _ in actions if not (a == "retry" and (await d.job("o-1", "erp")).state == "delivered")]
+    assert [e["action"] for e in entries] == done[::-1]
+    pause = entries[-1]
+    assert (pause["target"], pause["scope"], pause["token"], pause["address"]) == (
+        "erp", "admin", fingerprint(OPS), "127.0.0.1")
+    assert OPS not in str(entries) and SHOP not in str(entries)
+    replay = next(e for e in entries if e["action"] == "replay")
+    assert replay["detail"].startswith('{"state": "dead"}') or '"state":"dead"' in replay["detail"]
+    async with d.http.get(d.url + "/v1/audit?limit=2", headers=ops) as r:
+        page = await r.json()
+    assert [e["action"] for e in page["data"]] == done[::-1][:2] and page["links"]["next"]
+    async with d.http.get(d.url + "/v1/audit", headers={"Authorization": f"Bearer {SHOP}"}) as r:
+        assert r.status == 403

@@ -12,7 +12,7 @@ import pytest
 
 from eventrelay.events import Event, parse_event
 from eventrelay.jobs import AttemptRecord, Job, JobState, Outcome
-from eventrelay.store import DEAD_LETTER_TYPE, JobSearch, LastAttempts, OutcomeCounts, Store, StoreError
+from eventrelay.store import DEAD_LETTER_TYPE, AuditEntry, JobSearch, LastAttempts, OutcomeCounts, Store, StoreError
 
 from ..conftest import wait_until
 from .conftest import FAR, R, Stores, ev
@@ -519,3 +519,22 @@ async def test_the_producers_trace_context_comes_back_with_each_claimed_job(stor
     assert [(j.event_id, j.traceparent, j.tracestate) for j in jobs] == [
         ("t1", traceparent, "shop=7,rojo=00f067aa0ba902b7"), ("evt-2", None, None)]
     assert [j.traceparent for j in await store.claim("b", FAR, limit=10)] == [traceparent]
+
+
+async def test_the_audit_log_keeps_actions_newest_first_and_is_pruned_with_the_attempts(store: Store) -> None:
+    now = time.time()
+    for i, action in enumerate(["pause", "resume", "replay"]):
+        await store.audit(AuditEntry(at=now - 10 + i, action=action, target="erp", scope="admin",
+                                     fingerprint="0123456789ab", address="127.0.0.1", detail=f"step {i}"))
+    await store.audit(AuditEntry(at=now - 7200, action="retry", target="erp/job 7", scope="open", fingerprint=None,
+                                 address=None))
+    log = await store.audit_log(None, 10)
+    assert [e.action for e in log] == ["retry", "replay", "resume", "pause"]  # by id: as they were written
+    replay = log[1]
+    assert (replay.target, replay.scope, replay.fingerprint, replay.address, replay.detail) == (
+        "erp", "admin", "0123456789ab", "127.0.0.1", "step 2")
+    assert [e.action for e in await store.audit_log(log[1].id, 10)] == ["resume", "pause"]
+    assert [e.action for e in await store.audit_log(None, 1)] == ["retry"]
+    while await store.prune(now - 3600, now - 3600):
+        pass
+    assert [e.action for e in await store.audit_log(None, 10)] == ["replay", "resume", "pause"]

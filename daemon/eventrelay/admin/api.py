@@ -13,21 +13,28 @@ import contextlib
 import re
 import time
 from importlib.resources import files
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
 import yaml
+import structlog
 from aiohttp import web
 
 from .. import __version__, codec
+from ..access import CALLER, OPEN, Caller
 from ..catalogue import ELASTIC_PATH
 from ..clock import iso_time, parse_time
 from ..events import EventError, parse_event
 from ..ingest.errors import error_response
 from ..jobs import JobState
 from ..metrics import CONTENT_TYPE
-from ..store import AttemptView, JobSearch, JobView, OutcomeCounts, Store
+from ..store import AttemptView, AuditEntry, JobSearch, JobView, OutcomeCounts, Store, StoreError
+from ..text import one_line
 from .view import IntegrationState, ServiceView
+
+log = structlog.get_logger(component="admin")
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 25
@@ -69,14 +76,16 @@ class AdminApi:
         r.add_get("/v1/integrations/{name}/jobs", self.jobs)
         r.add_get("/v1/integrations/{name}/logs", self.integration_logs)
         r.add_get("/v1/integrations/{name}/jobs/{job}/logs", self.job_logs)
-        r.add_post("/v1/integrations/{name}/jobs/{job}/retry", self.retry)
-        r.add_post("/v1/integrations/{name}/replay", self.replay)
-        r.add_post("/v1/integrations/{name}/enable", self.enable)
-        r.add_post("/v1/integrations/{name}/test", self.test_event)
+        audited = self._audited
+        r.add_post("/v1/integrations/{name}/jobs/{job}/retry", audited("retry", self.retry))
+        r.add_post("/v1/integrations/{name}/replay", audited("replay", self.replay))
+        r.add_post("/v1/integrations/{name}/enable", audited("enable", self.enable))
+        r.add_post("/v1/integrations/{name}/test", audited("test", self.test_event))
         r.add_get("/v1/integrations/{name}/chart", self.chart)
-        r.add_post("/v1/integrations/{name}/pause", self.pause)
-        r.add_post("/v1/integrations/{name}/resume", self.resume)
-        r.add_post("/v1/integrations/{name}/close-circuit", self.close_circuit)
+        r.add_post("/v1/integrations/{name}/pause", audited("pause", self.pause))
+        r.add_post("/v1/integrations/{name}/resume", audited("resume", self.resume))
+        r.add_post("/v1/integrations/{name}/close-circuit", audited("close-circuit", self.close_circuit))
+        r.add_get("/v1/audit", self.audit_log)
         r.add_get("/v1/events/{id}", self.event)
         r.add_get("/v1/jobs", self.search)
         r.add_get("/v1/event-types", self.event_types)
@@ -84,9 +93,46 @@ class AdminApi:
         r.add_get("/v1/attempts", self.attempt_log)
         r.add_get("/v1/logs", self.all_logs)
         r.add_get("/v1/jobs/orphaned", self.orphaned)
-        r.add_post("/v1/reload", self.reload)
+        r.add_post("/v1/reload", audited("reload", self.reload))
         r.add_get("/metrics", self.metrics)
         r.add_get("/openapi.json", self.openapi)  # ingest/http.py serves it without the token
+
+    # -- the audit log ---------------------------------------------------------------------------------------
+
+    def _audited(self, action: str, handler: Handler) -> Handler:
+        """`handler`, its successful calls kept in the audit log: who (the token's scope and fingerprint, the
+        address), what, on which integration or job, and what it came to."""
+        async def handle(request: web.Request) -> web.Response:
+            response = await handler(request)
+            if response.status < 400:
+                caller = request.get(CALLER) or Caller(OPEN, None)
+                name, job = request.match_info.get("name", ""), request.match_info.get("job")
+                entry = AuditEntry(at=time.time(), action=action, target=f"{name}/job {job}" if job else name,
+                                   scope=f"{caller.scope} (console)" if caller.session else caller.scope,
+                                   fingerprint=caller.fingerprint, address=request.remote,
+                                   detail=_audit_detail(await request.read(), response))
+                try:
+                    await self._store.audit(entry)
+                except StoreError as e:  # the action took place: say so, and that it went unrecorded
+                    log.error("an operator's action could not be written to the audit log", action=action,
+                              target=entry.target, error=str(e))
+            return response
+        return handle
+
+    async def audit_log(self, request: web.Request) -> web.Response:
+        """Operators' actions, newest first, a page at a time (`before`, `limit`)."""
+        q = request.query
+        limit, before = q.get("limit", str(DEFAULT_PAGE)), q.get("before")
+        if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
+            return error_response(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
+        if before is not None and not _whole(before):
+            return error_response(400, "before must be the `next` cursor of a previous page")
+        entries = await self._store.audit_log(int(before) if before is not None else None, int(limit))
+        following = entries[-1].id if len(entries) == int(limit) else None
+        return _json({"data": [{"id": str(e.id), "at": iso_time(e.at), "action": e.action, "target": e.target,
+                                "scope": e.scope, "token": e.fingerprint, "address": e.address, "detail": e.detail}
+                               for e in entries],
+                      "meta": {"next": following}, "links": {"next": _next_link(request, following)}})
 
     # -- status and integrations ---------------------------------------------------------------------------
 
@@ -422,6 +468,19 @@ def _held(state: IntegrationState | None) -> dict[str, Any]:
             "paused_until": _iso_or_none(state.paused_until),
             "paused": {"at": iso_time(state.paused_at)} if state.paused_at is not None else None,
             "disabled": {"at": iso_time(disabled[0]), "reason": disabled[1]} if disabled else None}
+
+
+def _audit_detail(body: bytes, response: web.Response) -> str | None:
+    """What was asked (the request's body) and what came of it (the answer's data), in one short line."""
+    asked = body.decode("utf-8", "replace").strip() if body else ""
+    answered = ""
+    if isinstance(response.body, bytes | bytearray):
+        try:
+            answered = codec.dumps(codec.loads(bytes(response.body)).get("data"))
+        except (ValueError, AttributeError):
+            answered = ""
+    text = " → ".join(part for part in (one_line(asked, 300), one_line(answered, 300)) if part)
+    return text or None
 
 
 def _source(event_type: str) -> str:

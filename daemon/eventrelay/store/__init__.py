@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .api import (DEAD_LETTER_TYPE, WATCHED_STATES, Accepted, AttemptView, DaemonView, JobSearch, JobState,
+from .api import (DEAD_LETTER_TYPE, WATCHED_STATES, Accepted, AttemptView, AuditEntry, DaemonView, JobSearch, JobState,
                   JobView, LastAttempts, OutcomeCounts, Route, SearchPage, Store, StoredEvent, StoreError)
 
 if TYPE_CHECKING:
     from ..config import StorageConfig
 
-__all__ = ["DEAD_LETTER_TYPE", "WATCHED_STATES", "Accepted", "AttemptView", "DaemonView", "JobSearch", "JobState",
-           "JobView", "LastAttempts", "OutcomeCounts", "Route", "SearchPage", "Store", "StoreError", "StoredEvent",
-           "open_store"]
+__all__ = ["DEAD_LETTER_TYPE", "WATCHED_STATES", "Accepted", "AttemptView", "AuditEntry", "DaemonView", "JobSearch",
+           "JobState", "JobView", "LastAttempts", "OutcomeCounts", "Route", "SearchPage", "Store", "StoreError",
+           "StoredEvent", "open_store"]
 
 
 async def open_store(storage: StorageConfig, on_wait: Callable[[str, float], None] | None = None) -> Store:

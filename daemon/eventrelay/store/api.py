@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # the writer process imports this module too, and needs none 
     from ..events import Event
     from ..jobs import AttemptRecord, Job
 
-__all__ = ["DEAD_LETTER_TYPE", "SEARCH_SCAN", "Accepted", "AttemptView", "DaemonView", "JobSearch", "JobState",
-           "JobView", "LastAttempts", "OutcomeCounts", "Route", "SearchPage", "Store", "StoreError", "StoredEvent",
-           "WATCHED_STATES"]
+__all__ = ["DEAD_LETTER_TYPE", "SEARCH_SCAN", "Accepted", "AttemptView", "AuditEntry", "DaemonView", "JobSearch",
+           "JobState", "JobView", "LastAttempts", "OutcomeCounts", "Route", "SearchPage", "Store", "StoreError",
+           "StoredEvent", "WATCHED_STATES"]
 
 Route = tuple[str, str | None]  # an integration to queue an event for, and the job's ordering key (or None)
 
@@ -139,6 +139,20 @@ class SearchPage(NamedTuple):
 SEARCH_SCAN = 20_000
 # The most attempts `durations` reads: latency percentiles come from a bounded sample.
 DURATIONS_SAMPLE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """An operator's state-changing action, as the audit log keeps it."""
+
+    at: float  # unix seconds
+    action: str  # retry, replay, enable, pause, resume, close-circuit, test, reload
+    target: str  # the integration (and job) acted on, or "" for the whole daemon
+    scope: str  # of the caller: admin, or open (no token is configured)
+    fingerprint: str | None  # of the caller's token (access.fingerprint), never the token
+    address: str | None  # the caller's address
+    detail: str | None = None  # what was asked and what came of it, in a line
+    id: int = 0  # given by the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +314,12 @@ class Store(Protocol):
 
     # -- admin writes -----------------------------------------------------------------------------------------
 
+    async def audit(self, entry: AuditEntry) -> None:
+        """Keep an operator's action in the audit log (pruned with the attempt log's retention)."""
+
+    async def audit_log(self, before: int | None, limit: int) -> list[AuditEntry]:
+        """The audit log newest first, before the entry `before` (None: the latest); at most `limit`."""
+
     async def retry(self, integration: str, job_id: int) -> JobState | None:
         """Make a pending or dead job due now, with a fresh max_age window. Returns the state the job had
         (a delivered job is left alone: replay is for that); None if the integration has no such job."""
@@ -315,5 +335,5 @@ class Store(Protocol):
     async def prune(self, delivered_before: float, dead_before: float, batch: int = 1000) -> int:
         """Delete one batch of finished jobs past their retention (delivered ones last updated before
         `delivered_before`, dead ones before `dead_before`), their attempts, the events nothing needs any
-        more, and outcome counts older than `delivered_before`. A short operation, so ingest never waits
-        long: call again until it returns 0. Returns how many rows went."""
+        more, and outcome counts and audit entries older than `delivered_before`. A short operation, so
+        ingest never waits long: call again until it returns 0. Returns how many rows went."""

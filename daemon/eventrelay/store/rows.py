@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..jobs import JobState
-from .api import AttemptView, JobView, Route
+from .api import AttemptView, AuditEntry, JobView, Route
 
 if TYPE_CHECKING:
     from ..events import Event
@@ -36,7 +36,8 @@ JOB_COLUMNS = ("j.id, j.integration, e.id, e.type, j.state, j.attempts, j.create
 ATTEMPT_COLUMNS = "id, job_id, integration, attempt, succeeded, created_at, duration, status_code, error_detail, body"
 # An attempt with its event's id and type, of `attempts a JOIN jobs j JOIN events e`: a live tail's line.
 TAIL_COLUMNS = ", ".join(f"a.{c}" for c in ATTEMPT_COLUMNS.split(", ")) + ", e.id, e.type"
-EVENT_COLUMNS = "id, type, payload, accepted_at"  # a StoredEvent's fields, in order
+EVENT_COLUMNS = "id, type, payload, accepted_at"
+AUDIT_COLUMNS = "id, at, action, target, scope, fingerprint, address, detail"  # a StoredEvent's fields, in order
 
 
 def job_view(r: Sequence[Any]) -> JobView:
@@ -50,3 +51,8 @@ def attempt_view(r: Sequence[Any]) -> AttemptView:
     return AttemptView(id=r[0], job_id=r[1], integration=r[2], attempt=r[3], succeeded=bool(r[4]), created_at=r[5],
                        duration=r[6], status_code=r[7], error_detail=r[8], body=r[9],
                        event_id=r[10] if len(r) > 10 else None, event_type=r[11] if len(r) > 11 else None)
+
+
+def audit_entry(r: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(id=r[0], at=r[1], action=r[2], target=r[3], scope=r[4], fingerprint=r[5], address=r[6],
+                      detail=r[7])

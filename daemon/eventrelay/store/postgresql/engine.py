@@ -20,8 +20,8 @@ from ...aio import Backoff, cancel, wait_event
 from ...config import PostgresConfig
 from ...events import Event
 from ...jobs import AttemptRecord, Job, JobState
-from ..api import (DURATIONS_SAMPLE, SEARCH_SCAN, WATCHED_STATES, Accepted, AttemptView, DaemonView, JobSearch, JobView,
-                   LastAttempts, OutcomeCounts, Route, SearchPage, StoredEvent, StoreError)
+from ..api import (DURATIONS_SAMPLE, SEARCH_SCAN, WATCHED_STATES, Accepted, AttemptView, AuditEntry, DaemonView,
+                   JobSearch, JobView, LastAttempts, OutcomeCounts, Route, SearchPage, StoredEvent, StoreError)
 from ..identity import Identity
 from ..rows import EventRow, event_rows
 from . import schema
@@ -388,6 +388,13 @@ class PostgresStore:
     async def paused(self) -> dict[str, float]:
         return await self._reads.paused()
 
+    async def audit(self, entry: AuditEntry) -> None:
+        await self._run("cannot write the audit log", self._pool.execute, self._sql.audit, entry.at, entry.action,
+                        entry.target, entry.scope, entry.fingerprint, entry.address, entry.detail)
+
+    async def audit_log(self, before: int | None, limit: int) -> list[AuditEntry]:
+        return await self._reads.audit_log(before, limit)
+
     async def retry(self, integration: str, job_id: int) -> JobState | None:
         async with self._write("cannot retry the job") as db:
             state = await db.fetchval(self._sql.retry, job_id, integration, time.time())
@@ -423,6 +430,7 @@ class PostgresStore:
             if seqs:
                 deleted += int((await db.execute(self._sql.prune_events, seqs)).split()[-1])
             deleted += int((await db.execute(self._sql.prune_minutes, int(delivered_before // 60), batch)).split()[-1])
+            deleted += int((await db.execute(self._sql.prune_audit, delivered_before, batch)).split()[-1])
             deleted += int((await db.execute(self._sql.prune_unobserved, delivered_before, batch)).split()[-1])
         return deleted
 

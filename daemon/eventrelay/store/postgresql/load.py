@@ -20,7 +20,7 @@ from .writes import Statements
 # Every table of the store, as a daemon writes them, in the order they are loaded, with the column the
 # database numbers (GENERATED ALWAYS AS IDENTITY) where there is one.
 _TABLES: dict[str, str | None] = {"events": "seq", "jobs": "id", "attempts": "id", "integration_state": None,
-                                  "outcome_minutes": None}
+                                  "outcome_minutes": None, "audit": "id"}
 _LOCK_TIMEOUT = "10s"  # for the tables, which a daemon using the schema may hold for a moment
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from ...jobs import JobState
 from .. import search
-from ..api import AttemptView, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent
-from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view, job_view
+from ..api import AttemptView, AuditEntry, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent
+from ..rows import (ATTEMPT_COLUMNS, AUDIT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view,
+                    audit_entry, job_view)
 
 Fetch = Callable[..., Awaitable[list[Any]]]  # (sql, *args) -> rows, failures already StoreErrors
 
@@ -114,6 +115,12 @@ class Reads:
     def _tail(self) -> str:
         return (f"SELECT {TAIL_COLUMNS} FROM {self._s}.attempts a JOIN {self._s}.jobs j ON j.id = a.job_id "
                 f"JOIN {self._s}.events e ON e.seq = j.event_seq")
+
+    async def audit_log(self, before: int | None, limit: int) -> list[AuditEntry]:
+        clauses, args = _where(("id < $", before))
+        rows = await self._fetch(f"SELECT {AUDIT_COLUMNS} FROM {self._s}.audit {clauses} ORDER BY id DESC "
+                                 f"LIMIT ${len(args) + 1}", *args, limit)
+        return [audit_entry(r) for r in rows]
 
     async def durations(self, integration: str, since: float, limit: int) -> list[float]:
         rows = await self._fetch(

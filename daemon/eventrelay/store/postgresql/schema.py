@@ -105,6 +105,20 @@ MIGRATIONS: tuple[str, ...] = (
     -- The producer's W3C trace context, passed on to targets.
     ALTER TABLE {s}.events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
     """,
+    """
+    -- Operators' state-changing actions: who (a token's scope and fingerprint, an address), what, when.
+    CREATE TABLE {s}.audit (
+        id          bigserial PRIMARY KEY,
+        at          double precision NOT NULL,
+        action      text NOT NULL,
+        target      text NOT NULL,
+        scope       text NOT NULL,
+        fingerprint text,
+        address     text,
+        detail      text
+    );
+    CREATE INDEX audit_at ON {s}.audit (at);
+    """,
 )
 
 

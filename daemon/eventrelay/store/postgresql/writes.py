@@ -172,6 +172,10 @@ class Statements:
             DELETE FROM {s}.events WHERE seq IN (
                 SELECT seq FROM {s}.events e WHERE accepted_at < $1
                   AND NOT EXISTS (SELECT 1 FROM {s}.jobs WHERE event_seq = e.seq) ORDER BY seq LIMIT $2)"""
+        self.audit = f"""
+            INSERT INTO {s}.audit (at, action, target, scope, fingerprint, address, detail)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+        self.prune_audit = f"DELETE FROM {s}.audit WHERE id IN (SELECT id FROM {s}.audit WHERE at < $1 LIMIT $2)"
         self.prune_minutes = f"""
             DELETE FROM {s}.outcome_minutes WHERE (minute, integration) IN (
                 SELECT minute, integration FROM {s}.outcome_minutes WHERE minute < $1 LIMIT $2)"""

@@ -26,13 +26,13 @@ import structlog
 
 from ...events import Event
 from ...jobs import AttemptRecord, Job, JobState
-from ..api import (DURATIONS_SAMPLE, SEARCH_SCAN, WATCHED_STATES, Accepted, AttemptView, DaemonView, JobSearch, JobView,
-                   LastAttempts, OutcomeCounts, Route, SearchPage, StoredEvent, StoreError)
+from ..api import (DURATIONS_SAMPLE, SEARCH_SCAN, WATCHED_STATES, Accepted, AttemptView, AuditEntry, DaemonView,
+                   JobSearch, JobView, LastAttempts, OutcomeCounts, Route, SearchPage, StoredEvent, StoreError)
 from ..identity import Identity
 from ..rows import event_rows
 from . import files
 from .reads import Reads
-from .wire import ROW_OPS, Done, FrameReader, Op, Prune, Replay, Reply, Retry, SetDisabled, SetPaused, dumps, \
+from .wire import ROW_OPS, Audit, Done, FrameReader, Op, Prune, Replay, Reply, Retry, SetDisabled, SetPaused, dumps, \
     outcome_rows
 
 log = structlog.get_logger(component="store")
@@ -229,6 +229,13 @@ class SqliteStore:
 
     async def set_paused(self, name: str, paused: bool) -> None:
         await self._enqueue(Op.SET_PAUSED, tuple(SetPaused(name, paused)))
+
+    async def audit(self, entry: AuditEntry) -> None:
+        await self._enqueue(Op.AUDIT, tuple(Audit(entry.at, entry.action, entry.target, entry.scope,
+                                                  entry.fingerprint, entry.address, entry.detail)))
+
+    async def audit_log(self, before: int | None, limit: int) -> list[AuditEntry]:
+        return await self._reader.audit_log(before, limit)
 
     async def paused(self) -> dict[str, float]:
         return await self._reader.paused()

@@ -25,9 +25,10 @@ TABLES: dict[str, tuple[str, ...]] = {
                  "error_detail", "body"),
     "integration_state": ("name", "disabled_at", "disabled_reason", "paused_at"),
     "outcome_minutes": ("integration", "minute", "delivered", "failed", "dead"),
+    "audit": ("id", "at", "action", "target", "scope", "fingerprint", "address", "detail"),
 }
 _ORDER = {"events": "seq", "jobs": "id", "attempts": "id", "integration_state": "name",
-          "outcome_minutes": "minute, integration"}
+          "outcome_minutes": "minute, integration", "audit": "id"}
 _SUCCEEDED = TABLES["attempts"].index("succeeded")  # 0 or 1 here, a boolean in PostgreSQL
 
 BATCH = 5000  # rows per read: a few megabytes at most, whatever the size of the store

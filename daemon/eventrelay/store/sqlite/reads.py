@@ -13,9 +13,10 @@ import aiosqlite
 
 from ...jobs import Job, JobState
 from .. import search
-from ..api import (AttemptView, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent,
+from ..api import (AttemptView, AuditEntry, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent,
                    StoreError)
-from ..rows import ATTEMPT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view, job_view
+from ..rows import (ATTEMPT_COLUMNS, AUDIT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view,
+                    audit_entry, job_view)
 from .errors import read_failure
 
 # The claims' connection runs on the event loop's thread, so how long a busy database may stall it is
@@ -198,6 +199,12 @@ class Reads:
         clauses, params = _where(("a.integration = ?", integration), ("a.id < ?", before))
         rows = await self._fetch(f"{_TAIL} {clauses} ORDER BY a.id DESC LIMIT ?", (*params, limit))
         return [attempt_view(r) for r in rows]
+
+    async def audit_log(self, before: int | None, limit: int) -> list[AuditEntry]:
+        clauses, params = _where(("id < ?", before))
+        rows = await self._fetch(f"SELECT {AUDIT_COLUMNS} FROM audit {clauses} ORDER BY id DESC LIMIT ?",
+                                 (*params, limit))
+        return [audit_entry(r) for r in rows]
 
     async def durations(self, integration: str, since: float, limit: int) -> list[float]:
         rows = await self._fetch(

@@ -137,6 +137,20 @@ MIGRATIONS: tuple[str, ...] = (
             FROM json_each(NEW.routes) r;
     END;
     """,
+    """
+    -- Operators' state-changing actions: who (a token's scope and fingerprint, an address), what, when.
+    CREATE TABLE audit (
+        id          INTEGER PRIMARY KEY,
+        at          REAL    NOT NULL,
+        action      TEXT    NOT NULL,
+        target      TEXT    NOT NULL,
+        scope       TEXT    NOT NULL,
+        fingerprint TEXT,
+        address     TEXT,
+        detail      TEXT
+    );
+    CREATE INDEX audit_at ON audit (at);
+    """,
 )
 
 

@@ -70,6 +70,7 @@ class Op(IntEnum):
     VACUUM = 7  # items: None; run once the transaction has committed, outside any (what SQLite will not do
     #             inside one): hand the pages pruning freed back to the file system
     SET_PAUSED = 8  # items: SetPaused; result: None
+    AUDIT = 9  # items: Audit; result: None
 
 
 ROW_OPS = frozenset((Op.INGEST, Op.RECORD))  # operations whose items are rows (the rest count as one row)
@@ -121,6 +122,16 @@ class SetPaused(NamedTuple):
     paused: bool  # False: resumed
 
 
+class Audit(NamedTuple):
+    at: float
+    action: str
+    target: str
+    scope: str
+    fingerprint: str | None
+    address: str | None
+    detail: str | None
+
+
 class Retry(NamedTuple):
     integration: str
     job_id: int
@@ -142,7 +153,8 @@ class Prune(NamedTuple):
 
 
 ADMIN_WRITES: dict[Op, type[tuple[Any, ...]]] = {
-    Op.SET_DISABLED: SetDisabled, Op.SET_PAUSED: SetPaused, Op.RETRY: Retry, Op.REPLAY: Replay, Op.PRUNE: Prune}
+    Op.SET_DISABLED: SetDisabled, Op.SET_PAUSED: SetPaused, Op.RETRY: Retry, Op.REPLAY: Replay, Op.PRUNE: Prune,
+    Op.AUDIT: Audit}
 
 
 def operation(value: Sequence[Any]) -> Operation:

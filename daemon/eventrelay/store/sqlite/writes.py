@@ -16,7 +16,8 @@ from ..dead_letter import dead_letter_payload
 from . import schema
 from .errors import Failed, damaged, explain, is_storage_failure, looks_damaged
 from .schema import INGEST, OUTCOME, Insert, Log
-from .wire import ADMIN_WRITES, Done, Op, Operation, OutcomeRow, Prune, Replay, Retry, SetDisabled, SetPaused
+from .wire import (ADMIN_WRITES, Audit, Done, Op, Operation, OutcomeRow, Prune, Replay, Retry, SetDisabled,
+                   SetPaused)
 
 COUNTS_LINGER = 1.0  # seconds attempt counts may wait for a transaction to go with (Writer.write_counts)
 _ROWS_PER_STATEMENT = 500  # x at most 12 columns: well under SQLite's 32,766 bound parameters
@@ -44,7 +45,8 @@ class Writer:
         self._counts_written = 0.0
         self._counts_failing = False
         self._admin: dict[Op, Callable[[float, Any], AdminResult]] = {
-            Op.SET_DISABLED: self._set_disabled, Op.SET_PAUSED: self._set_paused, Op.RETRY: self._retry,
+            Op.SET_DISABLED: self._set_disabled, Op.SET_PAUSED: self._set_paused, Op.AUDIT: self._audit,
+            Op.RETRY: self._retry,
             Op.REPLAY: self._replay, Op.PRUNE: self._prune}
         assert self._admin.keys() == ADMIN_WRITES.keys()
 
@@ -256,6 +258,11 @@ class Writer:
             (args.name, now if args.paused else None))
         return None, ([] if args.paused else [args.name])
 
+    def _audit(self, now: float, args: Audit) -> AdminResult:
+        self._db.execute("INSERT INTO audit (at, action, target, scope, fingerprint, address, detail) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(args))
+        return None, ()
+
     def _retry(self, now: float, args: Retry) -> AdminResult:
         rows = self._db.execute("SELECT state FROM jobs WHERE id = ? AND integration = ?",
                                 (args.job_id, args.integration)).fetchall()
@@ -300,6 +307,8 @@ class Writer:
         deleted += db.execute(
             "DELETE FROM outcome_minutes WHERE (minute, integration) IN (SELECT minute, integration "
             "FROM outcome_minutes WHERE minute < ? LIMIT ?)", (int(args.delivered_before // 60), batch)).rowcount
+        deleted += db.execute("DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ? LIMIT ?)",
+                              (args.delivered_before, batch)).rowcount
         # Events no integration observed have no job to lead us to them: oldest first, by age.
         deleted += db.execute(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE accepted_at < ? AND NOT EXISTS "
