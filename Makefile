@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config.example.yaml
 
-.PHONY: run test services check-config bench clean
+.PHONY: run test services check-config bench clean deb
 
 # Running needs the daemon's own dependencies only; the test tools come with `make test`.
 $(VENV)/.installed: pyproject.toml
@@ -42,10 +42,20 @@ services:
 test: $(VENV)/.installed-test $(VENV)/wheelhouse/.built services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# dist/eventrelay_<version>-1_<arch>.deb: the daemon in a venv at /opt/eventrelay, the unit, its user, shell
+# completions (packaging/build-deb.sh says how). Offline but for the wheelhouse; dpkg-dev and lintian come from
+# apt (installed when root).
+$(VENV)/.installed-deb: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[deb]'
+	@touch $@
+
+deb: $(VENV)/.installed-deb $(VENV)/wheelhouse/.built
+	BUILD_PYTHON=$(PY) WHEELHOUSE=$(VENV)/wheelhouse sh packaging/build-deb.sh
+
 bench: $(VENV)/.installed-test
 	$(PY) bench/ingest.py
 	$(PY) bench/deliver.py
 	$(PY) bench/fanout.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache *.egg-info
+	rm -rf $(VENV) var .pytest_cache *.egg-info daemon/*.egg-info dist

@@ -2,7 +2,8 @@
 # Installs the system packages the tests need on Debian 12: ActiveMQ, RabbitMQ (with Erlang and epmd), a
 # headless JDK (the brokers, and the JMS consumer the tests compile), systemd's tools (the unit file is
 # checked with systemd-analyze), PostgreSQL's server binaries (the tests initdb clusters of their own) and
-# Chromium with its WebDriver (the console's browser tests drive Debian's own build: no browser download).
+# Chromium with its WebDriver (the console's browser tests drive Debian's own build: no browser download),
+# and dpkg-dev and lintian (the Debian package is built and checked).
 # Idempotent, and silent when everything is already there.
 #
 # The tests start their own brokers and databases in temp dirs, so apt must NOT start the packages' own
@@ -28,6 +29,9 @@ have_initdb() {  # any version: the tests use the newest /usr/lib/postgresql/<ve
 have_initdb || missing="$missing postgresql"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
+# The Debian package's build and check (packaging/build-deb.sh, tests/test_packaging.py).
+command -v dpkg-shlibdeps >/dev/null 2>&1 || missing="$missing dpkg-dev"
+command -v lintian >/dev/null 2>&1 || missing="$missing lintian"
 
 [ -z "$missing" ] && exit 0
 

@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `eventrelay` command line; the Debian package's shell completions are generated from it (shtab)."""
     parser = argparse.ArgumentParser(prog="eventrelay",
                                      description="Event delivery daemon: webhooks, SQS and STOMP, at least once.")
     parser.add_argument("--version", action="version", version=f"eventrelay {__version__}")
@@ -60,7 +61,23 @@ def _main(argv: Sequence[str] | None) -> int:
 
     admin_commands.add_commands(commands)
     migrate.add_command(commands)
+    _complete_file_names(parser)
+    return parser
 
+
+def _complete_file_names(parser: argparse.ArgumentParser) -> None:
+    """Options whose argument is a FILE complete file names in the shell. shtab reads the `complete`
+    attribute (the value of its shtab.FILE); argparse ignores it, so shtab stays a build-time tool."""
+    for action in parser._actions:
+        if action.metavar == "FILE":
+            action.complete = {"bash": "_shtab_compgen_files", "zsh": "_files"}  # type: ignore[attr-defined]
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _complete_file_names(subparser)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None):
         return args.func(args)
