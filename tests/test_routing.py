@@ -61,3 +61,56 @@ async def test_the_catalogue_lists_every_type_and_who_observes_it(start_daemon, 
                                                "observed_by": ["crm"]}
     assert types["cart.deleted"]["observed_by"] == []
     assert list(types) == sorted(types)
+
+
+def test_check_config_explains_where_an_event_would_go(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO, write_config
+
+    config = write_config(tmp_path, [webhook("big-orders", "http://127.0.0.1:9/a", filter={"data.total": {"$gte": 100}}),
+                                     webhook("all-orders", "http://127.0.0.1:9/b", observes=["order.*"]),
+                                     webhook("customers", "http://127.0.0.1:9/c", observes=["customer.*"]),
+                                     webhook("off", "http://127.0.0.1:9/d", enabled=False)])
+    event = tmp_path / "event.json"
+    event.write_text(json.dumps({"type": "order.paid", "data": {"total": 20}}))
+    done = subprocess.run([sys.executable, "-m", "eventrelay", "check-config", "--config", str(config), "--explain",
+                           str(event)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1:] == [
+        "order.paid:",
+        '  big-orders: no: its filter refuses it ({"data.total":{"$gte":100}})',
+        "  all-orders: yes",
+        "  customers: no: observes customer.*",
+        "  off: no: disabled in the configuration",
+        "reaches 1 integration(s)"]
+    event.write_text("{not json")
+    done = subprocess.run([sys.executable, "-m", "eventrelay", "check-config", "--config", str(config), "--explain",
+                           str(event)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 1 and str(event) in done.stderr
+
+
+async def test_the_cli_lists_the_catalogue_and_the_audit_log(start_daemon, receiver: Receiver, tmp_path: Path) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    d = await start_daemon([webhook("erp", receiver.url, observes=["order.paid"])])
+    async with d.http.post(d.url + "/v1/integrations/erp/pause") as r:
+        assert r.status == 200
+
+    def run(*argv: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "eventrelay", *argv, "--url", d.url], capture_output=True,
+                              text=True, timeout=60, cwd=REPO, env={**__import__("os").environ, "EVENTRELAY_TOKEN": ""})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    events = await asyncio.to_thread(run, "events")
+    assert "order.paid" in events and "erp" in events and "cart.updated" not in events
+    assert "cart.updated" in await asyncio.to_thread(run, "events", "--all")
+    audit = await asyncio.to_thread(run, "audit")
+    assert "pause" in audit and "erp" in audit and "open" in audit

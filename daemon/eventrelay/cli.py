@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
+from . import __version__, codec
 from . import config as config_module
 from . import log as log_setup
 from . import migrate
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("--config", "-c", metavar="FILE", help=config_help)
+    check.add_argument("--explain", metavar="EVENT.json",
+                       help="also say which integrations this event (a file, or - for stdin) would reach, and why")
 
     receive = commands.add_parser("receive", help="run a local test receiver that prints each webhook it gets")
     receive.add_argument("--host", default="127.0.0.1")
@@ -93,7 +95,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     path, why = config_path(args.config)
     if args.command == "check-config":
-        return check_config(path, why)
+        return check_config(path, why, args.explain)
     return run_daemon(path, why)
 
 
@@ -107,7 +109,7 @@ def config_path(given: str | None) -> tuple[str, str]:
     return admin_client.DEFAULT_CONFIG, f"the default, as neither --config nor ${admin_client.CONFIG_ENV} is set"
 
 
-def check_config(path: str, why: str = "--config") -> int:
+def check_config(path: str, why: str = "--config", explain: str | None = None) -> int:
     try:
         config = config_module.load(path)
     except config_module.ConfigError as e:
@@ -115,6 +117,35 @@ def check_config(path: str, why: str = "--config") -> int:
         return 1
     enabled = sum(i.enabled for i in config.integrations)
     print(f"{path}: OK, {len(config.integrations)} integration(s), {enabled} enabled")
+    return explain_event(config, explain) if explain is not None else 0
+
+
+def explain_event(config: config_module.Config, source: str) -> int:
+    """Which integrations an event would reach, and for each of the others the first reason why not."""
+    from .events import EventError, parse_event
+
+    try:
+        text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()  # noqa: SIM115
+        event = parse_event(codec.loads(text.encode()))
+    except (OSError, ValueError, EventError) as e:
+        print(f"eventrelay: {source}: {e}", file=sys.stderr)
+        return 1
+    content = {"type": event.type, "data": event.data, "included": event.included}
+    known = "" if config.catalogue.knows(event.type) else " (not in the catalogue: accepted, stored, counted unrouted)"
+    print(f"{event.type}{known}:")
+    reached = 0
+    for integration in config.integrations:
+        if not integration.enabled:
+            why = "no: disabled in the configuration"
+        elif not integration.matcher.matches(event.type):
+            why = f"no: observes {', '.join(integration.observes)}"
+        elif integration.accepts is not None and not integration.accepts(content):
+            why = f"no: its filter refuses it ({codec.dumps(integration.filter)})"
+        else:
+            why = "yes" + (", its filter accepts it" if integration.accepts is not None else "")
+            reached += 1
+        print(f"  {integration.name}: {why}")
+    print(f"reaches {reached} integration(s)")
     return 0
 
 

@@ -119,6 +119,10 @@ async def test_an_operator_finds_a_failed_delivery_retries_it_pauses_and_watches
         post_event(d.url, {"id": "order-1003", "type": "order.paid", "data": {"id": "1003"}})
         b.wait_for('#tail tr[data-event="order-1003"]')
         b.wait_until(lambda: "on" in b.wait_for("#live").get_attribute("class"))
+        # The audit log names what was done from the console, and by which kind of caller.
+        b.driver.find_element(By.ID, "nav-audit").click()
+        b.wait_text('#audit tr[data-action="pause"]', "admin (console)")
+        b.wait_for('#audit tr[data-action="retry"]')
 
     await in_browser(resume_and_tail, browser)
     status = (await (await d.http.get(d.url + "/v1/status", headers={"Authorization": f"Bearer {TOKEN}"})).json())

@@ -219,6 +219,40 @@ def cmd_event(args: argparse.Namespace) -> int:
     return with_daemon(args, show)
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    """The event catalogue and which integrations observe each type."""
+    async def show(client: Client, args: argparse.Namespace) -> int:
+        types = (await client.get("/v1/event-types"))["data"]
+        if args.json:
+            print_json(types)
+        else:
+            shown = [t for t in types if t["observed_by"] or args.all]
+            rows = [[t["type"], t["source"], ", ".join(t["observed_by"]) or "-"] for t in shown]
+            print(table(["TYPE", "FROM", "OBSERVED BY"], rows))
+            if not args.all:
+                print(f"({len(types) - len(shown)} more known types that no integration observes: --all lists them)")
+        return EXIT_OK
+
+    return with_daemon(args, show)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Operators' actions, newest first."""
+    async def show(client: Client, args: argparse.Namespace) -> int:
+        entries = (await client.get("/v1/audit", {"limit": str(args.limit)}))["data"]
+        if args.json:
+            print_json(entries)
+        elif not entries:
+            print("no operator action recorded (within the retention of the attempt log)")
+        else:
+            rows = [[e["at"], e["action"], e["target"] or "-", e["scope"], e["token"] or "-", e["address"] or "-",
+                     e["detail"] or ""] for e in entries]
+            print(table(["AT", "ACTION", "TARGET", "SCOPE", "TOKEN", "FROM", "DETAIL"], rows))
+        return EXIT_OK
+
+    return with_daemon(args, show)
+
+
 def _action(path: str, changed: Callable[[dict[str, Any]], bool], when_changed: str,
             unchanged: str) -> Callable[[argparse.Namespace], int]:
     """A command that POSTs an operator's action on one integration and says what it did: `when_changed` or
@@ -425,6 +459,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     logs.add_argument("--job", help="only this job's attempts, with answers shown whole")
     page(logs)
     logs.set_defaults(func=cmd_logs)
+
+    events = subparsers.add_parser("events", parents=[common],
+                                   help="the event types the daemon knows, and which integrations observe each")
+    events.add_argument("--all", action="store_true", help="also the types no integration observes")
+    events.set_defaults(func=cmd_events)
+
+    audit = subparsers.add_parser("audit", parents=[common],
+                                  help="operators' actions (retry, replay, pause, …): who, what, when")
+    audit.add_argument("--limit", type=_positive_int, default=25, help="entries shown, newest first (at most 100)")
+    audit.set_defaults(func=cmd_audit)
 
     event = subparsers.add_parser("event", parents=[common],
                                   help="one event by its id: its payload, and where it went, attempt by attempt")

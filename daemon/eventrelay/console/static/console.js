@@ -596,6 +596,31 @@ function integrationHead(name, row, refresh) {
       el('span', { class: 'muted' }, 'until'), until, replayButton));
 }
 
+// -- the audit log ----------------------------------------------------------------------------------------
+
+async function auditPage(main) {
+  const body = el('tbody');
+  const more = el('div', { class: 'more' });
+  show(main, el('h1', {}, 'Audit log'),
+    el('p', { class: 'muted' }, 'Operators\' actions, newest first: who (the token\'s scope and fingerprint, the '
+      + 'address), what, and what came of it.'),
+    el('table', { id: 'audit' }, el('thead', {}, el('tr', {},
+      ['Time', 'Action', 'Target', 'Scope', 'Token', 'From', 'Detail'].map((h) => el('th', {}, h)))), body), more);
+  let next = '/v1/audit?limit=50';
+  async function page() {
+    const answer = await api(next);
+    body.append(...answer.data.map((e) => el('tr', { 'data-action': e.action },
+      el('td', {}, when(e.at)), el('td', {}, badge(e.action, 'idle')),
+      el('td', {}, e.target ? el('a', { href: `#/integration/${enc(e.target.split('/')[0])}` }, e.target) : '—'),
+      el('td', {}, e.scope), el('td', { class: 'mono' }, e.token || '—'), el('td', {}, e.address || '—'),
+      el('td', { class: 'mono' }, e.detail || ''))));
+    next = answer.links.next;
+    show(more, next ? el('button', { type: 'button', onclick: page }, 'Older')
+      : el('span', { class: 'muted' }, body.rows.length ? '' : 'No action recorded yet.'));
+  }
+  await page();
+}
+
 // -- routing ----------------------------------------------------------------------------------------------
 
 const ROUTES = [
@@ -603,6 +628,7 @@ const ROUTES = [
   [/^#\/search(?:\?(.*))?$/, searchPage, 'nav-search'],
   [/^#\/event\/(.+)$/, eventPage, null],
   [/^#\/integration\/([^/?]+)$/, integrationPage, null],
+  [/^#\/audit$/, auditPage, 'nav-audit'],
 ];
 
 let current = null;
