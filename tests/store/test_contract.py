@@ -538,3 +538,13 @@ async def test_the_audit_log_keeps_actions_newest_first_and_is_pruned_with_the_a
     while await store.prune(now - 3600, now - 3600):
         pass
     assert [e.action for e in await store.audit_log(None, 10)] == ["replay", "resume", "pause"]
+
+
+async def test_the_backlog_is_counted_up_to_a_cap(store: Store) -> None:
+    await store.ingest([ev(i) for i in range(7)], [R("a")] * 6 + [R("b")])
+    await finish(store, JobState.DEAD, 2)
+    assert await store.backlog(["a", "b", "c"], cap=100) == {
+        ("a", JobState.PENDING): 4, ("a", JobState.DEAD): 2, ("b", JobState.PENDING): 1, ("b", JobState.DEAD): 0,
+        ("c", JobState.PENDING): 0, ("c", JobState.DEAD): 0}
+    capped = await store.backlog(["a"], cap=3)
+    assert capped == {("a", JobState.PENDING): 4, ("a", JobState.DEAD): 2}  # more than 3 reads as 4

@@ -37,6 +37,7 @@ log = structlog.get_logger(component="admin")
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 MAX_PAGE = 100
+COUNT_CAP = 100_000  # status counts each integration's pending and dead jobs up to this many
 DEFAULT_PAGE = 25
 
 TEST_EVENT_TYPE = "eventrelay.test"  # the type of a test event sent to one integration
@@ -138,7 +139,7 @@ class AdminApi:
 
     async def status(self, request: web.Request) -> web.Response:
         view = self._view
-        counts = await self._store.job_counts()
+        counts = await self._store.backlog([i.name for i in view.config.integrations], COUNT_CAP)
         last_hour = await self._store.outcomes_since(time.time() - 3600)
         rows = []
         for integration in view.config.integrations:
@@ -148,7 +149,10 @@ class AdminApi:
             hour = last_hour.get(name, OutcomeCounts())
             rows.append({
                 "name": name, "integration_type": integration.integration_type, "enabled": integration.enabled,
-                "pending": counts.get((name, JobState.PENDING), 0), "dead": counts.get((name, JobState.DEAD), 0),
+                "pending": min(pending := counts.get((name, JobState.PENDING), 0), COUNT_CAP),
+                "dead": min(dead := counts.get((name, JobState.DEAD), 0), COUNT_CAP),
+                # More than COUNT_CAP of either: the figure is that cap (counting further would scan the backlog).
+                "counts_capped": pending > COUNT_CAP or dead > COUNT_CAP,
                 "in_flight": state.in_flight if state else 0,
                 "delivered_last_hour": hour.delivered,
                 "failed_last_hour": hour.failed + hour.dead,

@@ -261,6 +261,10 @@ class Store(Protocol):
         """(integration, state) → number of jobs, for the states asked (by default pending and dead); pairs
         without jobs are left out."""
 
+    async def backlog(self, integrations: Sequence[str], cap: int) -> dict[tuple[str, JobState], int]:
+        """(integration, state) → pending and dead jobs of these integrations, each counted up to `cap` + 1 at
+        most (a bounded walk of an index, whatever the backlog): more than `cap` reads as `cap` + 1."""
+
     async def oldest_pending(self) -> dict[str, float]:
         """integration → when its oldest pending job was created."""
 

@@ -88,6 +88,9 @@ function ms(seconds) {
   return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : `${seconds.toFixed(2)} s`;
 }
 
+// A status count: counted up to 100,000 (counts_capped), then shown as "100,000+".
+function count(n, row) { return row.counts_capped && n >= 100000 ? `${num(n)}+` : num(n); }
+
 function num(n) { return n === null || n === undefined ? '—' : n.toLocaleString('en'); }
 
 function badge(text, kind = text) { return el('span', { class: `badge ${kind}` }, text); }
@@ -238,8 +241,8 @@ function integrationRow(row, configured, minutes) {
     el('td', { class: 'state' }, badge(word, kind === 'healthy' ? 'ok' : kind),
       row.circuit === 'half_open' ? badge('circuit half open', 'held') : null,
       heldUntil(row)),
-    el('td', { class: 'num pending' }, num(row.pending)),
-    el('td', { class: 'num dead' }, num(row.dead)),
+    el('td', { class: 'num pending' }, count(row.pending, row)),
+    el('td', { class: 'num dead' }, count(row.dead, row)),
     el('td', { class: 'num' }, num(row.delivered_last_hour)),
     el('td', { class: 'num' }, num(row.failed_last_hour)),
     el('td', { class: 'num' }, row.success_rate_last_hour === null ? '—' : `${(row.success_rate_last_hour * 100).toFixed(1)} %`),
@@ -586,7 +589,7 @@ function integrationHead(name, row, refresh) {
       el('dt', {}, 'State'), el('dd', {}, badge(word, kind === 'healthy' ? 'ok' : kind),
         row.paused ? el('span', { class: 'muted' }, ' since ', when(row.paused.at)) : null,
         row.circuit_open_until ? el('span', { class: 'muted' }, ' until ', when(row.circuit_open_until)) : null),
-      el('dt', {}, 'Pending / dead'), el('dd', {}, `${num(row.pending)} / ${num(row.dead)} · ${row.in_flight} in flight`),
+      el('dt', {}, 'Pending / dead'), el('dd', {}, `${count(row.pending, row)} / ${count(row.dead, row)} · ${row.in_flight} in flight`),
       el('dt', {}, 'Last hour'), el('dd', {}, `${num(row.delivered_last_hour)} delivered, ${num(row.failed_last_hour)} failed`
         + (latency ? ` · p50 ${ms(latency.p50)}, p99 ${ms(latency.p99)}` : '')),
       el('dt', {}, 'Last success'), el('dd', {}, when(row.last_success_at)),

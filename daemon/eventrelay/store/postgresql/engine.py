@@ -451,6 +451,9 @@ class PostgresStore:
     async def job_counts(self, states: Iterable[JobState] = WATCHED_STATES) -> dict[tuple[str, JobState], int]:
         return await self._reads.job_counts(states)
 
+    async def backlog(self, integrations: Sequence[str], cap: int) -> dict[tuple[str, JobState], int]:
+        return await self._reads.backlog(integrations, cap)
+
     async def oldest_pending(self) -> dict[str, float]:
         return await self._reads.oldest_pending()
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from ...jobs import JobState
 from .. import search
-from ..api import AttemptView, AuditEntry, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent
+from ..api import (WATCHED_STATES, AttemptView, AuditEntry, JobSearch, JobView, LastAttempts, OutcomeCounts,
+                   SearchPage, StoredEvent)
 from ..rows import (ATTEMPT_COLUMNS, AUDIT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view,
                     audit_entry, job_view)
 
@@ -40,6 +41,15 @@ class Reads:
                                  "WHERE state = ANY($1::text[]) GROUP BY integration, state", wanted)
         return {(r[0], JobState(r[1])): r[2] for r in rows}
 
+    async def backlog(self, integrations: Sequence[str], cap: int) -> dict[tuple[str, JobState], int]:
+        counts = {}
+        for name in integrations:
+            for state in WATCHED_STATES:
+                counts[(name, state)] = await self._scalar(
+                    f"SELECT count(*) FROM (SELECT 1 FROM {self._s}.jobs WHERE integration = $1 AND state = $2 "
+                    "LIMIT $3) capped", name, state.value, cap + 1)
+        return counts
+
     async def oldest_pending(self) -> dict[str, float]:
         rows = await self._fetch(f"SELECT integration, min(created_at) FROM {self._s}.jobs WHERE state = 'pending' "
                                  "GROUP BY integration")
@@ -61,10 +71,10 @@ class Reads:
         rows = await self._fetch(
             f"""SELECT s.created_at, f.created_at, f.error_detail FROM
                 (SELECT 1) one
-                LEFT JOIN LATERAL (SELECT created_at FROM {self._s}.attempts WHERE integration = $1 AND succeeded
-                                   ORDER BY id DESC LIMIT 1) s ON true
-                LEFT JOIN LATERAL (SELECT created_at, error_detail FROM {self._s}.attempts
-                                   WHERE integration = $1 AND NOT succeeded ORDER BY id DESC LIMIT 1) f ON true""",
+                LEFT JOIN LATERAL (SELECT created_at FROM {self._s}.attempts WHERE id = (
+                    SELECT max(id) FROM {self._s}.attempts WHERE integration = $1 AND succeeded)) s ON true
+                LEFT JOIN LATERAL (SELECT created_at, error_detail FROM {self._s}.attempts WHERE id = (
+                    SELECT max(id) FROM {self._s}.attempts WHERE integration = $1 AND NOT succeeded)) f ON true""",
             integration)
         success_at, failure_at, error = rows[0]
         return LastAttempts(success_at=success_at, failure_at=failure_at, failure_error=error)
@@ -107,9 +117,17 @@ class Reads:
         return [attempt_view(r) for r in rows]
 
     async def attempts_before(self, integration: str | None, before: int | None, limit: int) -> list[AttemptView]:
-        clauses, args = _where(("a.integration = $", integration), ("a.id < $", before))
-        rows = await self._fetch(f"{self._tail()} {clauses} ORDER BY a.id DESC LIMIT ${len(args) + 1}",
-                                 *args, limit)
+        if integration is None:
+            clauses, args = _where(("a.id < $", before))
+            rows = await self._fetch(f"{self._tail()} {clauses} ORDER BY a.id DESC LIMIT ${len(args) + 1}",
+                                     *args, limit)
+        else:
+            # The ids first, from attempts_integration alone: walking the primary key back and skipping other
+            # integrations' attempts takes long for an integration that has been quiet for hours.
+            rows = await self._fetch(
+                f"{self._tail()} WHERE a.id IN (SELECT id FROM {self._s}.attempts WHERE integration = $1 "
+                f"AND id < $2 ORDER BY id DESC LIMIT $3) ORDER BY a.id DESC", integration,
+                before if before is not None else _NO_CURSOR, limit)
         return [attempt_view(r) for r in rows]
 
     def _tail(self) -> str:
@@ -124,8 +142,8 @@ class Reads:
 
     async def durations(self, integration: str, since: float, limit: int) -> list[float]:
         rows = await self._fetch(
-            f"SELECT duration FROM (SELECT duration, created_at FROM {self._s}.attempts WHERE integration = $1 "
-            "ORDER BY id DESC LIMIT $2) latest WHERE created_at >= $3", integration, limit, since)
+            f"SELECT duration FROM {self._s}.attempts WHERE id IN (SELECT id FROM {self._s}.attempts "
+            "WHERE integration = $1 ORDER BY id DESC LIMIT $2) AND created_at >= $3", integration, limit, since)
         return [r[0] for r in rows]
 
     async def search(self, query: JobSearch, limit: int, scan_bound: int) -> SearchPage:
@@ -137,24 +155,34 @@ class Reads:
             before = start if before is None else min(before, start)
         args: list[Any] = []
         scan = self._scan(query, before, scan_bound, args)
+        n, floor, created = (await self._fetch(
+            f"SELECT s.n, s.floor, j.created_at FROM (SELECT count(*) n, min(id) floor FROM ({scan}) ids) s "
+            f"LEFT JOIN {self._s}.jobs j ON j.id = s.floor", *args))[0]
+        if not n:
+            return SearchPage([], None)
+        args = []
         filters = [(f"e.type = {_arg(args, query.event_type)}", query.event_type),
                    (f"j.created_at >= {_arg(args, query.since)}", query.since),
                    (f"j.created_at < {_arg(args, query.until)}", query.until),
-                   (f"j.state = {_arg(args, _state(query))}", query.state)]
+                   (f"j.state = {_arg(args, _state(query))}", query.state),
+                   (f"j.integration = {_arg(args, query.integration)}", query.integration)]
         clauses = " ".join(f"AND {clause}" for clause, value in filters if value is not None)
-        rows = [job_view(r) for r in await self._fetch(
-            f"SELECT {JOB_COLUMNS} FROM ({scan}) s JOIN {self._s}.jobs j ON j.id = s.id "
-            f"JOIN {self._s}.events e ON e.seq = j.event_seq WHERE true {clauses} "
-            f"ORDER BY j.id DESC LIMIT {_arg(args, limit + 1)}", *args)]
-        scanned = None
-        if len(rows) <= limit:
-            args = []
+        if query.integration is None or query.state is not None:
+            # The examined ids are one range of an index: read it newest first and stop at the page. Each
+            # job's event is looked up on its own (LATERAL … OFFSET 0), or the planner hashes every event.
+            low, high = _arg(args, floor), _arg(args, before if before is not None else _NO_CURSOR)
+            rows = await self._fetch(
+                f"SELECT {JOB_COLUMNS} FROM {self._s}.jobs j CROSS JOIN LATERAL (SELECT ev.id, ev.type FROM "
+                f"{self._s}.events ev WHERE ev.seq = j.event_seq OFFSET 0) e "
+                f"WHERE j.id >= {low} AND j.id < {high} {clauses} ORDER BY j.id DESC LIMIT {_arg(args, limit + 1)}",
+                *args)
+        else:
             scan = self._scan(query, before, scan_bound, args)
-            n, floor, created = (await self._fetch(
-                f"SELECT s.n, s.floor, j.created_at FROM (SELECT count(*) n, min(id) floor FROM ({scan}) ids) s "
-                f"LEFT JOIN {self._s}.jobs j ON j.id = s.floor", *args))[0]
-            scanned = (n, floor, created)
-        return search.page(rows, limit, query, scan_bound, scanned)
+            rows = await self._fetch(
+                f"SELECT {JOB_COLUMNS} FROM ({scan}) s JOIN {self._s}.jobs j ON j.id = s.id "
+                f"JOIN {self._s}.events e ON e.seq = j.event_seq WHERE true {clauses} "
+                f"ORDER BY j.id DESC LIMIT {_arg(args, limit + 1)}", *args)
+        return search.page([job_view(r) for r in rows], limit, query, scan_bound, (n, floor, created))
 
     def _scan(self, query: JobSearch, before: int | None, most: int, args: list[Any]) -> str:
         """The ids a search page examines, as the SQLite engine's `_scan` (the same indexes)."""

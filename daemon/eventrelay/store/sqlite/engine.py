@@ -372,6 +372,9 @@ class SqliteStore:
     async def job_counts(self, states: Iterable[JobState] = WATCHED_STATES) -> dict[tuple[str, JobState], int]:
         return await self._reader.job_counts(states)
 
+    async def backlog(self, integrations: Sequence[str], cap: int) -> dict[tuple[str, JobState], int]:
+        return await self._reader.backlog(integrations, cap)
+
     async def oldest_pending(self) -> dict[str, float]:
         return await self._reader.oldest_pending()
 

@@ -13,8 +13,8 @@ import aiosqlite
 
 from ...jobs import Job, JobState
 from .. import search
-from ..api import (AttemptView, AuditEntry, JobSearch, JobView, LastAttempts, OutcomeCounts, SearchPage, StoredEvent,
-                   StoreError)
+from ..api import (WATCHED_STATES, AttemptView, AuditEntry, JobSearch, JobView, LastAttempts, OutcomeCounts,
+                   SearchPage, StoredEvent, StoreError)
 from ..rows import (ATTEMPT_COLUMNS, AUDIT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, TAIL_COLUMNS, attempt_view,
                     audit_entry, job_view)
 from .errors import read_failure
@@ -137,6 +137,15 @@ class Reads:
             "GROUP BY integration, state", wanted)
         return {(r[0], JobState(r[1])): r[2] for r in rows}
 
+    async def backlog(self, integrations: Sequence[str], cap: int) -> dict[tuple[str, JobState], int]:
+        counts = {}
+        for name in integrations:
+            for state in WATCHED_STATES:
+                counts[(name, state)] = await self._scalar(
+                    "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE integration = ? AND state = ? LIMIT ?)",
+                    (name, state.value, cap + 1))
+        return counts
+
     async def oldest_pending(self) -> dict[str, float]:
         rows = await self._fetch(
             "SELECT integration, min(created_at) FROM jobs WHERE state = 'pending' GROUP BY integration")
@@ -215,22 +224,32 @@ class Reads:
     async def search(self, query: JobSearch, limit: int, scan_bound: int) -> SearchPage:
         before = query.before
         if query.until is not None:
-            bounds = (await self._fetch("SELECT min(id), max(id) FROM jobs"))[0]
+            # Two subqueries: SQLite finds a lone min() or max() in the index, not both in one scan.
+            bounds = (await self._fetch("SELECT (SELECT min(id) FROM jobs), (SELECT max(id) FROM jobs)"))[0]
             start = await search.scan_start(query.until, None if bounds[0] is None else bounds, self._created_from)
             before = start if before is None else min(before, start)
         scan, scan_params = _scan(query, before, scan_bound)
+        n, floor, created = (await self._fetch(
+            f"SELECT s.n, s.floor, j.created_at FROM (SELECT count(*) n, min(id) floor FROM ({scan})) s "
+            "LEFT JOIN jobs j ON j.id = s.floor", scan_params))[0]
+        if not n:
+            return SearchPage([], None)
         clauses, params = _where(("e.type = ?", query.event_type), ("j.created_at >= ?", query.since),
-                                 ("j.created_at < ?", query.until), ("j.state = ?", _state(query)))
-        rows = [job_view(r) for r in await self._fetch(
-            f"SELECT {JOB_COLUMNS} FROM ({scan}) s JOIN jobs j ON j.id = s.id JOIN events e ON e.seq = j.event_seq "
-            f"{clauses} ORDER BY j.id DESC LIMIT ?", (*scan_params, *params, limit + 1))]
-        scanned = None
-        if len(rows) <= limit:
-            n, floor, created = (await self._fetch(
-                f"SELECT s.n, s.floor, j.created_at FROM (SELECT count(*) n, min(id) floor FROM ({scan})) s "
-                "LEFT JOIN jobs j ON j.id = s.floor", scan_params))[0]
-            scanned = (n, floor, created)
-        return search.page(rows, limit, query, scan_bound, scanned)
+                                 ("j.created_at < ?", query.until), ("j.state = ?", _state(query)),
+                                 ("j.integration = ?", query.integration))
+        if query.integration is None or query.state is not None:
+            # The examined ids are one range of an index (the primary key, or jobs_state's for an integration
+            # and a state): read it newest first and stop at the page, rather than join and sort it all.
+            window = f"{'AND' if clauses else 'WHERE'} j.id >= ? AND j.id < ?"
+            rows = await self._fetch(
+                f"SELECT {JOB_COLUMNS} FROM jobs j JOIN events e ON e.seq = j.event_seq {clauses} {window} "
+                "ORDER BY j.id DESC LIMIT ?", (*params, floor, before if before is not None else _NO_CURSOR,
+                                                limit + 1))
+        else:
+            rows = await self._fetch(
+                f"SELECT {JOB_COLUMNS} FROM ({scan}) s JOIN jobs j ON j.id = s.id JOIN events e ON e.seq = j.event_seq "
+                f"{clauses} ORDER BY j.id DESC LIMIT ?", (*scan_params, *params, limit + 1))
+        return search.page([job_view(r) for r in rows], limit, query, scan_bound, (n, floor, created))
 
     async def _created_from(self, job_id: int) -> float | None:
         return await self._scalar("SELECT created_at FROM jobs WHERE id >= ? ORDER BY id LIMIT 1", (job_id,))
