@@ -238,3 +238,14 @@ async def test_every_operator_action_is_in_the_audit_log_with_who_did_it(start_d
     assert [e["action"] for e in page["data"]] == done[::-1][:2] and page["links"]["next"]
     async with d.http.get(d.url + "/v1/audit", headers={"Authorization": f"Bearer {SHOP}"}) as r:
         assert r.status == 403
+
+
+async def test_plain_http_beyond_loopback_is_warned_about_at_start(start_daemon, receiver: Receiver,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)], listen={"http": f"0.0.0.0:{free_port()}"},
+                           auth={"admin_tokens": [OPS]})
+    assert "the HTTP listener takes plain http:// beyond this host" in capsys.readouterr().out
+    d.stop.set()
+    await d.task
+    await start_daemon([webhook("erp", receiver.url)])  # 127.0.0.1: nothing to warn about
+    assert "plain http://" not in capsys.readouterr().out
