@@ -122,14 +122,12 @@ class AdminApi:
 
     async def audit_log(self, request: web.Request) -> web.Response:
         """Operators' actions, newest first, a page at a time (`before`, `limit`)."""
-        q = request.query
-        limit, before = q.get("limit", str(DEFAULT_PAGE)), q.get("before")
-        if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
-            return error_response(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
-        if before is not None and not _whole(before):
-            return error_response(400, "before must be the `next` cursor of a previous page")
-        entries = await self._store.audit_log(int(before) if before is not None else None, int(limit))
-        following = entries[-1].id if len(entries) == int(limit) else None
+        try:
+            limit, before = _cursor_page(request)
+        except ValueError as e:
+            return error_response(400, str(e))
+        entries = await self._store.audit_log(before, limit)
+        following = entries[-1].id if len(entries) == limit else None
         return _json({"data": [{"id": str(e.id), "at": iso_time(e.at), "action": e.action, "target": e.target,
                                 "scope": e.scope, "token": e.fingerprint, "address": e.address, "detail": e.detail}
                                for e in entries],
@@ -269,34 +267,25 @@ class AdminApi:
             state = q.get("state") or None
             if state is not None and state not in {s.value for s in JobState}:
                 raise ValueError(f"state must be pending, delivered or dead, not {state!r}")
-            limit = q.get("limit", str(DEFAULT_PAGE))
-            if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
-                raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}")
-            before = q.get("before")
-            if before is not None and not _whole(before):
-                raise ValueError("before must be the `next` cursor of a previous page")
+            limit, before = _cursor_page(request)
             query = JobSearch(integration=q.get("integration") or None, state=JobState(state) if state else None,
                               event_type=q.get("type") or None, since=_time(q.get("since") or None, "since"),
-                              until=_time(q.get("until") or None, "until"),
-                              before=int(before) if before is not None else None)
+                              until=_time(q.get("until") or None, "until"), before=before)
         except ValueError as e:
             return error_response(400, str(e))
-        page = await self._store.search(query, int(limit))
+        page = await self._store.search(query, limit)
         return _json({"data": [_job(j) for j in page.jobs], "meta": {"next": page.next},
                       "links": {"next": _next_link(request, page.next)}})
 
     async def attempt_log(self, request: web.Request) -> web.Response:
         """The attempt log newest first, of one `integration` or all, with each attempt's event, a page at a
         time: `links.next` goes on (a cursor, `before`), null at the end."""
-        q = request.query
-        limit, before = q.get("limit", str(DEFAULT_PAGE)), q.get("before")
-        if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
-            return error_response(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
-        if before is not None and not _whole(before):
-            return error_response(400, "before must be the `next` cursor of a previous page")
-        lines = await self._store.attempts_before(q.get("integration") or None,
-                                                  int(before) if before is not None else None, int(limit))
-        following = lines[-1].id if len(lines) == int(limit) else None
+        try:
+            limit, before = _cursor_page(request)
+        except ValueError as e:
+            return error_response(400, str(e))
+        lines = await self._store.attempts_before(request.query.get("integration") or None, before, limit)
+        following = lines[-1].id if len(lines) == limit else None
         return _json({"data": [_tail_line(a) for a in lines], "meta": {"next": following},
                       "links": {"next": _next_link(request, following)}})
 
@@ -491,6 +480,17 @@ def _source(event_type: str) -> str:
     if event_type.startswith("eventrelay."):
         return "eventrelay"
     return "elastic-path" if event_type in ELASTIC_PATH else "config"
+
+
+def _cursor_page(request: web.Request) -> tuple[int, int | None]:
+    """A cursor page's `limit` (1 to MAX_PAGE) and `before` (a previous page's `next`, or None); ValueError
+    says which is wrong."""
+    limit, before = request.query.get("limit", str(DEFAULT_PAGE)), request.query.get("before")
+    if not _whole(limit) or not 1 <= int(limit) <= MAX_PAGE:
+        raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}")
+    if before is not None and not _whole(before):
+        raise ValueError("before must be the `next` cursor of a previous page")
+    return int(limit), int(before) if before is not None else None
 
 
 def _next_link(request: web.Request, cursor: int | None) -> str | None:
