@@ -249,3 +249,49 @@ async def test_plain_http_beyond_loopback_is_warned_about_at_start(start_daemon,
     await d.task
     await start_daemon([webhook("erp", receiver.url)])  # 127.0.0.1: nothing to warn about
     assert "plain http://" not in capsys.readouterr().out
+
+
+async def test_an_ingest_token_may_send_a_body_announced_with_expect_100_continue(start_daemon,
+                                                                                  receiver: Receiver) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)], auth={"ingest_tokens": [SHOP], "admin_tokens": [OPS]})
+    # curl sends "Expect: 100-continue" above 1 KiB; those requests take the application's route.
+    big = {"type": "order.paid", "data": {"note": "x" * 4000}}
+    async with d.http.post(d.url + "/v1/events", json=big, expect100=True,
+                           headers={"Authorization": f"Bearer {SHOP}"}) as r:
+        assert r.status == 202, await r.text()
+
+
+async def test_a_login_form_larger_than_a_token_is_refused_before_it_is_read(start_daemon,
+                                                                            receiver: Receiver) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)], auth={"admin_tokens": [OPS]})
+    async with d.http.post(d.url + "/ui/login", data={"token": "x" * 100_000}, allow_redirects=False) as r:
+        assert r.status == 413
+
+
+async def test_an_open_listener_answers_only_to_its_own_names(start_daemon, receiver: Receiver) -> None:
+    # Without a token, a page whose host name was re-pointed at 127.0.0.1 (DNS rebinding) passes an origin
+    # check, so the Host must be one of the listener's.
+    d = await start_daemon([webhook("erp", receiver.url)])
+    port = d.service.http_address[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        async with d.http.get(d.url + "/v1/status", headers={"Host": host}) as r:
+            assert r.status == 200, host
+    async with d.http.get(d.url + "/v1/events/x", headers={"Host": f"evil.example:{port}"}) as r:
+        assert r.status == 403 and "does not name this listener" in (await r.json())["errors"][0]["detail"]
+    async with d.http.post(d.url + "/v1/integrations/erp/pause", headers={
+            "Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}) as r:
+        assert r.status == 403
+
+
+async def test_a_live_tail_ends_when_its_session_does(start_daemon, receiver: Receiver) -> None:
+    d = await start_daemon([webhook("erp", receiver.url)], auth={"admin_tokens": [OPS]})
+    jar = aiohttp.DummyCookieJar()
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.post(d.url + "/ui/login", data={"token": OPS}, allow_redirects=False) as r:
+            cookie = {"Cookie": r.headers["Set-Cookie"].split(";")[0]}
+        async with http.get(d.url + "/v1/tail", headers=cookie) as tail:
+            assert tail.status == 200
+            async with http.post(d.url + "/ui/logout", headers=cookie, allow_redirects=False) as r:
+                assert r.status == 303
+            async with asyncio.timeout(5):
+                await tail.content.read()  # the stream ends: the session did

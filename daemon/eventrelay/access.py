@@ -55,11 +55,16 @@ CALLER = web.RequestKey("caller", Caller)  # who a request is, once access is gr
 class Access:
     """The listener's access rules, updated on reload."""
 
-    def __init__(self, ingest_tokens: Sequence[str] = (), admin_tokens: Sequence[str] = ()):
+    def __init__(self, ingest_tokens: Sequence[str] = (), admin_tokens: Sequence[str] = (),
+                 open_hosts: frozenset[str] | None = None):
         self._logged_out: dict[str, float] = {}  # nonce -> when its session would have expired
-        self.update(ingest_tokens, admin_tokens)
+        self.update(ingest_tokens, admin_tokens, open_hosts)
 
-    def update(self, ingest_tokens: Sequence[str], admin_tokens: Sequence[str]) -> None:
+    def update(self, ingest_tokens: Sequence[str], admin_tokens: Sequence[str],
+               open_hosts: frozenset[str] | None = None) -> None:
+        """`open_hosts`: without tokens, the host names a request may name (loopback's, the listen address);
+        None lets any through (auth.allow_unauthenticated said so)."""
+        self._open_hosts = open_hosts
         self._tokens = [(t.encode(), INGEST) for t in ingest_tokens] + [(t.encode(), ADMIN) for t in admin_tokens]
         self._keys = {fingerprint(t): hmac.digest(t.encode(), b"eventrelay console session", "sha256")
                       for t in admin_tokens}  # fingerprint -> session key, per admin token
@@ -79,6 +84,10 @@ class Access:
         if (refused := self.denied_origin(request)) is not None:
             return refused
         if not self._tokens:
+            if self._open_hosts is not None and _host_name(request) not in self._open_hosts:
+                # A page whose name was re-pointed at 127.0.0.1 (DNS rebinding) would pass the origin check.
+                return error_response(403, f"Host {request.host!r} does not name this listener: call it by its "
+                                           "address or localhost (or set a token)")
             request[CALLER] = Caller(OPEN, None)
             return None
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -179,6 +188,16 @@ def _same_origin(request: web.BaseRequest) -> bool:
     if origin is None:
         return True
     return origin != "null" and urlsplit(origin).netloc.lower() == (request.host or "").lower()
+
+
+def _host_name(request: web.BaseRequest) -> str:
+    host = (request.host or "").lower()
+    if host.startswith("["):  # [::1]:8787
+        return host[1:host.find("]")]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _b64(raw: bytes) -> str:

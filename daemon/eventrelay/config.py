@@ -379,6 +379,8 @@ class _Parser(Reader):
         if tls is not None:
             try:
                 server_context(tls)  # a certificate that does not match its key: say it now, not at the bind
+            except PermissionError:
+                pass  # an operator's command reading the daemon's file, not its key: the daemon checks it
             except (ssl.SSLError, OSError) as e:
                 self.error("listen.tls", f"cannot be used: {e.strerror or e}")
                 return None

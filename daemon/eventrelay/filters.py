@@ -74,26 +74,24 @@ def _clause(key: Any, value: Any, at: str) -> Test:
     return lambda event: condition(_lookup(event, steps))
 
 
-def _path(key: str, at: str) -> tuple[str | int, ...]:
+def _path(key: str, at: str) -> tuple[str, ...]:
     parts = key.split(".")
     if parts[0] not in ROOTS:
         raise FilterError(at, f"a path starts with type, data or included, not {parts[0]!r}")
     if any(p == "" for p in parts):
         raise FilterError(at, "a path has no empty parts (data.status, not data..status)")
-    return tuple(int(p) if p.isdigit() else p for p in parts)
+    return tuple(parts)
 
 
-def _lookup(event: Mapping[str, Any], steps: tuple[str | int, ...]) -> Any:
+def _lookup(event: Mapping[str, Any], steps: tuple[str, ...]) -> Any:
     value: Any = event
     for step in steps:
-        if isinstance(step, int) and isinstance(value, list):
-            if step >= len(value):
-                return _MISSING
-            value = value[step]
-        elif isinstance(value, Mapping):
-            value = value.get(str(step), _MISSING)
+        if isinstance(value, Mapping):
+            value = value.get(step, _MISSING)
             if value is _MISSING:
                 return _MISSING
+        elif isinstance(value, list) and step.isascii() and step.isdigit() and int(step) < len(value):
+            value = value[int(step)]
         else:
             return _MISSING
     return value

@@ -329,7 +329,7 @@ class Service:
             await self._socket.start()
         self._http = HttpIngest(self._ingestor, config, self.is_ready, self._tracing)
         # aiohttp's keep-alive timeout also closes a connection that never sends a request.
-        admin, console = AdminApi(self, self.store), Console(self._http.access)
+        admin, console = AdminApi(self, self.store, self._http.access), Console(self._http.access)
 
         def routes(app: web.Application) -> None:
             admin.add_routes(app)
@@ -356,9 +356,13 @@ class Service:
         # the connection cap stand in front of it.
         assert self._http_cap is not None
         tls = self.config.listen.tls
-        self._tls_context = server_context(tls) if tls is not None else None
-        server = await asyncio.get_running_loop().create_server(self._http_cap, *address, backlog=128,
-                                                                ssl=self._tls_context)
+        context = server_context(tls) if tls is not None else None
+        # A TLS connection reaches the connection cap only once its handshake is done: bound the handshake
+        # by the time a whole request may take, so silent connections cannot hold descriptors for a minute.
+        server = await asyncio.get_running_loop().create_server(
+            self._http_cap, *address, backlog=128, ssl=context,
+            ssl_handshake_timeout=self.config.listen.request_timeout if context is not None else None)
+        self._tls_context = context
         old, self._http_server = self._http_server, server
         if old is not None:
             old.close()  # stops accepting there; requests already inside are answered
@@ -452,6 +456,13 @@ class Service:
         if new.tracing != old.tracing:
             log.warning("tracing settings take effect at the next restart")
             new = replace(new, tracing=old.tracing)
+        o_tls, n_tls = old.listen.tls, new.listen.tls
+        if (o_tls is None) != (n_tls is None) or (o_tls and n_tls and o_tls.client_ca_file != n_tls.client_ca_file):
+            # The listening socket keeps its TLS setup: binding a second one on the same address would fail.
+            log.warning("listen.tls switched on or off, or a new client_ca_file, takes effect at the next restart "
+                        "(certificates renewed at the same paths are read again now)")
+            new = replace(new, listen=replace(new.listen, tls=replace(n_tls, client_ca_file=o_tls.client_ca_file)
+                                              if o_tls and n_tls else o_tls))
         if new.listen.idle_timeout != old.listen.idle_timeout:
             # Like storage: the running value stays the one in force (and the one the status shows).
             log.warning("listen.idle_timeout takes effect at the next restart")
@@ -493,9 +504,7 @@ class Service:
         if self._http_cap is not None:
             self._http_cap.limit = n.max_connections
             self._http_cap.request_timeout = n.request_timeout
-        rebind = n.http is not None and (n.tls is None) != (o.tls is None) or (
-            n.tls is not None and o.tls is not None and n.tls.client_ca_file != o.tls.client_ca_file)
-        if n.tls is not None and self._tls_context is not None and not rebind and n.http == o.http:
+        if n.tls is not None and self._tls_context is not None and n.http == o.http:
             # Certificates renewed in place (certbot, say) are read again; new handshakes use them.
             try:
                 self._tls_context.load_cert_chain(str(n.tls.cert_file), str(n.tls.key_file) if n.tls.key_file else None)
@@ -503,7 +512,7 @@ class Service:
             except (ssl.SSLError, OSError) as e:
                 log.error("cannot read the listener's certificate again; the one loaded before stays in use",
                           error=str(e))
-        if n.http != o.http or rebind:
+        if n.http != o.http:
             if n.http is None:
                 if self._http_server is not None:
                     self._http_server.close()

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from .. import __version__, codec
-from ..access import CALLER, OPEN, Caller
+from ..access import CALLER, OPEN, Access, Caller
 from ..catalogue import ELASTIC_PATH
 from ..clock import iso_time, parse_time
 from ..events import EventError, parse_event
@@ -48,6 +48,7 @@ _TAIL_FIRST = 20  # attempts a new live tail starts with
 _TAIL_BATCH = 200  # attempts read at a time by a live tail
 _TAIL_POLL = 0.5  # seconds between a live tail's reads of the store
 _TAIL_KEEPALIVE = 15.0
+_TAIL_LOOKBACK = 500  # attempt ids a live tail on a shared store looks back for late commits
 _SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")  # unix seconds written out
 _MAX_INTEGER = 2**63 - 1  # ids, offsets and limits past this are refused: the databases' integers stop there
 
@@ -59,9 +60,10 @@ def _counts(counts: OutcomeCounts) -> dict[str, int]:
 class AdminApi:
     """The admin routes: they read the store and the service's view, and ask the view for operators' actions."""
 
-    def __init__(self, view: ServiceView, store: Store):
+    def __init__(self, view: ServiceView, store: Store, access: Access | None = None):
         self._view = view
         self._store = store
+        self._access = access  # asked again during a live tail: a session may end, a token be removed
         self._closed = asyncio.Event()  # the listener is closing: live tails end, so shutdown does not wait
         self._openapi: bytes | None = None  # GET /openapi.json's answer, made at the first request
 
@@ -306,11 +308,23 @@ class AdminApi:
             after = latest[0].id if latest else 0
             await response.write(_sse(latest[::-1]))
         quiet_since = time.monotonic()
+        started = after  # what came before this stream is the browser's already (or was never asked for)
+        sent: dict[int, None] = {}  # the latest ids written, oldest first (a shared store's late commits)
         while not self._closed.is_set():
+            if self._access is not None and self._access.denied(request) is not None:
+                break  # logged out, expired, or its token removed by a reload: the stream ends
             lines = await self._store.attempts_after(after, _TAIL_BATCH)
+            if self._store.shared and after:
+                # Daemons sharing a database take ids before they commit: an attempt with an id below the last
+                # one shown may appear a moment later. Look back a little for those.
+                window = await self._store.attempts_after(max(0, after - _TAIL_LOOKBACK), _TAIL_LOOKBACK)
+                lines = [a for a in window if started < a.id <= after and a.id not in sent] + lines
             if lines:
-                after = lines[-1].id
+                after = max(after, lines[-1].id)
                 await response.write(_sse(lines))
+                sent.update(dict.fromkeys(a.id for a in lines))
+                while len(sent) > 4 * _TAIL_LOOKBACK:
+                    del sent[next(iter(sent))]
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > _TAIL_KEEPALIVE:
                 await response.write(b": still here\n\n")

@@ -218,9 +218,17 @@ def _tls_context(target: Target) -> ssl.SSLContext:
     $EVENTRELAY_CLIENT_CERT (and $EVENTRELAY_CLIENT_KEY)."""
     if target.tls is None:
         return ssl.create_default_context()  # --url https://…: the system's CAs
-    context = ssl.create_default_context(cafile=str(target.tls.cert_file))
+    # The first certificate of the file is the daemon's own; a chain after it (fullchain.pem) is not trusted,
+    # or any certificate its public intermediate issued would be.
+    with open(target.tls.cert_file, encoding="ascii", errors="replace") as f:
+        pem = f.read()
+    end = pem.find("-----END CERTIFICATE-----")
+    start = pem.rfind("-----BEGIN CERTIFICATE-----", 0, end)
+    if start < 0 or end < 0:
+        raise UsageError(f"{target.tls.cert_file}: no PEM certificate to trust the daemon by")
+    context = ssl.create_default_context(cadata=pem[start:end + len("-----END CERTIFICATE-----")])
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the daemon's certificate itself is the anchor
-    context.check_hostname = False
+    context.check_hostname = False  # exactly that certificate, whatever name it carries (we call loopback)
     cert = os.environ.get(CLIENT_CERT_ENV)
     if cert:
         context.load_cert_chain(cert, os.environ.get(CLIENT_KEY_ENV) or None)

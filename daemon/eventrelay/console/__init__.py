@@ -25,6 +25,7 @@ PREFIX = "/ui"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+_LOGIN_BODY_MAX = 4096  # bytes of a login form at most
 _WRONG_TOKEN_DELAY = 0.5  # seconds before a wrong token is answered: guessing by the form is slow
 
 
@@ -60,6 +61,9 @@ class Console:
             return denied
         if self._access.open:
             return _to_console()
+        # Read before anyone logged in: a token fits in far less (the listener's own limit is for events).
+        if request.content_length is None or request.content_length > _LOGIN_BODY_MAX:
+            return self._login_page("The login form sends a token of a few hundred characters at most.", status=413)
         form = await request.post()
         given = form.get("token")
         token = self._access.admin_token(given.strip()) if isinstance(given, str) else None

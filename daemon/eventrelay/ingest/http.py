@@ -12,7 +12,7 @@ from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .. import aio, codec
-from ..access import INGEST, Access
+from ..access import INGEST, LOOPBACK_NAMES, Access
 from ..config import Config
 from ..events import EventError, parse_event
 from ..store import StoreError
@@ -360,7 +360,9 @@ class HttpIngest:
     def update(self, config: Config) -> None:
         """Apply a reloaded configuration (listen and auth) without rebinding the socket."""
         listen = config.listen
-        self.access.update(config.auth.ingest_tokens, config.admin_tokens)
+        open_hosts = None if config.auth.allow_unauthenticated else \
+            LOOPBACK_NAMES | ({listen.http[0].lower()} if listen.http else set())
+        self.access.update(config.auth.ingest_tokens, config.admin_tokens, open_hosts)
         self._max_body_size = listen.max_body_size
         self._max_depth = listen.max_depth
 
@@ -403,7 +405,10 @@ class HttpIngest:
         # Everything but the probes and the console needs the token: the admin API, /metrics, and events
         # (post_events checks it too, as serve_events_first brings it most requests without this middleware).
         # The console answers for its own pages: its login form is shown without one.
+        # POST /v1/events checks its own scope (ingest tokens may send events); it arrives here when the client
+        # asked for "100 Continue" (serve_events_first leaves those to the application).
         if (request.path not in _OPEN_PATHS and not request.path.startswith(CONSOLE_PREFIX)
+                and not (request.path == "/v1/events" and request.method == "POST")
                 and (denied := self.access.denied(request)) is not None):
             return denied
         try:

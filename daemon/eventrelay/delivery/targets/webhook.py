@@ -126,6 +126,8 @@ def _tls(reader: Reader, raw: Any, path: str) -> TlsConfig | None:
         return None
     try:
         ssl_context(tls)  # a certificate that does not match its key, or a CA file that is not one: say it now
+    except PermissionError:
+        pass  # an operator's command reading the daemon's file, not its key: the daemon checks it at start
     except (ssl.SSLError, OSError) as e:
         reader.error(path, f"cannot be used: {e.strerror or e}")
         return None
