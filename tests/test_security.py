@@ -276,8 +276,13 @@ async def test_an_open_listener_answers_only_to_its_own_names(start_daemon, rece
     for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
         async with d.http.get(d.url + "/v1/status", headers={"Host": host}) as r:
             assert r.status == 200, host
-    async with d.http.get(d.url + "/v1/events/x", headers={"Host": f"evil.example:{port}"}) as r:
+    browser = {"Host": f"evil.example:{port}", "Sec-Fetch-Site": "same-origin"}
+    async with d.http.get(d.url + "/v1/events/x", headers=browser) as r:
         assert r.status == 403 and "does not name this listener" in (await r.json())["errors"][0]["detail"]
+    # A producer that is not a browser may call the daemon by whatever name its hosts file gives it.
+    async with d.http.post(d.url + "/v1/events", json={"type": "order.paid", "data": {}},
+                           headers={"Host": f"relay.internal:{port}"}) as r:
+        assert r.status == 202
     async with d.http.post(d.url + "/v1/integrations/erp/pause", headers={
             "Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}) as r:
         assert r.status == 403

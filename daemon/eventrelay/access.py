@@ -84,8 +84,10 @@ class Access:
         if (refused := self.denied_origin(request)) is not None:
             return refused
         if not self._tokens:
-            if self._open_hosts is not None and _host_name(request) not in self._open_hosts:
+            if self._open_hosts is not None and _from_browser(request) and \
+                    _host_name(request) not in self._open_hosts:
                 # A page whose name was re-pointed at 127.0.0.1 (DNS rebinding) would pass the origin check.
+                # Only browsers are asked: producers may call the daemon by any name their hosts file gives it.
                 return error_response(403, f"Host {request.host!r} does not name this listener: call it by its "
                                            "address or localhost (or set a token)")
             request[CALLER] = Caller(OPEN, None)
@@ -188,6 +190,13 @@ def _same_origin(request: web.BaseRequest) -> bool:
     if origin is None:
         return True
     return origin != "null" and urlsplit(origin).netloc.lower() == (request.host or "").lower()
+
+
+def _from_browser(request: web.BaseRequest) -> bool:
+    """Browsers send Sec-Fetch-Site with every request (and Origin with the cross-origin and POST ones);
+    clients that are not browsers send neither."""
+    headers = request.headers
+    return "Sec-Fetch-Site" in headers or "Origin" in headers
 
 
 def _host_name(request: web.BaseRequest) -> str:
