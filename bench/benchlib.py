@@ -1305,6 +1305,14 @@ async def _serve_receiver(port: int, hang: float) -> None:
     app.router.add_get("/arrivals", get_arrivals)
     app.router.add_post("/reset", reset)
     app.router.add_get("/readyz", readyz)
+    await serve_until_stopped(app, port)
+
+
+async def serve_until_stopped(app: Any, port: int) -> None:
+    """Serve `app` (an aiohttp Application) on 127.0.0.1:`port` until SIGTERM or SIGINT: the whole life of a
+    server child."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()

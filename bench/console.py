@@ -636,7 +636,7 @@ def verdict(base: float, mid: float | None, big: float, mid_jobs: int | None, bi
 
 
 def print_table(runs: list[dict[str, Any]]) -> None:
-    base, big = runs[0], runs[-1]
+    big = runs[-1]
     mid = runs[1] if len(runs) == 3 else None
     print(f"{big['engine']}: " + "; ".join(
         f"{r['jobs']:,} jobs: {r['size_mib']:,.1f} MiB, filled in {r['fill_s']:.0f}s ("

@@ -76,11 +76,11 @@ from benchlib import (
     http_body,
     http_get_json,
     http_post,
-    install_stop_signals,
     log,
     other_cpu_pct,
     print_header,
     run_in_child,
+    serve_until_stopped,
     wait_http_ok,
     webhook_integration,
 )
@@ -232,13 +232,7 @@ async def _serve_sink(port: int) -> None:
     app.router.add_get("/stats", get_stats)
     app.router.add_post("/reset", post_reset)
     app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_stopped(app, port)
 
 
 class Sink(ServerChild):
