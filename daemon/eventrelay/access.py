@@ -74,10 +74,6 @@ class Access:
         """No token is configured: the listener is open to whoever reaches it (127.0.0.1 by default)."""
         return not self._tokens
 
-    def counts(self) -> dict[str, int]:
-        """How many tokens of each scope there are (what status shows of them)."""
-        return {INGEST: sum(s == INGEST for _, s in self._tokens), ADMIN: sum(s == ADMIN for _, s in self._tokens)}
-
     def denied(self, request: web.BaseRequest, need: str = ADMIN) -> web.Response | None:
         """Why the request may not go on (a 401 or 403 answer), or None when it may; then request[CALLER]
         says who it is. `need`: the scope the route needs (ADMIN, or INGEST for sending events)."""

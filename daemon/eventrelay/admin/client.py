@@ -171,10 +171,6 @@ def _admin_token(config: config_module.Config) -> str | None:
     return tokens[0] if tokens else None
 
 
-def _listen_section(path: str) -> config_module.ListenConfig:
-    return _access_sections(path).listen
-
-
 def _access_sections(path: str) -> config_module.Config:
     """The config at `path`, for its `listen` and `auth` sections (the address, the TLS and an admin token)."""
     try:

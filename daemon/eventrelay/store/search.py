@@ -39,7 +39,7 @@ def page(rows: list[JobView], limit: int, query: JobSearch, scan: int,
         return SearchPage(rows[:limit], rows[limit - 1].id)
     if scanned is None or scanned[0] < scan:
         return SearchPage(rows, None)
-    count, floor, floor_created = scanned
+    _, floor, floor_created = scanned
     if query.since is not None and floor_created is not None and floor_created < query.since - SLACK:
         return SearchPage(rows, None)  # the scan went past the range's start: nothing older can match
     return SearchPage(rows, floor)
