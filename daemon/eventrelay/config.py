@@ -29,7 +29,7 @@ from .text import quoted
 from .units import (
     boolean, choice, duration_range, file_mode, fraction, header_pairs, header_value, host_port, http_url, int_range,
     nonempty_string, parse_duration, parse_rate, parse_size, positive_duration, ratio, string, template,
-    uri_reference,
+    tls_problem, uri_reference,
 )
 
 __all__ = ["AuthConfig", "BreakerConfig", "Config", "ConfigError", "DeliveryConfig", "Integration", "ListenConfig",
@@ -376,14 +376,9 @@ class _Parser(Reader):
         tls = ListenTls(cert_file=cert, key_file=self.value(s, "key_file", "listen.tls", self.existing_file, None),
                         client_ca_file=self.value(s, "client_ca_file", "listen.tls", self.existing_file, None)) \
             if cert is not None else None
-        if tls is not None:
-            try:
-                server_context(tls)  # a certificate that does not match its key: say it now, not at the bind
-            except PermissionError:
-                pass  # an operator's command reading the daemon's file, not its key: the daemon checks it
-            except (ssl.SSLError, OSError) as e:
-                self.error("listen.tls", f"cannot be used: {e.strerror or e}")
-                return None
+        if tls is not None and (problem := tls_problem(lambda: server_context(tls))):
+            self.error("listen.tls", problem)
+            return None
         return tls
 
     def auth(self, raw: Any, listen: ListenConfig) -> AuthConfig:

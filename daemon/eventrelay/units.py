@@ -11,6 +11,7 @@ a mistake than a duration).
 from __future__ import annotations
 
 import re
+import ssl
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -210,3 +211,17 @@ def template(value: Any) -> str:
         if not re.fullmatch(r"(id|type|data(\.[A-Za-z0-9_-]+)*|included(\.[A-Za-z0-9_-]+)*)", field_path):
             raise ValueError(f"{{{field_path}}} is not an event field (id, type, data.…, included.…)")
     return value
+
+
+def tls_problem(make_context: Callable[[], object]) -> str | None:
+    """Why TLS files cannot be used (a certificate that does not match its key, a CA file that is not one),
+    found by making the context now rather than at the first handshake; None when they can. A key this user may
+    not read is not judged: an operator's command reads the daemon's file, not its key, which the daemon checks
+    when it starts."""
+    try:
+        make_context()
+    except PermissionError:
+        return None
+    except (ssl.SSLError, OSError) as e:
+        return f"cannot be used: {e.strerror or e}"
+    return None

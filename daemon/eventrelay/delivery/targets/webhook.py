@@ -24,7 +24,7 @@ from ...formats import WebhookEnvelope
 from ...jobs import Job, Outcome
 from ...text import first_line
 from ...masking import mask
-from ...units import boolean, header_pairs, header_value, http_url, string
+from ...units import boolean, header_pairs, header_value, http_url, string, tls_problem
 from ..deadlines import Deadlines
 from .base import SenderContext, SpanShape, TargetType
 
@@ -124,12 +124,8 @@ def _tls(reader: Reader, raw: Any, path: str) -> TlsConfig | None:
     if tls.key_file is not None and tls.cert_file is None:
         reader.error(f"{path}.key_file", "goes with cert_file (the client certificate)")
         return None
-    try:
-        ssl_context(tls)  # a certificate that does not match its key, or a CA file that is not one: say it now
-    except PermissionError:
-        pass  # an operator's command reading the daemon's file, not its key: the daemon checks it at start
-    except (ssl.SSLError, OSError) as e:
-        reader.error(path, f"cannot be used: {e.strerror or e}")
+    if problem := tls_problem(lambda: ssl_context(tls)):
+        reader.error(path, problem)
         return None
     return tls
 
