@@ -933,11 +933,30 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
     body = http_body(spec.batch)
     c = _Counters()
     cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None, "other_cpu_pct": None}
-    t_start = time.monotonic()
-    t_measure = t_start + spec.warmup
+    if spec.client == "raw":
+        posters: list[_Poster] = [_RawPoster(spec.url, body, spec.request_timeout) for _ in range(spec.connections)]
+        try:
+            await drive_http_load(spec, posters, c, cpu)
+        finally:
+            for p in posters:
+                await p.close()
+    else:
+        connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=spec.connections)
+        timeout = aiohttp.ClientTimeout(total=spec.request_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await drive_http_load(spec, [_AiohttpPoster(session, spec.url, body) for _ in range(spec.connections)],
+                                  c, cpu)
+    return c.result(spec.seconds, spec.server_pid, cpu, {"body_bytes": len(body), "client": spec.client})
+
+
+async def drive_http_load(spec: Any, posters: list[Any], c: _Counters, cpu: dict[str, float | None]) -> None:
+    """One worker per poster posting until the warm-up and the measured window are over (or max_requests),
+    counting in `c` what answered within the window, and the CPU of the window in `cpu`. `spec` has batch,
+    warmup, seconds, server_pid, max_requests and validate_every (HttpLoadSpec, bench/tracing.py's IngestSpec)."""
+    t_measure = time.monotonic() + spec.warmup
     t_end = t_measure + spec.seconds
 
-    async def worker(poster: _Poster) -> None:
+    async def worker(poster: Any) -> None:
         n = 0
         while c.total_requests < spec.max_requests:
             t0 = time.monotonic()
@@ -967,20 +986,8 @@ async def _http_load(spec: HttpLoadSpec) -> LoadResult:
                 c.latencies.append(t1 - t0)
 
     sampler = asyncio.create_task(_window_sampler(t_measure, t_end, spec.server_pid, cpu))
-    if spec.client == "raw":
-        posters: list[_Poster] = [_RawPoster(spec.url, body, spec.request_timeout) for _ in range(spec.connections)]
-        try:
-            await asyncio.gather(*(worker(p) for p in posters))
-        finally:
-            for p in posters:
-                await p.close()
-    else:
-        connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=spec.connections)
-        timeout = aiohttp.ClientTimeout(total=spec.request_timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            await asyncio.gather(*(worker(_AiohttpPoster(session, spec.url, body)) for _ in range(spec.connections)))
+    await asyncio.gather(*(worker(p) for p in posters))
     await sampler
-    return c.result(spec.seconds, spec.server_pid, cpu, {"body_bytes": len(body), "client": spec.client})
 
 
 def http_load(spec: HttpLoadSpec) -> LoadResult:

@@ -62,12 +62,11 @@ from benchlib import (
     Daemon,
     Receiver,
     ServerChild,
-    _check_http_answer,
     _Counters,
     _raw_request_bytes,
     _RawPoster,
-    _window_sampler,
     daemon_problems,
+    drive_http_load,
     delivery_latency,
     environment,
     event_obj,
@@ -319,44 +318,12 @@ async def _ingest_load(spec: IngestSpec) -> dict[str, Any]:
     payloads = [_raw_request_bytes(spec.url, body, {"traceparent": tp} if tp else None)[2] for tp in contexts]
     c = _Counters()
     cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None, "other_cpu_pct": None}
-    t_measure = time.monotonic() + spec.warmup
-    t_end = t_measure + spec.seconds
-
-    async def worker(poster: _CyclingPoster) -> None:
-        n = 0
-        while c.total_requests < spec.max_requests:
-            t0 = time.monotonic()
-            if t0 >= t_end:
-                return
-            c.total_requests += 1
-            try:
-                status, raw = await poster.post()
-            except Exception as exc:  # noqa: BLE001 - count and keep going (bounded)
-                c.error(f"{type(exc).__name__}: {exc}")
-                await poster.close()
-                await asyncio.sleep(0.05)
-                continue
-            t1 = time.monotonic()
-            if status != 202:
-                c.error(f"HTTP {status}: {raw[:200]!r}")
-                continue
-            if n % spec.validate_every == 0 and (problem := _check_http_answer(raw, spec.batch)):
-                c.error(problem)
-                continue
-            n += 1
-            if t0 >= t_measure and t1 <= t_end:
-                c.requests += 1
-                c.events += spec.batch
-                c.latencies.append(t1 - t0)
-
-    sampler = asyncio.create_task(_window_sampler(t_measure, t_end, spec.server_pid, cpu))
     posters = [_CyclingPoster(spec.url, payloads, k * 7, spec.request_timeout) for k in range(spec.connections)]
     try:
-        await asyncio.gather(*(worker(p) for p in posters))
+        await drive_http_load(spec, posters, c, cpu)
     finally:
         for p in posters:
             await p.close()
-    await sampler
     result = c.result(spec.seconds, spec.server_pid, cpu, {"body_bytes": len(body)})
     return {"rate": result.events_per_s, "requests": c.total_requests, "events": result.events,
             "latency": result.latency, "errors": result.errors, "error_samples": result.error_samples,
